@@ -1,0 +1,145 @@
+"""From documents to fixed-shape batches: pack token streams into rows, iterate them resumably.
+
+Offers `pack_documents` (causal-LM rows), `Loader` (deterministic, resumable, per-process batches) and
+`prepare_lm_data` (config -> tokenizer, train rows, val rows).
+"""
+
+import os
+
+import numpy as np
+
+from data.sources import DataError, read_documents, split_documents
+from data.tokenizer import (CHAR_FILE, SPM_FILE, CharTokenizer, SentencePieceTokenizer, Tokenizer,
+                            load_tokenizer, train_tokenizer)
+
+
+def pack_documents(token_lists: list[list[int]], seq_len: int, bos_id: int) -> dict[str, np.ndarray]:
+  """Pack [bos] + ids of every document into N rows of seq_len; arrays [N, seq_len].
+
+    Row r reads stream[r*seq_len : r*seq_len + seq_len + 1], so rows overlap by one token and no target is
+    lost; the tail that does not fill a row is dropped. Weights are 0 where the target starts another document.
+    """
+  lengths_D = np.array([len(ids) + 1 for ids in token_lists], dtype=np.int64)
+  total = int(lengths_D.sum())
+  num_rows = (total - 1) // seq_len if total > 0 else 0
+  if num_rows <= 0:
+    raise DataError(f"the corpus has {total} tokens, fewer than seq_len+1 = {seq_len + 1}")
+  stream_T = np.empty(total, dtype=np.int32)
+  starts_D = np.concatenate([[0], np.cumsum(lengths_D)[:-1]])
+  for start, ids in zip(starts_D, token_lists):
+    stream_T[start] = bos_id
+    stream_T[start + 1:start + 1 + len(ids)] = ids
+  doc_T = np.repeat(np.arange(len(token_lists)), lengths_D)
+
+  index_NxW = np.arange(num_rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]  # W = seq_len + 1
+  window_NxW, doc_NxW = stream_T[index_NxW], doc_T[index_NxW]
+  doc_NxL = doc_NxW[:, :-1]
+  # A segment starts at the start of each row and wherever the document changes.
+  starts_NxL = np.ones_like(doc_NxL, dtype=bool)
+  starts_NxL[:, 1:] = doc_NxL[:, 1:] != doc_NxL[:, :-1]
+  col_NxL = np.broadcast_to(np.arange(seq_len), doc_NxL.shape)
+  last_start_NxL = np.maximum.accumulate(np.where(starts_NxL, col_NxL, 0), axis=1)
+  return {
+      "inputs": window_NxW[:, :-1],
+      "targets": window_NxW[:, 1:],
+      "segment_ids": np.cumsum(starts_NxL, axis=1).astype(np.int32),
+      "positions": (col_NxL - last_start_NxL).astype(np.int32),
+      "weights": (doc_NxL == doc_NxW[:, 1:]).astype(np.float32),
+  }
+
+
+class Loader:
+  """Deterministic, resumable iterator of fixed-shape batches over packed rows."""
+
+  def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int, shuffle: bool = True,
+               process_index: int = 0, process_count: int = 1):
+    self.rows = rows
+    self.num_rows = len(next(iter(rows.values())))
+    if self.num_rows == 0:
+      raise DataError("loader: no rows to iterate")
+    if batch_size <= 0 or batch_size % process_count:
+      raise DataError(f"loader: batch_size {batch_size} should be a positive multiple of "
+                      f"the process count {process_count}")
+    self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+    self.local_batch_size = batch_size // process_count
+    self.local_offset = process_index * self.local_batch_size
+    self.epoch, self.index = 0, 0
+    self._orders = {}  # epoch -> row order, for at most three neighbouring epochs
+
+  def _order(self, epoch: int) -> np.ndarray:
+    """Row order of `epoch`."""
+    if epoch not in self._orders:
+      if self.shuffle:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+      else:
+        order = np.arange(self.num_rows)
+      self._orders = {e: o for e, o in self._orders.items() if abs(e - epoch) <= 1}
+      self._orders[epoch] = order
+    return self._orders[epoch]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    """The next batch, this process' slice: each value [batch_size // process_count, seq_len]."""
+    # Global positions of this process' slice in the infinite concatenation of epoch orders.
+    flat_B = self.epoch * self.num_rows + self.index + self.local_offset + np.arange(self.local_batch_size)
+    epochs_B, within_B = np.divmod(flat_B, self.num_rows)
+    rows_B = np.empty(self.local_batch_size, dtype=np.int64)
+    for e in np.unique(epochs_B):
+      rows_B[epochs_B == e] = self._order(int(e))[within_B[epochs_B == e]]
+    self.epoch, self.index = divmod(self.epoch * self.num_rows + self.index + self.batch_size, self.num_rows)
+    return {k: v[rows_B] for k, v in self.rows.items()}
+
+  def get_state(self) -> dict:
+    """JSON-able position: the next batch starts at row `index` of epoch `epoch`'s order."""
+    return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_rows": self.num_rows}
+
+  def set_state(self, state: dict) -> None:
+    """Continue from a position saved by get_state (same seed and row count)."""
+    if state.get("seed") != self.seed or state.get("num_rows") != self.num_rows:
+      raise DataError(f"data state (seed {state.get('seed')}, {state.get('num_rows')} rows) does not match "
+                      f"this loader (seed {self.seed}, {self.num_rows} rows)")
+    self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def _tokenizer_for(config, train_docs: list[str], val_docs: list[str], workdir: str | None) -> Tokenizer:
+  """The workdir's saved tokenizer if any, else one trained on the train docs (and saved to workdir)."""
+  if workdir and any(os.path.isfile(os.path.join(workdir, f)) for f in (SPM_FILE, CHAR_FILE)):
+    tokenizer = load_tokenizer(workdir)
+    expected = {"sentencepiece": SentencePieceTokenizer, "char": CharTokenizer}.get(config.tokenizer)
+    if expected is not None and not isinstance(tokenizer, expected):
+      raise DataError(f"workdir '{workdir}': its saved tokenizer is not '{config.tokenizer}' as configured")
+    if config.tokenizer == "sentencepiece" and tokenizer.vocab_size != config.vocab_size:
+      raise DataError(f"workdir '{workdir}': its saved tokenizer has vocab_size {tokenizer.vocab_size}, "
+                      f"the config says {config.vocab_size}")
+    return tokenizer
+  # A char vocabulary also covers the validation text, so that no validation character is unknown.
+  texts = train_docs + val_docs if config.tokenizer == "char" else train_docs
+  tokenizer = train_tokenizer(texts, config.tokenizer, config.vocab_size, model_type=config.spm_model_type,
+                              max_chars=config.tokenizer_train_chars)
+  if workdir:
+    tokenizer.save(workdir)
+  return tokenizer
+
+
+def prepare_lm_data(data_config, seq_len: int, workdir: str | None
+                    ) -> tuple[Tokenizer, dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Read, split, tokenize (loading or training the tokenizer) and pack: (tokenizer, train rows, val rows)."""
+  c = data_config
+  train_docs = read_documents(c.train_path, c.text_field, c.max_bytes)
+  if c.val_path:
+    val_docs = read_documents(c.val_path, c.text_field, c.max_bytes)
+  else:
+    train_docs, val_docs = split_documents(train_docs, c.val_fraction)
+  if not val_docs:
+    raise DataError(f"data path '{c.train_path}': the validation split is empty "
+                    f"(set data.val_path or data.val_fraction > 0)")
+  tokenizer = _tokenizer_for(c, train_docs, val_docs, workdir)
+  splits = {}
+  for name, path, docs in (("train", c.train_path, train_docs), ("validation", c.val_path or c.train_path, val_docs)):
+    try:
+      splits[name] = pack_documents(tokenizer.encode_batch(docs), seq_len, tokenizer.bos_id)
+    except DataError as e:
+      raise DataError(f"{name} data '{path}': {e}") from None
+  return tokenizer, splits["train"], splits["validation"]

@@ -1,0 +1,122 @@
+"""Text sources: resolve path specs to files, read documents, split train / validation.
+
+Offers `DataError`, `resolve_paths`, `read_documents`, `split_documents`.
+"""
+
+import glob
+import json
+import os
+import sysconfig
+
+DIR_EXTENSIONS = (".txt", ".md", ".py", ".jsonl", ".json")
+JSON_EXTENSIONS = (".jsonl", ".json")
+BUILTIN_STDLIB = "builtin:python_stdlib"
+# Folders of the standard library left out of the built-in corpus (tests, third-party, legacy tools).
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
+
+
+class DataError(ValueError):
+  """A problem with user data; message is one line naming the file (and line) and what was expected."""
+
+
+def _stdlib_files() -> list[str]:
+  """The .py files of the Python standard library, sorted, without tests and third-party packages."""
+  root = sysconfig.get_paths()["stdlib"]
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]
+    files.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
+  return sorted(files)
+
+
+def _dir_files(directory: str) -> list[str]:
+  """Files under `directory` (recursively) with a known text extension, sorted."""
+  files = []
+  for dirpath, _, filenames in os.walk(directory):
+    files.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(DIR_EXTENSIONS))
+  return sorted(files)
+
+
+def resolve_paths(path_spec: str) -> list[str]:
+  """Files named by a file, glob, directory, comma-separated list of those, or "builtin:python_stdlib"."""
+  files = []
+  for part in (p.strip() for p in path_spec.split(",")):
+    if not part:
+      continue
+    if part == BUILTIN_STDLIB:
+      found = _stdlib_files()
+    elif os.path.isdir(part):
+      found = _dir_files(part)
+    elif os.path.isfile(part):
+      found = [part]
+    else:
+      found = sorted(f for f in glob.glob(part, recursive=True) if os.path.isfile(f))
+    if not found:
+      raise DataError(f"data path '{part}': no files match")
+    files.extend(found)
+  if not files:
+    raise DataError(f"data path '{path_spec}': no files match")
+  return files
+
+
+def _read_json_lines(path: str, text_field: str) -> list[str]:
+  """Documents from a file with one JSON object per non-blank line, taking `text_field`."""
+  docs = []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+      if text_field not in obj:
+        fields = ", ".join(map(str, obj)) or "none"
+        raise DataError(f"{where}: no field '{text_field}' (fields: {fields})")
+      if not isinstance(obj[text_field], str):
+        raise DataError(f"{where}: field '{text_field}' should be a string, got {type(obj[text_field]).__name__}")
+      docs.append(obj[text_field])
+  return docs
+
+
+def read_documents(path_spec: str, text_field: str = "text", max_bytes: int = 0) -> list[str]:
+  """Documents from the files of `path_spec`: a text file is one document, a JSONL line is one."""
+  files = resolve_paths(path_spec)
+  docs, total = [], 0
+  for path in files:
+    if path.endswith(JSON_EXTENSIONS):
+      file_docs = _read_json_lines(path, text_field)
+    else:
+      with open(path, encoding="utf-8", errors="replace") as f:
+        file_docs = [f.read()]
+    for doc in file_docs:
+      if max_bytes > 0 and total >= max_bytes:
+        break
+      if doc.strip():
+        docs.append(doc)
+        total += len(doc.encode("utf-8"))
+    if max_bytes > 0 and total >= max_bytes:
+      break
+  if not docs:
+    raise DataError(f"data path '{path_spec}': the corpus is empty ({len(files)} files, no text)")
+  return docs
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+  """Deterministic (train, val) split: by characters for one document, else every n-th document."""
+  if val_fraction <= 0:
+    return list(docs), []
+  if not 0 < val_fraction < 1:
+    raise DataError(f"val_fraction {val_fraction}: expected a number in [0, 1)")
+  if len(docs) == 1:
+    cut = int(len(docs[0]) * (1 - val_fraction))
+    return [docs[0][:cut]], [docs[0][cut:]]
+  n = max(2, round(1 / val_fraction))
+  train = [d for i, d in enumerate(docs) if i % n != n - 1]
+  val = [d for i, d in enumerate(docs) if i % n == n - 1]
+  if not val:  # fewer documents than n: the last one still goes to validation
+    train, val = list(docs[:-1]), [docs[-1]]
+  return train, val
