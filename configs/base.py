@@ -1,0 +1,85 @@
+"""Every knob of an ablax experiment with its default. Other configs start from `get_config()` here."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.model = model = ml_collections.ConfigDict()
+  model.family = "decoder"            # decoder (GPT / Llama style)
+  model.num_layers = 4                # transformer blocks
+  model.d_model = 256                 # residual stream width D
+  model.num_heads = 4                 # query heads H
+  model.num_kv_heads = 0              # key/value heads G (0 = num_heads; 1 = multi-query; else grouped-query)
+  model.head_dim = 0                  # per-head width K (0 = d_model // num_heads)
+  model.mlp_dim = 0                   # MLP hidden width F (0 = 4 * d_model)
+  model.activation = "gelu"           # gelu (exact erf) | gelu_tanh | swiglu
+  model.norm = "layernorm"            # layernorm | rmsnorm
+  model.norm_position = "pre"         # pre (GPT-2) | post (original Transformer / BERT)
+  model.norm_eps = 1e-5               # epsilon of the norms (PyTorch's LayerNorm default)
+  model.position = "learned"          # sinusoidal | learned | rope | alibi | none
+  model.max_len = 1024                # rows of the learned position table
+  model.rope_theta = 10_000.0         # RoPE base frequency
+  model.tie_embeddings = True         # output head = token embedding transposed
+  model.use_bias = True               # biases in dense layers and LayerNorm
+  model.dropout = 0.0                 # dropout on embeddings, attention probabilities and residual branches
+  model.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay in param_dtype)
+  model.param_dtype = "float32"       # storage dtype of parameters and optimizer state
+  model.remat = False                 # rematerialise each block in the backward pass (less memory, more FLOPs)
+
+  config.data = data = ml_collections.ConfigDict()
+  data.train_path = "builtin:python_stdlib"  # file, glob, directory, comma list, or builtin:python_stdlib
+  data.val_path = ""                  # optional validation source; "" = split off val_fraction of train_path
+  data.val_fraction = 0.1             # share of documents (or of the text, for one document) held out
+  data.text_field = "text"            # field holding the text in JSONL records
+  data.max_bytes = 0                  # read at most this many bytes of documents (0 = all)
+  data.tokenizer = "sentencepiece"    # sentencepiece | char
+  data.vocab_size = 4096              # sentencepiece vocabulary size (char: the corpus' characters + 3)
+  data.spm_model_type = "bpe"         # bpe | unigram
+  data.tokenizer_train_chars = 20_000_000  # characters of training text fed to the sentencepiece trainer
+
+  config.train = train = ml_collections.ConfigDict()
+  train.steps = 1000                  # optimizer steps
+  train.batch_size = 32               # global batch size in sequences (all microbatches together)
+  train.seq_len = 256                 # tokens per sequence
+  train.grad_accum = 1                # microbatches per step (batch_size must divide by it)
+  train.learning_rate = 1e-3          # peak learning rate
+  train.min_learning_rate = 1e-4      # learning rate at the end of the cosine decay
+  train.warmup_steps = 100            # linear warmup from 0
+  train.decay_steps = 0               # cosine decay length including warmup (0 = steps)
+  train.b1 = 0.9                      # AdamW beta1
+  train.b2 = 0.95                     # AdamW beta2
+  train.eps = 1e-8                    # AdamW epsilon
+  train.weight_decay = 0.1            # decoupled weight decay on matrices (not on biases, norms)
+  train.grad_clip = 1.0               # global-norm clip (0 = off)
+  train.seed = 0                      # parameter init, dropout and data order
+  train.eval_every = 200              # steps between evaluations (and at the last step)
+  train.eval_batches = 20             # validation batches per evaluation (fixed, the same every time)
+  train.checkpoint_every = 500        # steps between checkpoints (and at the last step)
+  train.keep_checkpoints = 3          # checkpoints kept on disk
+  train.log_every = 10                # steps between metric lines in metrics.jsonl
+  train.num_samples = 3               # continuations printed at the end
+  train.sample_tokens = 200           # tokens per continuation
+  train.sample_temperature = 0.8      # sampling temperature (0 = greedy)
+  train.sample_top_k = 0              # top-k filter for samples (0 = off)
+  train.sample_prompt = ""            # prompt for the final samples ("" = start of sequence)
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1                      # data-parallel axis (-1 = all devices not used by fsdp, tensor)
+  mesh.fsdp = 1                       # parameters and optimizer state sharded over this axis (ZeRO-3)
+  mesh.tensor = 1                     # Megatron-style tensor parallel over heads and MLP width
+  # Logical parameter/activation axis -> mesh axis (or None = replicated). A dimension that does not
+  # divide by its mesh axis size is replicated instead.
+  mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("kv", None),
+      ("length", None),
+  )
+  config.lock()  # a typo in a derived config or on the command line is an error, not a new key
+  return config

@@ -1,0 +1,96 @@
+"""Attention: masks, positional schemes (sinusoidal, RoPE, ALiBi) and multi-head / grouped-query attention.
+
+Shape letters as in model/layers.py. Masks are booleans (True = may attend) applied with `where`;
+softmax runs in float32.
+"""
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+from model.layers import normal, param, residual_init
+
+
+def attention_mask(q_segment_BxL, k_segment_BxS, causal: bool):
+  """True where query l may attend key s: same non-zero segment and, if causal, s <= l (by index)."""
+  mask_BxLxS = (q_segment_BxL[:, :, None] == k_segment_BxS[:, None, :]) & (k_segment_BxS[:, None, :] != 0)
+  if causal:
+    length, keys = q_segment_BxL.shape[1], k_segment_BxS.shape[1]
+    mask_BxLxS &= jnp.arange(length)[:, None] >= jnp.arange(keys)[None, :]
+  return mask_BxLxS
+
+
+def sinusoidal_embedding(positions_BxL, d_model: int, max_timescale: float = 10_000.0):
+  """Fixed sin/cos position embedding of 'Attention Is All You Need' [B, L, D] (sin half, then cos half)."""
+  half = d_model // 2
+  inv_freq_half = jnp.exp(-math.log(max_timescale) * jnp.arange(half) / max(half - 1, 1))
+  angles_BxLxhalf = positions_BxL[..., None].astype(jnp.float32) * inv_freq_half
+  emb = jnp.concatenate([jnp.sin(angles_BxLxhalf), jnp.cos(angles_BxLxhalf)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, 0), (0, d_model - 2 * half)))
+
+
+def apply_rope(x_BxLxNxK, positions_BxL, theta: float):
+  """Rotary embedding, rotate-half convention (as in Hugging Face Llama)."""
+  half = x_BxLxNxK.shape[-1] // 2
+  inv_freq_half = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BxLx1xhalf = (positions_BxL[..., None].astype(jnp.float32) * inv_freq_half)[:, :, None, :]
+  sin, cos = jnp.sin(angles_BxLx1xhalf), jnp.cos(angles_BxLx1xhalf)
+  x = x_BxLxNxK.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxLxNxK.dtype)
+
+
+def alibi_slopes(num_heads: int):
+  """Per-head ALiBi slopes (Press et al. 2022), including the non-power-of-two rule. [H]"""
+  def powers(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  closest = 2 ** math.floor(math.log2(num_heads))
+  slopes = powers(closest)
+  if closest < num_heads:
+    slopes += powers(2 * closest)[0::2][: num_heads - closest]
+  return jnp.asarray(slopes, jnp.float32)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with G <= H key/value heads (G == H: MHA, G == 1: MQA)."""
+  cfg: ModelConfig
+
+  def project(self, name, x, shape, axes, spec, init, contracted: int = 1):
+    cfg = self.cfg
+    y = jnp.einsum(spec, x, param(self, name, init, shape, axes, cfg.weight_dtype).astype(cfg.compute_dtype))
+    if cfg.use_bias:
+      y = y + param(self, name + "_bias", nn.initializers.zeros, shape[contracted:], axes[contracted:],
+                    cfg.weight_dtype).astype(cfg.compute_dtype)
+    return y
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True):
+    cfg = self.cfg
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = normal(0.02)
+    q_BxLxHxK = self.project("query", x_BxLxD, (d, h, k), ("embed", "heads", "kv"), "bld,dhk->blhk", init)
+    k_BxSxGxK = self.project("key", x_BxLxD, (d, g, k), ("embed", "kv_heads", "kv"), "bsd,dgk->bsgk", init)
+    v_BxSxGxK = self.project("value", x_BxLxD, (d, g, k), ("embed", "kv_heads", "kv"), "bsd,dgk->bsgk", init)
+    if cfg.position == "rope":
+      q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+      k_BxSxGxK = apply_rope(k_BxSxGxK, positions_BxL, cfg.rope_theta)
+
+    batch, length = x_BxLxD.shape[:2]
+    q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, g, h // g, k)
+    logits_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK,
+                                  preferred_element_type=jnp.float32) / math.sqrt(k)
+    if cfg.position == "alibi":
+      distance_BxLxS = jnp.abs(positions_BxL[:, :, None] - positions_BxL[:, None, :]).astype(jnp.float32)
+      slopes_GxR = alibi_slopes(h).reshape(g, h // g)
+      logits_BxGxRxLxS -= slopes_GxR[None, :, :, None, None] * distance_BxLxS[:, None, None]
+    logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min)
+    probs_BxGxRxLxS = nn.softmax(logits_BxGxRxLxS, axis=-1).astype(cfg.compute_dtype)
+    probs_BxGxRxLxS = nn.Dropout(cfg.dropout)(probs_BxGxRxLxS, deterministic=deterministic)
+    out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
+    out_BxLxHxK = out_BxLxGxRxK.reshape(batch, length, h, k)
+    return self.project("out", out_BxLxHxK, (h, k, d), ("heads", "kv", "embed"), "blhk,hkd->bld",
+                        residual_init(cfg), contracted=2)

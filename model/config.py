@@ -1,0 +1,116 @@
+"""ModelConfig: the model's hyperparameters as a frozen, validated dataclass built from `config.model`."""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
+FAMILIES = ("decoder",)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+  """A config value a user can fix; the message names the key and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of a transformer; see configs/base.py for what each one means."""
+  vocab_size: int
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  activation: str = "gelu"
+  norm: str = "layernorm"
+  norm_position: str = "pre"
+  norm_eps: float = 1e-5
+  position: str = "learned"
+  max_len: int = 1024
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = True
+  use_bias: bool = True
+  dropout: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  family: str = "decoder"
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, vocab_size: int) -> "ModelConfig":
+    """Builds from an ml-collections `config.model`; 0 for head_dim / num_kv_heads / mlp_dim means 'derive'."""
+    known = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    values = {k: v for k, v in dict(model_cfg).items() if k in known}
+    unknown = sorted(set(dict(model_cfg)) - known)
+    if unknown:
+      raise ConfigError(f"config.model.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    d_model, num_heads = values.get("d_model", cls.d_model), values.get("num_heads", cls.num_heads)
+    if not values.get("head_dim"):
+      if num_heads <= 0 or d_model % num_heads:
+        raise ConfigError(f"config.model.num_heads: must divide d_model={d_model}, got {num_heads}")
+      values["head_dim"] = d_model // num_heads
+    if not values.get("num_kv_heads"):
+      values["num_kv_heads"] = num_heads
+    if not values.get("mlp_dim"):
+      values["mlp_dim"] = 4 * d_model
+    cfg = cls(vocab_size=vocab_size, **values)
+    cfg.validate()
+    return cfg
+
+  def validate(self) -> None:
+    """Raises ConfigError naming the first inconsistent key."""
+    choices = {"activation": ACTIVATIONS, "norm": NORMS, "norm_position": NORM_POSITIONS,
+               "position": POSITIONS, "family": FAMILIES, "dtype": tuple(DTYPES),
+               "param_dtype": tuple(DTYPES)}
+    for key, allowed in choices.items():
+      if getattr(self, key) not in allowed:
+        raise ConfigError(f"config.model.{key}: expected one of {', '.join(allowed)}, "
+                          f"got {getattr(self, key)!r}")
+    for key in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
+                "mlp_dim", "max_len"):
+      if getattr(self, key) <= 0:
+        raise ConfigError(f"config.model.{key}: expected a positive integer, got {getattr(self, key)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(f"config.model.num_kv_heads: must divide num_heads={self.num_heads}, "
+                        f"got {self.num_kv_heads}")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ConfigError(f"config.model.head_dim: rope needs an even head_dim, got {self.head_dim}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"config.model.dropout: expected a value in [0, 1), got {self.dropout}")
+
+  def num_params(self, include_embeddings: bool = True) -> int:
+    """Parameter count computed from the shapes (checked against the real tree in tests)."""
+    d, k, f = self.d_model, self.head_dim, self.mlp_dim
+    attn = d * k * (self.num_heads * 2 + self.num_kv_heads * 2)
+    mlp = d * f * (3 if self.activation == "swiglu" else 2)
+    norm_size = d * (2 if self.norm == "layernorm" and self.use_bias else 1)
+    bias = 0
+    if self.use_bias:
+      bias = k * (self.num_heads + 2 * self.num_kv_heads) + d + f * (2 if self.activation == "swiglu" else 1) + d
+    layer = attn + mlp + 2 * norm_size + bias
+    total = self.num_layers * layer + (norm_size if self.norm_position == "pre" else 0)
+    embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    if self.position == "learned":
+      embeddings += self.max_len * d
+    return total + (embeddings if include_embeddings else 0)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6N (N = weights in matmuls, output head included)
+    plus 12 * layers * heads * head_dim * seq_len for the attention scores and values."""
+    matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+    attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+    return 6 * matmul_params + attention

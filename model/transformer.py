@@ -1,0 +1,76 @@
+"""Transformer blocks and the decoder-only language model (GPT / Llama style).
+
+Shape letters as in model/layers.py. Inputs follow the batch format of data/: token ids, positions
+(restarting at 0 in every packed segment) and segment ids (0 = padding; attention never crosses segments).
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from model.attention import Attention, attention_mask, sinusoidal_embedding
+from model.config import ModelConfig
+from model.layers import Embed, Mlp, Norm, normal, param
+
+
+class Block(nn.Module):
+  """Attention then MLP, each a residual branch, with pre- or post-normalisation."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True):
+    cfg = self.cfg
+    drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    attention = Attention(cfg, name="attention")
+    mlp = Mlp(cfg, name="mlp")
+    if cfg.norm_position == "pre":
+      x_BxLxD = x_BxLxD + drop(attention(Norm(cfg, name="attention_norm")(x_BxLxD), positions_BxL,
+                                         mask_BxLxS, deterministic))
+      x_BxLxD = x_BxLxD + drop(mlp(Norm(cfg, name="mlp_norm")(x_BxLxD)))
+    else:
+      x_BxLxD = Norm(cfg, name="attention_norm")(
+          x_BxLxD + drop(attention(x_BxLxD, positions_BxL, mask_BxLxS, deterministic)))
+      x_BxLxD = Norm(cfg, name="mlp_norm")(x_BxLxD + drop(mlp(x_BxLxD)))
+    return x_BxLxD
+
+
+class Decoder(nn.Module):
+  """Decoder-only language model: tokens [B, L] -> next-token logits [B, L, V] (float32)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True):
+    cfg = self.cfg
+    batch, length = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((batch, length), jnp.int32)
+    embed = Embed(cfg, name="embed")
+    x_BxLxD = embed(tokens_BxL)
+    if cfg.position == "learned":
+      table_LxD = param(self, "position_embedding", normal(0.02), (cfg.max_len, cfg.d_model),
+                        ("length", "embed"), cfg.weight_dtype)
+      x_BxLxD += jnp.take(table_LxD, positions_BxL, axis=0).astype(cfg.compute_dtype)
+    elif cfg.position == "sinusoidal":
+      x_BxLxD += sinusoidal_embedding(positions_BxL, cfg.d_model).astype(cfg.compute_dtype)
+    x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+
+    mask_BxLxL = attention_mask(segment_ids_BxL, segment_ids_BxL, causal=True)
+    block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+    for i in range(cfg.num_layers):
+      x_BxLxD = block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, mask_BxLxL, deterministic)
+    if cfg.norm_position == "pre":
+      x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
+
+    if cfg.tie_embeddings:
+      logits_BxLxV = embed.attend(x_BxLxD)
+    else:
+      head_DxV = param(self, "lm_head", normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                       cfg.weight_dtype)
+      logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(cfg.compute_dtype))
+    return logits_BxLxV.astype(jnp.float32)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+  """The module for `cfg.family` (only the decoder family exists so far)."""
+  return Decoder(cfg)

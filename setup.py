@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="ablax",
+    version="0.1.0",
+    description="Pretrain, fine-tune and ablate transformer language models in JAX/Flax.",
+    packages=["model", "data", "train", "configs", "configs.finetune", "configs.ablations"],
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.0",
+        "flax>=0.12.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "sentencepiece>=0.2.0",
+        "ml-collections>=1.0.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={"test": ["pytest>=8.0"]},
+)

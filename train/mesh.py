@@ -1,0 +1,60 @@
+"""The device mesh (axes data, fsdp, tensor) and logical-axis rules -> NamedShardings."""
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from model.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A mesh of shape (data, fsdp, tensor) from `config.mesh`; data=-1 takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
+  data = mesh_cfg.data if mesh_cfg.data != -1 else len(devices) // max(fsdp * tensor, 1)
+  if min(data, fsdp, tensor) < 1 or data * fsdp * tensor != len(devices):
+    raise ConfigError(f"config.mesh: data={mesh_cfg.data} x fsdp={fsdp} x tensor={tensor} must multiply "
+                      f"to the {len(devices)} available devices")
+  device_grid = np.asarray(devices).reshape(data, fsdp, tensor)
+  return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _fit(spec: P, shape, mesh: Mesh) -> P:
+  """Replicates the dimensions whose size does not divide by their mesh axes (e.g. 1 kv head, tensor=2)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[name] for name in names)
+    fitted.append(axes if names and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def tree_shardings(boxed_tree, mesh: Mesh, rules):
+  """NamedShardings for a tree whose leaves are nn.LogicallyPartitioned (abstract or concrete)."""
+  logical_specs = nn.get_partition_spec(boxed_tree)
+  shapes = nn.meta.unbox(boxed_tree)
+
+  def to_sharding(logical_spec, leaf):
+    mesh_spec = nn.logical_to_mesh_axes(tuple(logical_spec), rules)
+    return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh))
+
+  return jax.tree.map(to_sharding, logical_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows of a [B, L] batch split over the data-parallel axes."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)

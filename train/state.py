@@ -1,0 +1,67 @@
+"""TrainState, the optimizer (AdamW + warmup/cosine + clipping) and sharded state initialisation."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from train import mesh as mesh_lib
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step changes; saved whole in checkpoints."""
+  step: jax.Array       # int32 scalar: optimizer steps taken
+  params: Any           # parameter pytree (unboxed arrays)
+  opt_state: Any        # optax state for the trainable parameters
+  rng: jax.Array        # base PRNG key; step s uses fold_in(rng, s) for dropout
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+  """Linear warmup from 0 to learning_rate, cosine decay to min_learning_rate at decay_steps, then flat."""
+  decay_steps = train_cfg.decay_steps or train_cfg.steps
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps,
+      decay_steps=max(decay_steps, train_cfg.warmup_steps + 1), end_value=train_cfg.min_learning_rate)
+
+
+def weight_decay_mask(params):
+  """Decay matrices (embeddings included, as nanoGPT does), not biases or norm scales."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                      eps=train_cfg.eps, weight_decay=train_cfg.weight_decay, mask=weight_decay_mask)
+  if train_cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw)
+  return adamw
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, mesh, rules, seq_len: int):
+  """Initialises the TrainState directly into its shardings; returns (state, state_shardings)."""
+  dummy_tokens = jnp.zeros((1, seq_len), jnp.int32)
+
+  def boxed_state(rng):
+    params = model.init(jax.random.fold_in(rng, 1), dummy_tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(nn.meta.unbox(params)), rng=rng)
+
+  rng = jax.random.PRNGKey(seed)
+  abstract = jax.eval_shape(boxed_state, rng)
+  param_shardings = mesh_lib.tree_shardings(abstract.params, mesh, rules)
+  shardings = TrainState(step=mesh_lib.replicated(mesh), params=param_shardings,
+                         opt_state=opt_state_shardings(tx, abstract.opt_state, param_shardings, mesh),
+                         rng=mesh_lib.replicated(mesh))
+  unboxed = lambda r: nn.meta.unbox(boxed_state(r))
+  state = jax.jit(unboxed, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def opt_state_shardings(tx, abstract_opt_state, param_shardings, mesh):
+  """Moment estimates shard like their parameters; everything else (counts) is replicated."""
+  replicated = mesh_lib.replicated(mesh)
+  return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
+                               transform_non_params=lambda _: replicated)
