@@ -18,7 +18,7 @@ def attention_mask(q_segment_BxL, k_segment_BxS, causal: bool):
   mask_BxLxS = (q_segment_BxL[:, :, None] == k_segment_BxS[:, None, :]) & (k_segment_BxS[:, None, :] != 0)
   if causal:
     length, keys = q_segment_BxL.shape[1], k_segment_BxS.shape[1]
-    mask_BxLxS &= jnp.arange(length)[:, None] >= jnp.arange(keys)[None, :]
+    mask_BxLxS &= (jnp.arange(length)[:, None] >= jnp.arange(keys)[None, :])[None]
   return mask_BxLxS
 
 
@@ -26,7 +26,7 @@ def sinusoidal_embedding(positions_BxL, d_model: int, max_timescale: float = 10_
   """Fixed sin/cos position embedding of 'Attention Is All You Need' [B, L, D] (sin half, then cos half)."""
   half = d_model // 2
   inv_freq_half = jnp.exp(-math.log(max_timescale) * jnp.arange(half) / max(half - 1, 1))
-  angles_BxLxhalf = positions_BxL[..., None].astype(jnp.float32) * inv_freq_half
+  angles_BxLxhalf = positions_BxL[..., None].astype(jnp.float32) * inv_freq_half[None, None]
   emb = jnp.concatenate([jnp.sin(angles_BxLxhalf), jnp.cos(angles_BxLxhalf)], axis=-1)
   return jnp.pad(emb, ((0, 0), (0, 0), (0, d_model - 2 * half)))
 
@@ -35,7 +35,7 @@ def apply_rope(x_BxLxNxK, positions_BxL, theta: float):
   """Rotary embedding, rotate-half convention (as in Hugging Face Llama)."""
   half = x_BxLxNxK.shape[-1] // 2
   inv_freq_half = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BxLx1xhalf = (positions_BxL[..., None].astype(jnp.float32) * inv_freq_half)[:, :, None, :]
+  angles_BxLx1xhalf = (positions_BxL[..., None].astype(jnp.float32) * inv_freq_half[None, None])[:, :, None, :]
   sin, cos = jnp.sin(angles_BxLx1xhalf), jnp.cos(angles_BxLx1xhalf)
   x = x_BxLxNxK.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:]
@@ -64,7 +64,7 @@ class Attention(nn.Module):
     y = jnp.einsum(spec, x, param(self, name, init, shape, axes, cfg.weight_dtype).astype(cfg.compute_dtype))
     if cfg.use_bias:
       y = y + param(self, name + "_bias", nn.initializers.zeros, shape[contracted:], axes[contracted:],
-                    cfg.weight_dtype).astype(cfg.compute_dtype)
+                    cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
     return y
 
   @nn.compact

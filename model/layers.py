@@ -55,9 +55,9 @@ class Norm(nn.Module):
     if cfg.norm == "layernorm":
       x = x - jnp.mean(x, axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
-    x = x * param(self, "scale", nn.initializers.ones, (cfg.d_model,), ("embed",), cfg.weight_dtype)
+    x = x * param(self, "scale", nn.initializers.ones, (cfg.d_model,), ("embed",), cfg.weight_dtype)[None, None]
     if cfg.norm == "layernorm" and cfg.use_bias:
-      x = x + param(self, "bias", nn.initializers.zeros, (cfg.d_model,), ("embed",), cfg.weight_dtype)
+      x = x + param(self, "bias", nn.initializers.zeros, (cfg.d_model,), ("embed",), cfg.weight_dtype)[None, None]
     return x.astype(cfg.compute_dtype)
 
 
@@ -71,7 +71,7 @@ class Mlp(nn.Module):
     y = jnp.einsum(spec, x, w)
     if cfg.use_bias:
       y = y + param(self, name + "_bias", nn.initializers.zeros, shape[-1:], axes[-1:],
-                    cfg.weight_dtype).astype(cfg.compute_dtype)
+                    cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
     return y
 
   @nn.compact

@@ -1,6 +1,9 @@
-"""Shared command-line plumbing: user errors become one line on stderr and exit code 1."""
+"""Shared command-line plumbing: user errors become one line on stderr and exit status 1."""
 
+import re
 import sys
+
+from absl import flags
 
 from data.sources import DataError
 from model.config import ConfigError
@@ -8,10 +11,44 @@ from model.config import ConfigError
 USER_ERRORS = (ConfigError, DataError, FloatingPointError, FileNotFoundError)
 
 
+def fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _flag_error(exc: Exception, argv) -> str:
+  """One line naming the offending --config flag or file, from an absl / ml-collections exception."""
+  while exc.args and isinstance(exc.args[0], Exception):  # ml-collections wraps KeyError in AttributeError
+    exc = exc.args[0]
+  text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  names = re.findall(r"'([A-Za-z_][\w]*)'", lines[0]) if lines else []
+  hint = next((" (" + line + ")" for line in lines if line.startswith("Did you mean")), "")
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and names and names[-1] in arg.split("=")[0].split("."):
+      return f"{arg.split('=')[0]}: unknown config key '{names[-1]}'{hint or ' (see configs/base.py)'}"
+  if "Failed loading config file" in str(exc) or "earlier failure to load" in str(exc):
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+    return f"--config={path}: cannot load this config file ({lines[-1]})"
+  return " ".join(lines) or type(exc).__name__
+
+
+def parse_flags(argv):
+  """absl flags parser for app.run that turns flag and config-file errors into one-line errors."""
+  try:
+    remaining = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+      flags.FLAGS["config"].value.keys()  # loading is lazy: force it so a bad file fails here
+    return remaining
+  except flags.IllegalFlagValueError as e:
+    fail(_flag_error(e.__cause__ or e, argv))
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    fail(_flag_error(e, argv))
+
+
 def run_reporting_errors(fn, *args, **kwargs):
   """Calls fn; a user-caused error is printed as `error: ...` without a traceback, exit status 1."""
   try:
     return fn(*args, **kwargs)
   except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    fail(str(e))

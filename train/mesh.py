@@ -15,12 +15,17 @@ BATCH_AXES = ("data", "fsdp")
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   """A mesh of shape (data, fsdp, tensor) from `config.mesh`; data=-1 takes the remaining devices."""
+
   devices = list(jax.devices() if devices is None else devices)
   fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
   data = mesh_cfg.data if mesh_cfg.data != -1 else len(devices) // max(fsdp * tensor, 1)
-  if min(data, fsdp, tensor) < 1 or data * fsdp * tensor != len(devices):
-    raise ConfigError(f"config.mesh: data={mesh_cfg.data} x fsdp={fsdp} x tensor={tensor} must multiply "
-                      f"to the {len(devices)} available devices")
+  size = data * fsdp * tensor
+  # An explicit smaller mesh takes the first devices (single process only: hosts must all take part).
+  if min(data, fsdp, tensor) < 1 or size > len(devices) or (size < len(devices) and
+                                                             (mesh_cfg.data == -1 or jax.process_count() > 1)):
+    raise ConfigError(f"config.mesh: data={mesh_cfg.data} x fsdp={fsdp} x tensor={tensor} does not fit "
+                      f"the {len(devices)} available devices")
+  devices = devices[:size]
   device_grid = np.asarray(devices).reshape(data, fsdp, tensor)
   return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 

@@ -8,7 +8,7 @@ Running the same command again resumes from the last checkpoint in the workdir.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train.cli import run_reporting_errors
+from train.cli import parse_flags, run_reporting_errors
 from train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -24,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,155 @@
+"""Training throughput and MFU of one config on synthetic tokens.
+
+  python bench/throughput.py --config=configs/shakespeare_char.py [--config.a.b=v ...] [--steps=20]
+      [--warmup=3] [--vocab_size=N] [--json_out=PATH]
+
+Builds the model, optimizer, sharded state and jitted train step exactly as train/loop.py does, times
+`--steps` steps after `--warmup` (the first compiles), and divides the model FLOP/s (PaLM formula,
+`ModelConfig.flops_per_token`) by a matmul peak measured in this process.
+"""
+
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from model.config import ModelConfig  # noqa: E402
+from model.transformer import build_model  # noqa: E402
+from train import mesh as mesh_lib  # noqa: E402
+from train import state as state_lib  # noqa: E402
+from train.cli import run_reporting_errors  # noqa: E402
+from train.loop import check_train_config  # noqa: E402
+from train.step import train_step  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0 = 65+3 for char configs, else "
+                              "config.data.vocab_size).")
+_JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the figures to this JSON file.")
+flags.mark_flags_as_required(["config"])
+
+MATMUL_SIZES = (1024, 2048, 3072)
+MATMUL_REPS = 5
+
+
+def matmul_peak_flops(dtype) -> float:
+  """Best FLOP/s of a jitted square matmul over MATMUL_SIZES (fastest of MATMUL_REPS reps each)."""
+  best = 0.0
+  for n in MATMUL_SIZES:
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()  # compile
+    times = []
+    for _ in range(MATMUL_REPS):
+      start = time.perf_counter()
+      matmul(a, b).block_until_ready()
+      times.append(time.perf_counter() - start)
+    best = max(best, 2 * n**3 / min(times))
+  return best
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int, sharding) -> dict:
+  """Random tokens as one packed-free batch of the loader's keys, placed with the batch sharding."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
+           "segment_ids": np.ones((batch_size, seq_len), np.int32),
+           "weights": np.ones((batch_size, seq_len), np.float32)}
+  return {k: jax.device_put(np.ascontiguousarray(v), sharding) for k, v in batch.items()}
+
+
+def benchmark(config, steps: int, warmup: int, vocab_size: int) -> dict:
+  """Runs the timed steps and the matmul peaks; returns the figures."""
+  train = config.train
+  mesh = mesh_lib.make_mesh(config.mesh)
+  check_train_config(config, mesh)
+  if not vocab_size:
+    vocab_size = 65 + 3 if config.data.tokenizer == "char" else config.data.vocab_size
+  model_cfg = ModelConfig.from_config(config.model, vocab_size)
+  model = build_model(model_cfg)
+  tx = state_lib.make_optimizer(train)
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  state, state_shardings = state_lib.init_state(model, tx, train.seed, mesh, rules, train.seq_len)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  train_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_accum=train.grad_accum),
+                     in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+  batch = synthetic_batch(train.batch_size, train.seq_len, vocab_size, train.seed, batch_sharding)
+
+  start = time.perf_counter()
+  for i in range(max(warmup, 1)):
+    state, metrics = train_fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i == 0:
+      compile_s = time.perf_counter() - start
+  step_times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = train_fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    step_times.append(time.perf_counter() - start)
+
+  median_s = statistics.median(step_times)
+  tokens_per_s = train.batch_size * train.seq_len / median_s
+  model_flops = model_cfg.flops_per_token(train.seq_len) * tokens_per_s
+  # Host "devices" share the same cores, so on CPU the peak of one device is the peak of the mesh.
+  chips = 1 if jax.default_backend() == "cpu" else mesh.devices.size
+  peak_f32 = matmul_peak_flops(jnp.float32) * chips
+  figures = {
+      "config": {"num_layers": model_cfg.num_layers, "d_model": model_cfg.d_model,
+                 "num_heads": model_cfg.num_heads, "vocab_size": vocab_size, "dtype": model_cfg.dtype,
+                 "batch_size": train.batch_size, "seq_len": train.seq_len, "grad_accum": train.grad_accum,
+                 "mesh": dict(mesh.shape), "backend": jax.default_backend(), "steps": steps},
+      "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+      "compile_and_first_step_s": compile_s,
+      "ms_per_step_median": 1e3 * median_s,
+      "ms_per_step_mean": 1e3 * statistics.mean(step_times),
+      "ms_per_step_min": 1e3 * min(step_times),
+      "tokens_per_s": tokens_per_s,
+      "flops_per_token": model_cfg.flops_per_token(train.seq_len),
+      "model_tflops_per_s": model_flops / 1e12,
+      "peak_f32_matmul_gflops_per_s": peak_f32 / 1e9,
+      "mfu_f32": model_flops / peak_f32,
+      "final_loss": float(metrics["loss_sum"] / metrics["weight_sum"]),
+  }
+  if model_cfg.dtype == "bfloat16":
+    peak_bf16 = matmul_peak_flops(jnp.bfloat16) * chips
+    figures["peak_bf16_matmul_gflops_per_s"] = peak_bf16 / 1e9
+    figures["mfu_bf16"] = model_flops / peak_bf16
+  return figures
+
+
+def print_table(figures: dict) -> None:
+  """One row per figure, aligned."""
+  rows = [(key, json.dumps(value) if isinstance(value, dict) else value) for key, value in figures.items()]
+  width = max(len(key) for key, _ in rows)
+  for key, value in rows:
+    text = f"{value:,.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+    print(f"{key:<{width}}  {text}")
+
+
+def main(argv):
+  del argv
+  figures = run_reporting_errors(benchmark, _CONFIG.value, _STEPS.value, _WARMUP.value, _VOCAB.value)
+  print_table(figures)
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
