@@ -15,7 +15,6 @@ BATCH_AXES = ("data", "fsdp")
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   """A mesh of shape (data, fsdp, tensor) from `config.mesh`; data=-1 takes the remaining devices."""
-
   devices = list(jax.devices() if devices is None else devices)
   fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
   data = mesh_cfg.data if mesh_cfg.data != -1 else len(devices) // max(fsdp * tensor, 1)

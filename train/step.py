@@ -59,7 +59,7 @@ def train_step(state: TrainState, batch, *, model, tx, grad_accum: int = 1):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum,
-             "grad_norm": optax.global_norm(grads)}
+             "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
