@@ -33,8 +33,9 @@ from train.step import train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps.", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles).",
+                               lower_bound=1)
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0 = 65+3 for char configs, else "
                               "config.data.vocab_size).")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the figures to this JSON file.")
@@ -93,7 +94,7 @@ def benchmark(config, steps: int, warmup: int, vocab_size: int) -> dict:
   peak_f32_before = matmul_peak_flops(jnp.float32)
 
   start = time.perf_counter()
-  for i in range(max(warmup, 1)):
+  for i in range(warmup):
     state, metrics = train_fn(state, batch)
     jax.block_until_ready((state, metrics))
     if i == 0:
