@@ -140,7 +140,8 @@ def benchmark(config, steps: int, warmup: int, vocab_size: int) -> dict:
 
 def print_table(figures: dict) -> None:
   """One row per figure, aligned."""
-  rows = [(key, json.dumps(value) if isinstance(value, (dict, list)) else value) for key, value in figures.items()]
+  rows = [(key, json.dumps(value) if isinstance(value, (dict, list)) else value)
+          for key, value in figures.items()]
   width = max(len(key) for key, _ in rows)
   for key, value in rows:
     text = f"{value:,.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
