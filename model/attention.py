@@ -7,18 +7,22 @@ softmax runs in float32.
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.layers import normal, param, residual_init
 
 
-def attention_mask(q_segment_BxL, k_segment_BxS, causal: bool):
-  """True where query l may attend key s: same non-zero segment and, if causal, s <= l (by index)."""
+def attention_mask(q_segment_BxL, k_segment_BxS, causal: bool, q_offset=0):
+  """True where query l may attend key s: same non-zero segment and, if causal, s <= q_offset + l.
+
+  q_offset is the slot of the first query among the keys (non-zero when decoding into a cache).
+  """
   mask_BxLxS = (q_segment_BxL[:, :, None] == k_segment_BxS[:, None, :]) & (k_segment_BxS[:, None, :] != 0)
   if causal:
     length, keys = q_segment_BxL.shape[1], k_segment_BxS.shape[1]
-    mask_BxLxS &= (jnp.arange(length)[:, None] >= jnp.arange(keys)[None, :])[None]
+    mask_BxLxS &= (q_offset + jnp.arange(length)[:, None] >= jnp.arange(keys)[None, :])[None]
   return mask_BxLxS
 
 
@@ -68,23 +72,38 @@ class Attention(nn.Module):
     return y
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None):
+    """Attends the L queries to S keys: the L new ones, or with `cache` the S slots of the cache.
+
+    `cache` holds this layer's "key" / "value" [B, S, G, K], the write offset "end" and the
+    key "positions" [B, S] (already holding the new ones). Returns (y_BxLxD, updated cache or None).
+    """
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = normal(0.02)
     q_BxLxHxK = self.project("query", x_BxLxD, (d, h, k), ("embed", "heads", "kv"), "bld,dhk->blhk", init)
-    k_BxSxGxK = self.project("key", x_BxLxD, (d, g, k), ("embed", "kv_heads", "kv"), "bsd,dgk->bsgk", init)
-    v_BxSxGxK = self.project("value", x_BxLxD, (d, g, k), ("embed", "kv_heads", "kv"), "bsd,dgk->bsgk", init)
+    k_BxLxGxK = self.project("key", x_BxLxD, (d, g, k), ("embed", "kv_heads", "kv"), "bld,dgk->blgk", init)
+    v_BxLxGxK = self.project("value", x_BxLxD, (d, g, k), ("embed", "kv_heads", "kv"), "bld,dgk->blgk", init)
     if cfg.position == "rope":
       q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
-      k_BxSxGxK = apply_rope(k_BxSxGxK, positions_BxL, cfg.rope_theta)
+      k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, cfg.rope_theta)
+
+    key_positions_BxS = positions_BxL
+    k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
+    if cache is not None:
+      start = (0, cache["end"], 0, 0)
+      k_BxSxGxK = jax.lax.dynamic_update_slice(cache["key"], k_BxLxGxK.astype(cache["key"].dtype), start)
+      v_BxSxGxK = jax.lax.dynamic_update_slice(cache["value"], v_BxLxGxK.astype(cache["value"].dtype), start)
+      key_positions_BxS = cache["positions"]
+      cache = {"key": k_BxSxGxK, "value": v_BxSxGxK}
+      k_BxSxGxK, v_BxSxGxK = k_BxSxGxK.astype(cfg.compute_dtype), v_BxSxGxK.astype(cfg.compute_dtype)
 
     batch, length = x_BxLxD.shape[:2]
     q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, g, h // g, k)
     logits_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK,
                                   preferred_element_type=jnp.float32) / math.sqrt(k)
     if cfg.position == "alibi":
-      distance_BxLxS = jnp.abs(positions_BxL[:, :, None] - positions_BxL[:, None, :]).astype(jnp.float32)
+      distance_BxLxS = jnp.abs(positions_BxL[:, :, None] - key_positions_BxS[:, None, :]).astype(jnp.float32)
       slopes_GxR = alibi_slopes(h).reshape(g, h // g)
       logits_BxGxRxLxS -= slopes_GxR[None, :, :, None, None] * distance_BxLxS[:, None, None]
     logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min)
@@ -92,5 +111,6 @@ class Attention(nn.Module):
     probs_BxGxRxLxS = nn.Dropout(cfg.dropout)(probs_BxGxRxLxS, deterministic=deterministic)
     out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
     out_BxLxHxK = out_BxLxGxRxK.reshape(batch, length, h, k)
-    return self.project("out", out_BxLxHxK, (h, k, d), ("heads", "kv", "embed"), "blhk,hkd->bld",
-                        residual_init(cfg), contracted=2)
+    y_BxLxD = self.project("out", out_BxLxHxK, (h, k, d), ("heads", "kv", "embed"), "blhk,hkd->bld",
+                           residual_init(cfg), contracted=2)
+    return y_BxLxD, cache

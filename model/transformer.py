@@ -5,6 +5,7 @@ Shape letters as in model/layers.py. Inputs follow the batch format of data/: to
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from model.attention import Attention, attention_mask, sinusoidal_embedding
@@ -17,20 +18,22 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None):
+    """Returns (x_BxLxD, this layer's updated cache or None); `cache` as in Attention."""
     cfg = self.cfg
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     attention = Attention(cfg, name="attention")
     mlp = Mlp(cfg, name="mlp")
     if cfg.norm_position == "pre":
-      x_BxLxD = x_BxLxD + drop(attention(Norm(cfg, name="attention_norm")(x_BxLxD), positions_BxL,
-                                         mask_BxLxS, deterministic))
+      y_BxLxD, cache = attention(Norm(cfg, name="attention_norm")(x_BxLxD), positions_BxL, mask_BxLxS,
+                                 deterministic, cache)
+      x_BxLxD = x_BxLxD + drop(y_BxLxD)
       x_BxLxD = x_BxLxD + drop(mlp(Norm(cfg, name="mlp_norm")(x_BxLxD)))
     else:
-      x_BxLxD = Norm(cfg, name="attention_norm")(
-          x_BxLxD + drop(attention(x_BxLxD, positions_BxL, mask_BxLxS, deterministic)))
+      y_BxLxD, cache = attention(x_BxLxD, positions_BxL, mask_BxLxS, deterministic, cache)
+      x_BxLxD = Norm(cfg, name="attention_norm")(x_BxLxD + drop(y_BxLxD))
       x_BxLxD = Norm(cfg, name="mlp_norm")(x_BxLxD + drop(mlp(x_BxLxD)))
-    return x_BxLxD
+    return x_BxLxD, cache
 
 
 class Decoder(nn.Module):
@@ -38,7 +41,13 @@ class Decoder(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True):
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
+               cache=None):
+    """Logits [B, L, V]; with a `cache` (see init_cache) returns (logits, updated cache).
+
+    With a cache the L tokens are written at slots [end, end + L) and attend every filled slot of
+    their own segment: L = prompt length to prefill, then L = 1 per decoded token.
+    """
     cfg = self.cfg
     batch, length = tokens_BxL.shape
     if positions_BxL is None:
@@ -55,10 +64,21 @@ class Decoder(nn.Module):
       x_BxLxD += sinusoidal_embedding(positions_BxL, cfg.d_model).astype(cfg.compute_dtype)
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
 
-    mask_BxLxL = attention_mask(segment_ids_BxL, segment_ids_BxL, causal=True)
+    if cache is None:
+      mask_BxLxS = attention_mask(segment_ids_BxL, segment_ids_BxL, causal=True)
+    else:
+      end = cache["end"]
+      cache = dict(cache, end=end + length,
+                   segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, end)),
+                   positions=jax.lax.dynamic_update_slice(cache["positions"], positions_BxL, (0, end)))
+      mask_BxLxS = attention_mask(segment_ids_BxL, cache["segment_ids"], causal=True, q_offset=end)
     block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+    new_layers = []
     for i in range(cfg.num_layers):
-      x_BxLxD = block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, mask_BxLxL, deterministic)
+      layer_cache = None if cache is None else dict(cache["layers"][i], end=end, positions=cache["positions"])
+      x_BxLxD, layer_cache = block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, mask_BxLxS, deterministic,
+                                                           layer_cache)
+      new_layers.append(layer_cache)
     if cfg.norm_position == "pre":
       x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
 
@@ -68,7 +88,20 @@ class Decoder(nn.Module):
       head_DxV = param(self, "lm_head", normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                        cfg.weight_dtype)
       logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(cfg.compute_dtype))
-    return logits_BxLxV.astype(jnp.float32)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    if cache is None:
+      return logits_BxLxV
+    return logits_BxLxV, dict(cache, layers=tuple(new_layers))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """An empty key/value cache of `max_len` slots for `batch` rows (slots with segment id 0 are empty)."""
+  kv_shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.compute_dtype
+  layer = lambda: {"key": jnp.zeros(kv_shape, dtype), "value": jnp.zeros(kv_shape, dtype)}
+  return {"end": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+          "positions": jnp.zeros((batch, max_len), jnp.int32),
+          "layers": tuple(layer() for _ in range(cfg.num_layers))}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
