@@ -13,12 +13,15 @@ from data.tokenizer import (CHAR_FILE, SPM_FILE, CharTokenizer, SentencePieceTok
                             load_tokenizer, train_tokenizer)
 
 
-def pack_documents(token_lists: list[list[int]], seq_len: int, bos_id: int) -> dict[str, np.ndarray]:
-  """Pack [bos] + ids of every document into N rows of seq_len; arrays [N, seq_len].
+def pack_documents(token_lists: list[list[int]], seq_len: int, bos_id: int,
+                   eos_id: int | None = None) -> dict[str, np.ndarray]:
+  """Pack [bos] + ids (+ [eos]) of every document into N rows of seq_len; arrays [N, seq_len].
 
-    Row r reads stream[r*seq_len : r*seq_len + seq_len + 1], so rows overlap by one token and no target is
-    lost; the tail that does not fill a row is dropped. Weights are 0 where the target starts another document.
-    """
+  Row r reads stream[r*seq_len : r*seq_len + seq_len + 1], so rows overlap by one token and no target is
+  lost; the tail that does not fill a row is dropped. Weights are 0 where the target starts another document.
+  """
+  if eos_id is not None:  # the model learns to end a document, so generation can stop
+    token_lists = [list(ids) + [eos_id] for ids in token_lists]
   lengths_D = np.array([len(ids) + 1 for ids in token_lists], dtype=np.int64)
   total = int(lengths_D.sum())
   num_rows = (total - 1) // seq_len if total > 0 else 0
@@ -139,7 +142,8 @@ def prepare_lm_data(data_config, seq_len: int, workdir: str | None
   splits = {}
   for name, path, docs in (("train", c.train_path, train_docs), ("validation", c.val_path or c.train_path, val_docs)):
     try:
-      splits[name] = pack_documents(tokenizer.encode_batch(docs), seq_len, tokenizer.bos_id)
+      splits[name] = pack_documents(tokenizer.encode_batch(docs), seq_len, tokenizer.bos_id,
+                                    tokenizer.eos_id)
     except DataError as e:
       raise DataError(f"{name} data '{path}': {e}") from None
   return tokenizer, splits["train"], splits["validation"]

@@ -181,6 +181,15 @@ def test_pack_documents_by_hand():
     np.testing.assert_array_equal(rows[key], np.array(value), err_msg=key)
 
 
+def test_pack_documents_with_eos_by_hand():
+  # Stream: [1 5 6 2][1 8 2], 7 tokens -> 2 rows of 3; eos (2) is a target, the next bos (1) is not.
+  rows = pack_documents([[5, 6], [8]], seq_len=3, bos_id=1, eos_id=2)
+  np.testing.assert_array_equal(rows["inputs"], [[1, 5, 6], [2, 1, 8]])
+  np.testing.assert_array_equal(rows["targets"], [[5, 6, 2], [1, 8, 2]])
+  np.testing.assert_array_equal(rows["weights"], [[1, 1, 1], [0, 1, 1]])
+  np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1], [1, 2, 2]])
+
+
 def test_pack_documents_covers_every_target():
   docs = [list(range(10, 10 + n)) for n in (5, 0, 9, 3, 14)]
   rows = pack_documents(docs, seq_len=4, bos_id=1)
