@@ -3,7 +3,7 @@
 import re
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 from data.sources import DataError
 from model.config import ConfigError
@@ -35,6 +35,7 @@ def _flag_error(exc: Exception, argv) -> str:
 
 def parse_flags(argv):
   """absl flags parser for app.run that turns flag and config-file errors into one-line errors."""
+  logging.set_verbosity(logging.WARNING)  # orbax and jax log every save and restore at INFO
   try:
     remaining = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS["config"].present:

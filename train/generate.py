@@ -1,49 +1,79 @@
-"""Sampling continuations from a trained decoder (full forward pass per token over a sliding window)."""
+"""Generation entrypoint: sample from a trained run with the KV-cache decoder of model/decode.py.
 
-import functools
+  python -m train.generate --workdir=DIR --prompt="To be" [--max_new_tokens=200 --temperature=0.8
+      --top_k=0 --top_p=1.0 --repetition_penalty=1.0 --num_samples=1 --seed=0 --step=N --stop=STR]
+  python -m train.generate --workdir=DIR --prompts_file=prompts.txt   # one prompt per line
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+A single sample is streamed as it is generated; tokens/s is reported at the end.
+"""
+
+import sys
+import time
+
+from absl import app, flags
+
+from model.config import ConfigError
+from model.decode import Sampling, generate_text
+from train.checkpoint import load_trained
+from train.cli import parse_flags, run_reporting_errors
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to load the checkpoint and tokenizer from.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (\\n for a newline).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "File with one prompt per line.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "Penalty on tokens already present (1 = off).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP = flags.DEFINE_multi_string("stop", None, "Stop string (repeatable).")
+flags.mark_flags_as_required(["workdir"])
 
 
-def filter_logits(logits_NxV, temperature: float, top_k: int):
-  """Scales by temperature and keeps the top_k logits (others -inf); temperature 0 -> one-hot argmax."""
-  if temperature <= 0:
-    return jnp.where(logits_NxV == jnp.max(logits_NxV, axis=-1, keepdims=True), 0.0, -jnp.inf)
-  logits_NxV = logits_NxV / temperature
-  if top_k > 0:
-    kth_N = jax.lax.top_k(logits_NxV, top_k)[0][:, -1:]
-    logits_NxV = jnp.where(logits_NxV < kth_N, -jnp.inf, logits_NxV)
-  return logits_NxV
+def read_prompts() -> list[str]:
+  if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
+    raise ConfigError("give exactly one of --prompt and --prompts_file")
+  if _PROMPTS_FILE.value:
+    with open(_PROMPTS_FILE.value) as f:
+      return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+  return [_PROMPT.value.replace("\\n", "\n")]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k"))
-def _next_tokens(params, window_NxW, index, rng, *, model, temperature, top_k):
-  logits_NxWxV = model.apply({"params": params}, window_NxW)
-  logits_NxV = jax.lax.dynamic_index_in_dim(logits_NxWxV, index, axis=1, keepdims=False)
-  return jax.random.categorical(rng, filter_logits(logits_NxV, temperature, top_k), axis=-1)
+def run() -> None:
+  prompts = read_prompts()
+  _, model, params, tokenizer, step = load_trained(_WORKDIR.value, _STEP.value)
+  sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _REPETITION_PENALTY.value)
+  rows = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
+  streaming = len(rows) == 1
+  print(f"ablax: {_WORKDIR.value} step {step}", file=sys.stderr)
+  if streaming:
+    sys.stdout.write(rows[0])
+
+  def stream(piece):
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+  start = time.time()
+  texts = generate_text(model, params, tokenizer, rows, max_new_tokens=_MAX_NEW_TOKENS.value,
+                        sampling=sampling, seed=_SEED.value, stop=tuple(_STOP.value or ()),
+                        stream=stream if streaming else None)
+  elapsed = time.time() - start
+  if streaming:
+    sys.stdout.write("\n")
+  else:
+    for i, (prompt, text) in enumerate(zip(rows, texts)):
+      print(f"--- sample {i}\n{prompt}{text}")
+  new_tokens = sum(len(tokenizer.encode(text)) for text in texts)
+  print(f"ablax: {new_tokens} new tokens in {elapsed:.2f} s ({new_tokens / max(elapsed, 1e-9):.1f} tokens/s, "
+        "compilation included)", file=sys.stderr)
 
 
-def sample(model, params, prompt_ids, *, num_samples: int, max_new_tokens: int, window: int,
-           temperature: float = 1.0, top_k: int = 0, seed: int = 0, stop_id: int = -1):
-  """Returns `num_samples` lists of new token ids continuing `prompt_ids` (which should start with bos).
+def main(argv):
+  del argv
+  run_reporting_errors(run)
 
-  Each step runs the model over the last `window` tokens; causality makes the logits at the
-  last filled position independent of the zero padding after it, so one compiled shape serves all steps.
-  """
-  tokens = [list(prompt_ids)[-window:] for _ in range(num_samples)]
-  new = [[] for _ in range(num_samples)]
-  rng = jax.random.PRNGKey(seed)
-  for t in range(max_new_tokens):
-    filled = min(len(tokens[0]), window)
-    window_NxW = np.zeros((num_samples, window), np.int32)
-    window_NxW[:, :filled] = np.asarray([row[-filled:] for row in tokens])
-    next_N = np.asarray(_next_tokens(params, window_NxW, filled - 1, jax.random.fold_in(rng, t),
-                                     model=model, temperature=temperature, top_k=top_k))
-    for row, seq, token in zip(tokens, new, next_N.tolist()):
-      row.append(token)
-      seq.append(token)
-  if stop_id >= 0:
-    new = [seq[:seq.index(stop_id)] if stop_id in seq else seq for seq in new]
-  return new
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -15,9 +15,9 @@ import numpy as np
 import tqdm
 
 from data.pipeline import Loader, prepare_lm_data
+from model import decode
 from model.config import ConfigError, ModelConfig
 from model.transformer import build_model
-from train import generate
 from train import mesh as mesh_lib
 from train import state as state_lib
 from train.checkpoint import Checkpointer
@@ -65,17 +65,18 @@ def evaluate(eval_fn, params, val_rows, config, sharding) -> dict:
 
 
 def write_samples(model, params, tokenizer, config, workdir) -> list:
-  """Samples a few continuations of config.train.sample_prompt; prints and saves them."""
+  """Samples a few continuations of config.train.sample_prompt with the KV-cache decoder; prints and saves them."""
   train = config.train
   if train.num_samples <= 0:
     return []
-  prompt = [tokenizer.bos_id] + tokenizer.encode(train.sample_prompt)
-  params = jax.device_get(params)
-  new_ids = generate.sample(model, params, prompt, num_samples=train.num_samples,
-                            max_new_tokens=train.sample_tokens, window=train.seq_len,
-                            temperature=train.sample_temperature, top_k=train.sample_top_k,
-                            seed=train.seed, stop_id=tokenizer.bos_id)
-  texts = [train.sample_prompt + tokenizer.decode(ids) for ids in new_ids]
+  sampling = decode.Sampling(temperature=train.sample_temperature, top_k=train.sample_top_k)
+  max_new_tokens = train.sample_tokens
+  if model.cfg.position == "learned":  # the learned table has max_len rows
+    max_new_tokens = min(max_new_tokens, model.cfg.max_len - 1 - len(tokenizer.encode(train.sample_prompt)))
+  continuations = decode.generate_text(model, jax.device_get(params), tokenizer,
+                                       [train.sample_prompt] * train.num_samples,
+                                       max_new_tokens=max_new_tokens, sampling=sampling, seed=train.seed)
+  texts = [train.sample_prompt + text for text in continuations]
   with open(os.path.join(workdir, "samples.txt"), "w") as f:
     for i, text in enumerate(texts):
       f.write(f"--- sample {i}\n{text}\n")

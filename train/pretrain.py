@@ -5,7 +5,7 @@
 Running the same command again resumes from the last checkpoint in the workdir.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from train.cli import parse_flags, run_reporting_errors
@@ -19,7 +19,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   run_reporting_errors(train_and_evaluate, _CONFIG.value, _WORKDIR.value)
 
 

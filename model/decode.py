@@ -1,0 +1,170 @@
+"""Decoding with a key/value cache: greedy, temperature, top-k, top-p, repetition penalty, stop conditions.
+
+Prompts of different lengths are left-padded (padding has segment id 0, so it is never attended) and
+prefilled in one call; then one jitted step per token, compiled once per batch shape.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.transformer import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen; temperature 0 = greedy."""
+  temperature: float = 1.0
+  top_k: int = 0                    # keep the k most likely tokens (0 = all)
+  top_p: float = 1.0                # keep the smallest set of tokens whose probability reaches p
+  repetition_penalty: float = 1.0   # CTRL-style: divide positive / multiply negative logits of seen tokens
+
+
+def top_p_mask(logits_BxV, top_p: float):
+  """True for the tokens of the nucleus: the most likely ones until their probability reaches top_p."""
+  probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+  order_BxV = jnp.argsort(-probs_BxV, axis=-1)
+  sorted_BxV = jnp.take_along_axis(probs_BxV, order_BxV, axis=-1)
+  mass_before_BxV = jnp.cumsum(sorted_BxV, axis=-1) - sorted_BxV
+  keep_sorted_BxV = mass_before_BxV < top_p  # the most likely token is always kept
+  rows_Bx1 = jnp.arange(logits_BxV.shape[0])[:, None]
+  return jnp.zeros_like(keep_sorted_BxV).at[rows_Bx1, order_BxV].set(keep_sorted_BxV)
+
+
+def filter_logits(logits_BxV, seen_BxV, sampling: Sampling):
+  """Logits with repetition penalty, temperature, top-k and top-p applied (-inf = excluded)."""
+  if sampling.repetition_penalty != 1.0:
+    penalised_BxV = jnp.where(logits_BxV > 0, logits_BxV / sampling.repetition_penalty,
+                              logits_BxV * sampling.repetition_penalty)
+    logits_BxV = jnp.where(seen_BxV, penalised_BxV, logits_BxV)
+  if sampling.temperature <= 0:
+    best_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+    return jnp.where(logits_BxV == best_Bx1, 0.0, -jnp.inf)
+  logits_BxV = logits_BxV / sampling.temperature
+  if sampling.top_k > 0:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+  if sampling.top_p < 1.0:
+    logits_BxV = jnp.where(top_p_mask(logits_BxV, sampling.top_p), logits_BxV, -jnp.inf)
+  return logits_BxV
+
+
+@functools.partial(jax.jit, static_argnames=("sampling",))
+def choose(logits_BxV, seen_BxV, rng, row_ids_B, *, sampling: Sampling):
+  """Next token per row; each row draws from its own key, so a row's sample does not depend on the batch."""
+  filtered_BxV = filter_logits(logits_BxV, seen_BxV, sampling)
+  if sampling.temperature <= 0:
+    return jnp.argmax(filtered_BxV, axis=-1).astype(jnp.int32)
+  keys_B = jax.vmap(lambda row: jax.random.fold_in(rng, row))(row_ids_B)
+  return jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def forward_with_cache(params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, *, model):
+  """Writes L tokens into the cache; returns the logits after the last one [B, V] and the cache."""
+  logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL,
+                                    cache=cache)
+  return logits_BxLxV[:, -1], cache
+
+
+def left_pad(prompts: list[list[int]]):
+  """Prompts as right-aligned rows: tokens, positions, segment ids [B, P] (0 on padding) and lengths [B]."""
+  lengths_B = np.array([len(p) for p in prompts], np.int32)
+  if lengths_B.min() == 0:
+    raise ValueError("every prompt needs at least one token (start with bos)")
+  width = int(lengths_B.max())
+  tokens_BxP = np.zeros((len(prompts), width), np.int32)
+  positions_BxP = np.zeros((len(prompts), width), np.int32)
+  segment_ids_BxP = np.zeros((len(prompts), width), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens_BxP[row, width - len(prompt):] = prompt
+    positions_BxP[row, width - len(prompt):] = np.arange(len(prompt))
+    segment_ids_BxP[row, width - len(prompt):] = 1
+  return tokens_BxP, positions_BxP, segment_ids_BxP, lengths_B
+
+
+def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
+             seed: int = 0, eos_id: int = -1, should_stop=None, on_token=None) -> list[list[int]]:
+  """New token ids for each prompt (token id lists, usually starting with bos).
+
+  A row ends at `eos_id` (not included) or when `should_stop(row, ids)` says so; `on_token(row, ids)` is
+  called after every token, for streaming. Decoding stops when every row has ended. A model with learned
+  positions sees at most max_len tokens: when its cache is full, the last max_len // 2 tokens of every
+  row are prefilled into a fresh cache (nanoGPT crops its context the same way, one token at a time).
+  """
+  cfg = model.cfg
+  max_context = cfg.max_len if cfg.position == "learned" else None
+  histories = [list(p) for p in prompts]
+  batch = len(prompts)
+
+  def prefill(context_len, remaining):
+    tokens_BxP, positions_BxP, segment_ids_BxP, lengths_B = left_pad([h[-context_len:] for h in histories])
+    capacity = tokens_BxP.shape[1] + remaining
+    capacity = min(capacity, max_context) if max_context else capacity
+    cache = init_cache(cfg, batch, capacity)
+    logits_BxV, cache = forward_with_cache(params, tokens_BxP, positions_BxP, segment_ids_BxP, cache,
+                                           model=model)
+    return logits_BxV, cache, lengths_B, tokens_BxP.shape[1], capacity
+
+  logits_BxV, cache, lengths_B, filled, capacity = prefill(max_context or max(map(len, histories)),
+                                                           max_new_tokens)
+  seen_BxV = np.zeros((batch, cfg.vocab_size), bool)
+  for row, prompt in enumerate(prompts):
+    seen_BxV[row, prompt] = True
+  rng, row_ids_B = jax.random.PRNGKey(seed), jnp.arange(batch)
+  new = [[] for _ in range(batch)]
+  done = np.zeros(batch, bool)
+  ones_Bx1 = np.ones((batch, 1), np.int32)
+  for t in range(max_new_tokens):
+    next_B = np.asarray(choose(logits_BxV, seen_BxV, jax.random.fold_in(rng, t), row_ids_B, sampling=sampling))
+    for row in range(batch):
+      histories[row].append(int(next_B[row]))
+      if done[row]:
+        continue
+      if next_B[row] == eos_id:
+        done[row] = True
+        continue
+      new[row].append(int(next_B[row]))
+      seen_BxV[row, next_B[row]] = True
+      if on_token:
+        on_token(row, new[row])
+      if should_stop and should_stop(row, new[row]):
+        done[row] = True
+    if done.all() or t == max_new_tokens - 1:
+      break
+    if filled == capacity:  # only with learned positions: slide the context window
+      logits_BxV, cache, lengths_B, filled, capacity = prefill(max_context // 2, max_new_tokens - t - 1)
+      continue
+    logits_BxV, cache = forward_with_cache(params, next_B[:, None], lengths_B[:, None], ones_Bx1, cache,
+                                           model=model)
+    lengths_B, filled = lengths_B + 1, filled + 1
+  return new
+
+
+def generate_text(model, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                  sampling: Sampling = Sampling(), seed: int = 0, stop: tuple = (), stream=None) -> list[str]:
+  """Continuations of text prompts; each ends at eos or just before the first stop string.
+
+  `stream`, if given, receives the new text of row 0 piece by piece as it is generated.
+  """
+  printed = [0]
+
+  def on_token(row, ids):
+    if stream and row == 0:
+      text = tokenizer.decode(ids)
+      stream(text[printed[0]:])
+      printed[0] = len(text)
+
+  def should_stop(row, ids):
+    return bool(stop) and any(s in tokenizer.decode(ids) for s in stop)
+
+  ids = generate(model, params, [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts],
+                 max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, eos_id=tokenizer.eos_id,
+                 should_stop=should_stop if stop else None, on_token=on_token if stream else None)
+  texts = [tokenizer.decode(row) for row in ids]
+  for s in stop:
+    texts = [text.split(s)[0] for text in texts]
+  return texts

@@ -1,0 +1,140 @@
+"""KV-cache decoding: cache == full forward, greedy == repeated argmax, sampling filters, batching, seeds."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data.tokenizer import CharTokenizer
+from model.config import ModelConfig
+from model.decode import Sampling, choose, filter_logits, generate, generate_text, top_p_mask
+from model.transformer import Decoder, init_cache
+
+POSITIONS = ["sinusoidal", "learned", "rope", "alibi", "none"]
+
+
+def tiny(position="rope", num_kv_heads=4, max_len=64, seed=0):
+  cfg = ModelConfig(vocab_size=41, num_layers=2, d_model=32, num_heads=4, num_kv_heads=num_kv_heads,
+                    head_dim=8, mlp_dim=64, max_len=max_len, position=position)
+  model = Decoder(cfg)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+  # Larger random weights than the init so that logits are far from uniform and argmax ties cannot occur.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  params = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) * 0.3 for k, x in zip(keys, leaves)])
+  return model, params
+
+
+def full_forward_argmax(model, params, prompt, steps, width=32):
+  """Greedy decoding without a cache: a full forward pass per token over a fixed [1, width] buffer
+  (causality makes the logits at the last real token independent of the zeros after it)."""
+  tokens, forward = list(prompt), jax.jit(model.apply)
+  for _ in range(steps):
+    buffer = np.zeros((1, width), np.int32)
+    buffer[0, :len(tokens)] = tokens
+    tokens.append(int(jnp.argmax(forward({"params": params}, buffer)[0, len(tokens) - 1])))
+  return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("position, num_kv_heads", [(p, 4) for p in POSITIONS] + [("rope", 2), ("alibi", 1)])
+def test_cached_decoding_equals_full_forward(position, num_kv_heads):
+  model, params = tiny(position, num_kv_heads)
+  tokens_BxL = jax.random.randint(jax.random.PRNGKey(7), (3, 14), 0, 41)
+  full_BxLxV = jax.jit(model.apply)({"params": params}, tokens_BxL)
+  step = jax.jit(lambda tokens, positions, cache: model.apply({"params": params}, tokens, positions, cache=cache))
+  logits, cache = step(tokens_BxL[:, :6], jnp.broadcast_to(jnp.arange(6), (3, 6)), init_cache(model.cfg, 3, 20))
+  pieces = [logits]
+  for t in range(6, 14):
+    logits, cache = step(tokens_BxL[:, t:t + 1], jnp.full((3, 1), t), cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full_BxLxV, atol=1e-5, rtol=0)
+  assert int(cache["end"]) == 14
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_greedy_equals_argmax_of_repeated_full_forward(position):
+  model, params = tiny(position)
+  prompt = [1, 5, 9, 2, 30]
+  expected = full_forward_argmax(model, params, prompt, 12)
+  assert generate(model, params, [prompt], max_new_tokens=12, sampling=Sampling(temperature=0.0))[0] == expected
+
+
+def test_top_k_1_equals_greedy():
+  model, params = tiny("alibi")
+  prompts = [[1, 3, 4], [1, 8]]
+  greedy = generate(model, params, prompts, max_new_tokens=10, sampling=Sampling(temperature=0.0))
+  top1 = generate(model, params, prompts, max_new_tokens=10, sampling=Sampling(temperature=1.5, top_k=1), seed=3)
+  assert top1 == greedy
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+  probs = np.array([[0.05, 0.5, 0.1, 0.3, 0.05], [0.2, 0.2, 0.2, 0.2, 0.2]])
+  logits = jnp.log(jnp.asarray(probs))
+  # Row 0 sorted: 0.5, 0.3 (mass before 0.5), 0.1 (0.8), 0.05 (0.9), 0.05 (0.95). p=0.75 -> {1, 3}; p=0.85 -> +2.
+  np.testing.assert_array_equal(top_p_mask(logits, 0.75)[0], [False, True, False, True, False])
+  np.testing.assert_array_equal(top_p_mask(logits, 0.85)[0], [False, True, True, True, False])
+  np.testing.assert_array_equal(top_p_mask(logits, 0.3)[0], [False, True, False, False, False])
+  assert int(top_p_mask(logits, 0.5)[1].sum()) == 3  # uniform: mass before the 3rd is 0.4 < 0.5
+  # Sampling never leaves the nucleus.
+  seen = jnp.zeros_like(logits, bool)
+  draws = [int(choose(logits[:1], seen[:1], jax.random.PRNGKey(i), jnp.arange(1), sampling=Sampling(top_p=0.75))[0])
+           for i in range(40)]
+  assert set(draws) == {1, 3}
+
+
+def test_repetition_penalty_by_hand():
+  logits = jnp.asarray([[2.0, -1.0, 0.5, 3.0]])
+  seen = jnp.asarray([[True, True, False, False]])
+  out = filter_logits(logits, seen, Sampling(temperature=1.0, repetition_penalty=2.0))
+  np.testing.assert_allclose(out, [[1.0, -2.0, 0.5, 3.0]])
+
+
+@pytest.mark.parametrize("position", ["rope", "learned", "alibi"])
+def test_batched_prompts_of_different_lengths_equal_each_alone(position):
+  model, params = tiny(position)
+  prompts = [[1, 4, 9, 16, 25, 36, 7], [1, 2], [1, 30, 31, 32]]
+  greedy = Sampling(temperature=0.0)
+  batched = generate(model, params, prompts, max_new_tokens=8, sampling=greedy)
+  alone = [generate(model, params, [p], max_new_tokens=8, sampling=greedy)[0] for p in prompts]
+  assert batched == alone
+  # Sampling: a row's draws use its own key, so row 0 is the same alone and in the batch.
+  sampled = generate(model, params, prompts, max_new_tokens=8, seed=5)
+  assert sampled[0] == generate(model, params, prompts[:1], max_new_tokens=8, seed=5)[0]
+
+
+def test_same_seed_same_samples_and_different_seed_differs():
+  model, params = tiny("rope")
+  prompts = [[1, 2, 3]] * 3
+  first = generate(model, params, prompts, max_new_tokens=12, seed=11)
+  assert first == generate(model, params, prompts, max_new_tokens=12, seed=11)
+  assert first != generate(model, params, prompts, max_new_tokens=12, seed=12)
+  assert len({tuple(row) for row in first}) > 1  # rows of one batch draw independently
+
+
+def test_learned_positions_slide_past_max_len():
+  model, params = tiny("learned", max_len=16)
+  prompt = [1, 5, 6]
+  out = generate(model, params, [prompt], max_new_tokens=30, sampling=Sampling(temperature=0.0))[0]
+  assert len(out) == 30
+  # Until the window is full, decoding is exactly the uncropped greedy decode.
+  assert out[:13] == full_forward_argmax(model, params, prompt, 13, width=16)
+
+
+def test_stops_at_eos_and_at_stop_strings():
+  tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,;:!?01234")
+  model, params = tiny("rope")
+  assert tokenizer.vocab_size == model.cfg.vocab_size
+  prompt = [tokenizer.bos_id, 3, 4]
+  ids = generate(model, params, [prompt], max_new_tokens=20, seed=1)[0]
+  k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])  # a token whose first use is at k
+  assert generate(model, params, [prompt], max_new_tokens=20, seed=1, eos_id=ids[k])[0] == ids[:k]
+  text = tokenizer.decode(ids)
+  stop = tokenizer.decode(ids[k:k + 2])
+  out = generate_text(model, params, tokenizer, [tokenizer.decode([3, 4])], max_new_tokens=20, seed=1,
+                      stop=(stop,))[0]
+  assert out == text[:text.index(stop)]
+  pieces = []
+  streamed = generate_text(model, params, tokenizer, [tokenizer.decode([3, 4])], max_new_tokens=20, seed=1,
+                           stream=pieces.append)[0]
+  assert "".join(pieces) == streamed == text
