@@ -1,0 +1,178 @@
+"""Evaluation entrypoint: loss, perplexity and bits per byte of a trained run on a text corpus.
+
+  python -m train.evaluate --workdir=runs/shakespeare_char --data=data.txt [--seq_len=N --stride=N ...]
+
+Offers `sliding_windows` and `evaluate_documents` (pure: model, params, texts -> metrics). Every text token
+is scored once from its left context; past the first window, with at least seq_len - stride tokens of it
+(Hugging Face's sliding window).
+"""
+
+import functools
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import tqdm
+from absl import app, flags, logging
+
+from data.sources import DataError, read_documents
+from model.config import ConfigError
+from train.checkpoint import load_trained
+from train.cli import parse_flags, run_reporting_errors
+from train.step import weighted_cross_entropy
+
+TOOL = "train.evaluate"  # marks our JSON files: only those are ever overwritten
+
+
+def sliding_windows(num_targets: int, window: int, stride: int):
+  """(begin, end, first_scored) per window over targets [0, num_targets); each target scored exactly once."""
+  if not 0 < stride <= window:
+    raise ValueError(f"stride {stride}: expected 0 < stride <= window ({window})")
+  begin, scored_end = 0, 0
+  while scored_end < num_targets:
+    end = min(begin + window, num_targets)
+    yield begin, end, scored_end
+    begin, scored_end = begin + stride, end
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _row_nats_B(params, inputs_BxL, positions_BxL, segment_ids_BxL, targets_BxL, weights_BxL, *, model):
+  """Weighted sum of the target tokens' negative log-likelihoods, per row."""
+  logits_BxLxV = model.apply({"params": params}, inputs_BxL, positions_BxL, segment_ids_BxL)
+  return jax.vmap(weighted_cross_entropy)(logits_BxLxV, targets_BxL, weights_BxL)[0]
+
+
+def evaluate_documents(model, params, tokenizer, texts, *, window: int, stride: int, batch_size: int,
+                       progress: bool = True) -> dict:
+  """Loss (nats per text token), perplexity and bits per byte of `texts`; bos is context, eos unscored."""
+  if batch_size <= 0:
+    raise ValueError(f"batch_size {batch_size}: expected a positive integer")
+  texts = list(texts)
+  # Stream [bos] + ids: input t predicts stream[t + 1], so the targets are exactly the text's ids.
+  streams = [np.asarray([tokenizer.bos_id] + ids, np.int32) for ids in tokenizer.encode_batch(texts)]
+  spans = [(d, *w) for d, s in enumerate(streams) for w in sliding_windows(len(s) - 1, window, stride)]
+  num_tokens = sum(len(s) - 1 for s in streams)
+  if not num_tokens:
+    raise DataError(f"{len(streams)} documents hold no tokens to score")
+
+  total_nats, pending = 0.0, None
+  bar = tqdm.tqdm(total=len(spans), desc="eval", unit="window", dynamic_ncols=True, mininterval=1.0,
+                  disable=not progress)
+  for first in range(0, len(spans), batch_size):
+    batch = {k: np.zeros((batch_size, window), dtype) for k, dtype in (
+        ("inputs", np.int32), ("positions", np.int32), ("segment_ids", np.int32), ("targets", np.int32),
+        ("weights", np.float32))}  # padding: segment 0, weight 0
+    for row, (doc, begin, end, scored) in enumerate(spans[first:first + batch_size]):
+      n = end - begin
+      batch["inputs"][row, :n] = streams[doc][begin:end]
+      batch["targets"][row, :n] = streams[doc][begin + 1:end + 1]
+      batch["positions"][row, :n] = np.arange(n)
+      batch["segment_ids"][row, :n] = 1
+      batch["weights"][row, scored - begin:n] = 1.0
+    nats_B = _row_nats_B(params, batch["inputs"], batch["positions"], batch["segment_ids"], batch["targets"],
+                         batch["weights"], model=model)
+    if pending is not None:  # fetch the previous batch only after dispatching this one
+      total_nats += float(np.sum(np.asarray(pending[0], np.float64)))
+      bar.update(pending[1])
+    pending = (nats_B, min(batch_size, len(spans) - first))
+  total_nats += float(np.sum(np.asarray(pending[0], np.float64)))
+  bar.update(pending[1])
+  bar.close()
+
+  num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+  loss = total_nats / num_tokens
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+          "bits_per_byte": total_nats / math.log(2) / max(num_bytes, 1),
+          "tokens": num_tokens, "bytes": num_bytes, "documents": len(streams)}
+
+
+def _first_bytes(texts: list[str], max_bytes: int) -> list[str]:
+  """The texts cut to `max_bytes` UTF-8 bytes in all (0: whole); read_documents keeps a long document whole."""
+  if max_bytes <= 0:
+    return texts
+  kept, left = [], max_bytes
+  for text in texts:
+    if left <= 0:
+      break
+    data = text.encode("utf-8")[:left]
+    kept.append(data.decode("utf-8", errors="ignore"))  # drops a character cut in half
+    left -= len(data)
+  return kept
+
+
+def _output_path(path: str, record: dict) -> str:
+  """`path`, or path.1, .2 ... (before the extension) when it holds a file not ours for this step and data."""
+  stem, ext = os.path.splitext(path)
+  for i in range(1000):
+    candidate = path if i == 0 else f"{stem}.{i}{ext}"
+    if not os.path.exists(candidate):
+      return candidate
+    try:
+      with open(candidate) as f:
+        old = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(old, dict) and all(old.get(k) == record[k] for k in ("tool", "step", "data")):
+      return candidate
+  raise ConfigError(f"--output={path}: 1000 files of this name exist already; pass another --output")
+
+
+def define_flags() -> None:
+  """The command-line flags; defined only when run as a program, so importing never clashes with other CLIs."""
+  flags.DEFINE_string("workdir", None, "Run directory with config.json, tokenizer and checkpoints.")
+  flags.DEFINE_string("data", None, "Text file, glob, directory or JSONL (as data.train_path).")
+  flags.DEFINE_string("field", "text", "JSONL field holding the text.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("seq_len", None, "Window length (default: the run's config.train.seq_len).")
+  flags.DEFINE_integer("stride", None, "Tokens between window starts (default: seq_len // 2).")
+  flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+  flags.DEFINE_integer("max_bytes", 0, "Read at most about this many bytes (0: all).")
+  flags.DEFINE_string("output", None, "JSON file (default: WORKDIR/eval_<data stem>_L<seq_len>.json).")
+  flags.mark_flags_as_required(["workdir", "data"])
+
+
+def run(workdir: str, data: str, *, field: str = "text", step: int | None = None, seq_len: int | None = None,
+        stride: int | None = None, batch_size: int = 8, max_bytes: int = 0, output: str | None = None) -> dict:
+  """Evaluates the run in `workdir` on `data`; prints a table and writes the JSON record."""
+  config, model, params, tokenizer, step = load_trained(workdir, step)
+  seq_len = config.train.seq_len if seq_len is None else seq_len
+  stride = max(1, seq_len // 2) if stride is None else stride
+  for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+    if value <= 0:
+      raise ConfigError(f"--{name}={value}: expected a positive integer")
+  if not 0 < stride <= seq_len:
+    raise ConfigError(f"--stride={stride}: expected 0 < stride <= --seq_len={seq_len}")
+  if config.model.position == "learned" and seq_len > config.model.max_len:
+    raise ConfigError(f"--seq_len={seq_len} exceeds config.model.max_len={config.model.max_len} "
+                      "of the run's learned position table")
+  texts = _first_bytes(read_documents(data, field, max_bytes), max_bytes)
+  result = evaluate_documents(model, params, tokenizer, texts, window=seq_len, stride=stride,
+                              batch_size=batch_size)
+  record = dict(result, tool=TOOL, workdir=os.path.abspath(workdir), step=int(step),
+                data=os.path.abspath(data) if os.path.exists(data) else data, seq_len=seq_len, stride=stride)
+  stem = os.path.splitext(os.path.basename(data.rstrip("/")))[0] or "data"
+  path = _output_path(output or os.path.join(workdir, f"eval_{stem}_L{seq_len}.json"), record)
+  with open(path, "w") as f:
+    json.dump(record, f, indent=2)
+  print(f"{workdir} step {step} on {data} (seq_len {seq_len}, stride {stride})")
+  for key in ("loss", "perplexity", "bits_per_byte"):
+    print(f"  {key:<14}{result[key]:.4f}")
+  for key in ("tokens", "bytes", "documents"):
+    print(f"  {key:<14}{result[key]}")
+  print(f"wrote {path}")
+  return record
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+  f = flags.FLAGS
+  run_reporting_errors(run, f.workdir, f.data, field=f.field, step=f.step, seq_len=f.seq_len, stride=f.stride,
+                       batch_size=f.batch_size, max_bytes=f.max_bytes, output=f.output)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
