@@ -62,7 +62,20 @@ def choose(logits_BxV, seen_BxV, rng, row_ids_B, *, sampling: Sampling):
   return jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnames=("seen_BxV", "cache"))
+def choose_and_step(params, logits_BxV, seen_BxV, cache, positions_B, rng, row_ids_B, *, model, sampling):
+  """One decoding step in one dispatch: choose the next tokens, then feed them through the cache.
+
+  Returns (next_B, logits after them [B, V], seen tokens [B, V], cache).
+  """
+  next_B = choose(logits_BxV, seen_BxV, rng, row_ids_B, sampling=sampling)
+  seen_BxV = seen_BxV.at[jnp.arange(next_B.shape[0]), next_B].set(True)
+  logits_BxLxV, cache = model.apply({"params": params}, next_B[:, None], positions_B[:, None],
+                                    jnp.ones_like(next_B)[:, None], cache=cache)
+  return next_B, logits_BxLxV[:, -1], seen_BxV, cache
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
 def forward_with_cache(params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, *, model):
   """Writes L tokens into the cache; returns the logits after the last one [B, V] and the cache."""
   logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL,
@@ -111,15 +124,24 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sa
 
   logits_BxV, cache, lengths_B, filled, capacity = prefill(max_context or max(map(len, histories)),
                                                            max_new_tokens)
-  seen_BxV = np.zeros((batch, cfg.vocab_size), bool)
+  seen_np = np.zeros((batch, cfg.vocab_size), bool)
   for row, prompt in enumerate(prompts):
-    seen_BxV[row, prompt] = True
+    seen_np[row, prompt] = True
+  seen_BxV = jnp.asarray(seen_np)
   rng, row_ids_B = jax.random.PRNGKey(seed), jnp.arange(batch)
   new = [[] for _ in range(batch)]
   done = np.zeros(batch, bool)
-  ones_Bx1 = np.ones((batch, 1), np.int32)
   for t in range(max_new_tokens):
-    next_B = np.asarray(choose(logits_BxV, seen_BxV, jax.random.fold_in(rng, t), row_ids_B, sampling=sampling))
+    rng_t = jax.random.fold_in(rng, t)
+    stepped = filled < capacity and t < max_new_tokens - 1
+    if stepped:
+      next_B, logits_BxV, seen_BxV, cache = choose_and_step(params, logits_BxV, seen_BxV, cache, lengths_B, rng_t,
+                                                            row_ids_B, model=model, sampling=sampling)
+      lengths_B, filled = lengths_B + 1, filled + 1
+    else:  # the last token, or a full window
+      next_B = choose(logits_BxV, seen_BxV, rng_t, row_ids_B, sampling=sampling)
+      seen_BxV = seen_BxV.at[row_ids_B, next_B].set(True)
+    next_B = np.asarray(next_B)
     for row in range(batch):
       histories[row].append(int(next_B[row]))
       if done[row]:
@@ -128,19 +150,14 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sa
         done[row] = True
         continue
       new[row].append(int(next_B[row]))
-      seen_BxV[row, next_B[row]] = True
       if on_token:
         on_token(row, new[row])
       if should_stop and should_stop(row, new[row]):
         done[row] = True
     if done.all() or t == max_new_tokens - 1:
       break
-    if filled == capacity:  # only with learned positions: slide the context window
+    if not stepped:  # only with learned positions: slide the context window
       logits_BxV, cache, lengths_B, filled, capacity = prefill(max_context // 2, max_new_tokens - t - 1)
-      continue
-    logits_BxV, cache = forward_with_cache(params, next_B[:, None], lengths_B[:, None], ones_Bx1, cache,
-                                           model=model)
-    lengths_B, filled = lengths_B + 1, filled + 1
   return new
 
 
