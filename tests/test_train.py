@@ -18,7 +18,6 @@ from data.pipeline import pack_documents
 from data.tokenizer import CharTokenizer
 from model.config import ConfigError, ModelConfig
 from model.transformer import build_model
-from train import generate
 from train import mesh as mesh_lib
 from train import state as state_lib
 from train.loop import train_and_evaluate
@@ -133,18 +132,6 @@ def test_gradient_accumulation_equals_one_big_batch():
   np.testing.assert_allclose(metrics_1["loss_sum"], metrics_4["loss_sum"], rtol=1e-5)
   np.testing.assert_allclose(metrics_1["grad_norm"], metrics_4["grad_norm"], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params_1, params_4)
-
-
-def test_greedy_sample_is_argmax_of_full_forward():
-  model, batch = _tiny_model_and_batch()
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(3), batch["inputs"])["params"])
-  prompt = list(batch["inputs"][0, :5])
-  new = generate.sample(model, params, prompt, num_samples=2, max_new_tokens=6, window=16, temperature=0.0)
-  tokens, forward = list(prompt), jax.jit(model.apply)
-  for _ in range(6):
-    logits = forward({"params": params}, np.asarray([tokens]))
-    tokens.append(int(np.argmax(logits[0, -1])))
-  assert new[0] == new[1] == tokens[5:]
 
 
 def test_changed_config_in_existing_workdir_is_refused(tmp_path):
