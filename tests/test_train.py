@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax

@@ -5,13 +5,11 @@ evaluation, metrics (metrics.jsonl, TensorBoard, tqdm) and checkpoints -> sample
 """
 
 import functools
-import json
 import math
 import os
 import time
 
 import jax
-import numpy as np
 import tqdm
 
 from data.pipeline import Loader, prepare_lm_data
