@@ -29,7 +29,7 @@ from train import mesh as mesh_lib  # noqa: E402
 from train import state as state_lib  # noqa: E402
 from train.cli import run_reporting_errors  # noqa: E402
 from train.loop import check_train_config  # noqa: E402
-from train.step import train_step  # noqa: E402
+from train.step import lm_loss, train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -86,7 +86,7 @@ def benchmark(config, steps: int, warmup: int, vocab_size: int) -> dict:
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   state, state_shardings = state_lib.init_state(model, tx, train.seed, mesh, rules, train.seq_len)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_accum=train.grad_accum),
+  train_fn = jax.jit(functools.partial(train_step, loss_fn=lm_loss(model), tx=tx, grad_accum=train.grad_accum),
                      in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
   batch = synthetic_batch(train.batch_size, train.seq_len, vocab_size, train.seed, batch_sharding)

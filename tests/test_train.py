@@ -20,7 +20,7 @@ from model.transformer import build_model
 from train import mesh as mesh_lib
 from train import state as state_lib
 from train.loop import train_and_evaluate
-from train.step import train_step
+from train.step import lm_loss, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "".join(f"line {i}: the {w} fox jumps over {i % 7} lazy dogs.\n"
@@ -111,7 +111,7 @@ def test_tiny_model_overfits_one_batch():
   model, batch = _tiny_model_and_batch()
   state, tx = _single_device_state(model, dict(learning_rate=3e-3, warmup_steps=10, steps=300,
                                                weight_decay=0.0))
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx))
+  step = jax.jit(functools.partial(train_step, loss_fn=lm_loss(model), tx=tx))
   for _ in range(300):
     state, metrics = step(state, batch)
   first_loss = np.log(model.cfg.vocab_size)
@@ -125,7 +125,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   for accum in (1, 4):
     # Plain SGD, so the parameter change is the gradient itself (Adam's first step is ~sign(grad)).
     state, tx = _single_device_state(model, {}, tx=optax.sgd(1.0))
-    state, metrics = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_accum=accum))(state, batch)
+    state, metrics = jax.jit(functools.partial(train_step, loss_fn=lm_loss(model), tx=tx, grad_accum=accum))(state, batch)
     results.append((state.params, metrics))
   (params_1, metrics_1), (params_4, metrics_4) = results
   np.testing.assert_allclose(metrics_1["loss_sum"], metrics_4["loss_sum"], rtol=1e-5)

@@ -1,4 +1,4 @@
-"""train_and_evaluate(config, workdir): the loop shared by the entrypoints.
+"""fit(): the training loop shared by the entrypoints, and train_and_evaluate(config, workdir) for pretraining.
 
 Data -> sharded init (or exact resume from the last checkpoint) -> jitted steps with periodic
 evaluation, metrics (metrics.jsonl, TensorBoard, tqdm) and checkpoints -> samples at the end.
@@ -10,6 +10,7 @@ import os
 import time
 
 import jax
+import numpy as np
 import tqdm
 
 from data.pipeline import Loader, prepare_lm_data
@@ -20,7 +21,7 @@ from train import mesh as mesh_lib
 from train import state as state_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricWriter
-from train.step import eval_step, train_step
+from train.step import eval_step, lm_loss, train_step
 from train.workdir import prepare_workdir
 
 
@@ -46,20 +47,32 @@ def _to_device(batch, sharding):
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def evaluate(eval_fn, params, val_rows, config, sharding) -> dict:
-  """Loss, perplexity and accuracy over the first eval_batches validation batches (fixed order)."""
+def summarize(sums: dict, prefix: str) -> dict:
+  """Metrics from summed statistics: loss (+ perplexity for token losses), accuracy, macro-F1 (if labels)."""
+  weight = max(float(sums["weight_sum"]), 1.0)
+  loss = float(sums["loss_sum"]) / weight
+  metrics = {f"{prefix}/loss": loss, f"{prefix}/accuracy": float(sums["correct_sum"]) / weight}
+  if "confusion" in sums:  # [true class, predicted class] counts
+    confusion = np.asarray(sums["confusion"], np.float64)
+    true_positive = np.diag(confusion)
+    f1 = 2 * true_positive / np.maximum(confusion.sum(0) + confusion.sum(1), 1e-9)
+    metrics[f"{prefix}/macro_f1"] = float(np.mean(f1))
+  else:
+    metrics[f"{prefix}/perplexity"] = math.exp(min(loss, 50.0))
+  return metrics
+
+
+def evaluate(eval_fn, params, frozen, val_rows, config, sharding) -> dict:
+  """Eval metrics over the first eval_batches validation batches (fixed order, the same every time)."""
   loader = Loader(val_rows, config.train.batch_size, seed=0, shuffle=False,
                   process_index=jax.process_index(), process_count=jax.process_count())
   num_rows = len(next(iter(val_rows.values())))
   num_batches = min(config.train.eval_batches, max(1, math.ceil(num_rows / config.train.batch_size)))
   totals = None
   for _ in range(num_batches):
-    sums = eval_fn(params, _to_device(next(loader), sharding))
+    sums = eval_fn(params, _to_device(next(loader), sharding), frozen)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = jax.device_get(totals)
-  loss = float(totals["loss_sum"] / max(totals["weight_sum"], 1.0))
-  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
-          "eval/accuracy": float(totals["correct_sum"] / max(totals["weight_sum"], 1.0))}
+  return summarize(jax.device_get(totals), "eval")
 
 
 def write_samples(model, params, tokenizer, config, workdir) -> list:
@@ -84,49 +97,61 @@ def write_samples(model, params, tokenizer, config, workdir) -> list:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last metrics logged."""
+  """Pretrains (or resumes) the run in `workdir`; returns the last metrics logged."""
   mesh = mesh_lib.make_mesh(config.mesh)
   check_train_config(config, mesh)
   prepare_workdir(config, workdir)
   train = config.train
-
   tokenizer, train_rows, val_rows = prepare_lm_data(config.data, train.seq_len, workdir)
-  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
-  model = build_model(model_cfg)
+  model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size))
   tx = state_lib.make_optimizer(train)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   state, state_shardings = state_lib.init_state(model, tx, train.seed, mesh, rules, train.seq_len)
+  print(f"ablax: vocab {tokenizer.vocab_size}, {len(train_rows['inputs'])} train rows x {train.seq_len} tokens")
+  state, last = fit(config, workdir, mesh=mesh, state=state, state_shardings=state_shardings, frozen={},
+                    frozen_shardings={}, loss_fn=lm_loss(model), tx=tx, train_rows=train_rows, val_rows=val_rows)
+  if jax.process_index() == 0:
+    write_samples(model, state.params, tokenizer, config, workdir)
+  return last
+
+
+def fit(config, workdir: str, *, mesh, state, state_shardings, frozen, frozen_shardings, loss_fn, tx,
+        train_rows, val_rows):
+  """The training loop shared by the entrypoints: resume, jitted steps, eval, metrics, checkpoints.
+
+  Returns (final state, last metrics logged). `frozen` parameters are inputs of every step, never saved.
+  """
+  train = config.train
   loader = Loader(train_rows, train.batch_size, seed=train.seed,
                   process_index=jax.process_index(), process_count=jax.process_count())
-
   checkpointer = Checkpointer(workdir, train.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if start_step:
     state, data_state = checkpointer.restore(start_step, state, state_shardings)
     loader.set_state(data_state)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f"ablax: {num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
-        f"{len(train_rows['inputs'])} train rows x {train.seq_len} tokens, "
-        f"vocab {tokenizer.vocab_size}, step {start_step}/{train.steps}")
+  trainable = sum(x.size for x in jax.tree.leaves(state.params))
+  total = trainable + sum(x.size for x in jax.tree.leaves(frozen))
+  print(f"ablax: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%), "
+        f"mesh {dict(mesh.shape)}, step {start_step}/{train.steps}")
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, grad_accum=train.grad_accum),
-                     in_shardings=(state_shardings, batch_sharding),
+  train_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx, grad_accum=train.grad_accum),
+                     in_shardings=(state_shardings, batch_sharding, frozen_shardings),
                      out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                    in_shardings=(state_shardings.params, batch_sharding))
+  eval_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
+                    in_shardings=(state_shardings.params, batch_sharding, frozen_shardings))
   schedule = state_lib.learning_rate_schedule(train)
 
   writer = MetricWriter(workdir, resume_step=start_step)
   last = {}
   tokens_per_step = train.batch_size * train.seq_len
-  interval = {"loss_sum": 0.0, "weight_sum": 0.0, "steps": 0, "start": time.time()}
+  interval = {"sums": None, "steps": 0, "start": time.time()}
   progress = tqdm.tqdm(total=train.steps, initial=start_step, desc="train", dynamic_ncols=True,
                        mininterval=1.0, disable=jax.process_index() != 0)
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
   with writer:
     for step in range(start_step + 1, train.steps + 1):
-      state, metrics = train_fn(state, _to_device(next(loader), batch_sharding))
+      state, metrics = train_fn(state, _to_device(next(loader), batch_sharding), frozen)
       done = [pending] if pending else []
       pending = (step, metrics)
       if step == train.steps or step % train.eval_every == 0 or step % train.checkpoint_every == 0:
@@ -134,31 +159,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
         pending = None
       for done_step, done_metrics in done:
         done_metrics = jax.device_get(done_metrics)
+        grad_norm = float(done_metrics.pop("grad_norm"))
         loss = float(done_metrics["loss_sum"] / max(done_metrics["weight_sum"], 1.0))
         if not math.isfinite(loss):
           raise FloatingPointError(f"train/loss is {loss} at step {done_step}; the last checkpoint is kept "
                                    "(lower config.train.learning_rate or enable config.train.grad_clip)")
-        interval["loss_sum"] += float(done_metrics["loss_sum"])
-        interval["weight_sum"] += float(done_metrics["weight_sum"])
+        sums = interval["sums"]
+        interval["sums"] = done_metrics if sums is None else jax.tree.map(np.add, sums, done_metrics)
         interval["steps"] += 1
         if done_step % train.log_every == 0 or done_step == train.steps or done_step % train.eval_every == 0:
           elapsed = time.time() - interval["start"]
-          last = {"step": done_step,
-                  "train/loss": interval["loss_sum"] / max(interval["weight_sum"], 1.0),
-                  "train/grad_norm": float(done_metrics["grad_norm"]),
+          last = {"step": done_step, **summarize(interval["sums"], "train"), "train/grad_norm": grad_norm,
                   "train/learning_rate": float(schedule(done_step - 1)),
                   "train/tokens_per_sec": interval["steps"] * tokens_per_step / max(elapsed, 1e-9)}
           if done_step % train.eval_every == 0 or done_step == train.steps:
-            last.update(evaluate(eval_fn, state.params, val_rows, config, batch_sharding))
+            last.update(evaluate(eval_fn, state.params, frozen, val_rows, config, batch_sharding))
           writer.write(last)
           progress.set_postfix(loss=f"{last['train/loss']:.3f}",
                                tok_s=f"{last['train/tokens_per_sec']:.0f}", refresh=False)
-          interval = {"loss_sum": 0.0, "weight_sum": 0.0, "steps": 0, "start": time.time()}
+          interval = {"sums": None, "steps": 0, "start": time.time()}
       if step % train.checkpoint_every == 0 or step == train.steps:
         checkpointer.save(step, state, loader.get_state())
       progress.update(1)
   progress.close()
   checkpointer.close()
-  if jax.process_index() == 0:
-    write_samples(model, state.params, tokenizer, config, workdir)
-  return last
+  return state, last

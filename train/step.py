@@ -1,7 +1,9 @@
 """train_step and eval_step: the only jitted functions of training.
 
-Both return sums and denominators (loss_sum, weight_sum, ...); the host divides, so metrics of
-microbatches, devices and evaluation batches combine exactly.
+A loss function `loss_fn(params, frozen, batch, rng, deterministic) -> sums` returns sums and
+denominators ({"loss_sum", "weight_sum", ...}); the host divides, so metrics of microbatches, devices and
+evaluation batches combine exactly. `params` are the trainable leaves, `frozen` the rest (PEFT; {} when
+everything trains): gradients and optimizer state exist for `params` only.
 """
 
 import jax
@@ -21,49 +23,53 @@ def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
           jnp.sum(correct_BxL * weights_BxL))
 
 
-def _loss_sums(params, batch, model, rng, deterministic):
-  logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                             deterministic=deterministic, rngs={"dropout": rng})
-  return weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+def lm_loss(model, effective_params=None):
+  """Next-token loss of a language model; `effective_params(params, frozen, rng)` builds the model's
+  parameters from the trainable and frozen parts (default: params alone) and may return extra apply kwargs."""
+  def loss_fn(params, frozen, batch, rng, deterministic):
+    full, extra = effective_params(params, frozen, rng) if effective_params else (params, {})
+    logits_BxLxV = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                               deterministic=deterministic, rngs={"dropout": rng}, **extra)
+    loss_sum, weight_sum, correct_sum = weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+    return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
+  return loss_fn
 
 
-def train_step(state: TrainState, batch, *, model, tx, grad_accum: int = 1):
-  """One optimizer step on a global batch [B, L], split into `grad_accum` microbatches.
+def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum: int = 1):
+  """One optimizer step on a global batch [B, ...], split into `grad_accum` microbatches.
 
-  The gradient is that of (sum of token losses) / (sum of weights) over the whole batch, so
+  The gradient is that of (sum of losses) / (sum of weights) over the whole batch, so
   grad_accum=k equals one batch of the same size up to float rounding.
   """
+  frozen = {} if frozen is None else frozen
   step_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_and_grads(batch_part, micro_index):
     def loss_sum(params):
-      sums = _loss_sums(params, batch_part, model, jax.random.fold_in(step_rng, micro_index), False)
-      return sums[0], sums
+      sums = loss_fn(params, frozen, batch_part, jax.random.fold_in(step_rng, micro_index), False)
+      return sums["loss_sum"], sums
     return jax.grad(loss_sum, has_aux=True)(state.params)
 
   if grad_accum == 1:
-    grads, (loss_sum, weight_sum, correct_sum) = loss_and_grads(batch, 0)
+    grads, sums = loss_and_grads(batch, 0)
   else:
     micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
     def accumulate(carry, inputs):
       micro_batch, index = inputs
-      grads, sums = loss_and_grads(micro_batch, index)
-      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+      return jax.tree.map(jnp.add, carry, loss_and_grads(micro_batch, index)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), (0.0, 0.0, 0.0))
-    (grads, (loss_sum, weight_sum, correct_sum)), _ = jax.lax.scan(
-        accumulate, zeros, (micro_batches, jnp.arange(grad_accum)))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        loss_and_grads, jax.tree.map(lambda x: x[0], micro_batches), 0))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(grad_accum)))
 
-  grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1.0), grads)
+  grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum,
-             "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
+  metrics = dict(sums, grad_norm=jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, model):
-  """Loss and accuracy sums of one batch without dropout."""
-  loss_sum, weight_sum, correct_sum = _loss_sums(params, batch, model, jax.random.PRNGKey(0), True)
-  return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
+def eval_step(params, batch, frozen=None, *, loss_fn):
+  """The loss function's sums on one batch, without dropout."""
+  return loss_fn(params, {} if frozen is None else frozen, batch, jax.random.PRNGKey(0), True)
