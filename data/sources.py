@@ -1,12 +1,14 @@
 """Text sources: resolve path specs to files, read documents, split train / validation.
 
-Offers `DataError`, `resolve_paths`, `read_documents`, `split_documents`.
+Offers `DataError`, `resolve_paths`, `read_documents`, `read_records` (JSONL records with required
+fields), `split_documents`.
 """
 
 import glob
 import json
 import os
 import sysconfig
+from typing import Sequence
 
 DIR_EXTENSIONS = (".txt", ".md", ".py", ".jsonl", ".json")
 JSON_EXTENSIONS = (".jsonl", ".json")
@@ -59,9 +61,8 @@ def resolve_paths(path_spec: str) -> list[str]:
   return files
 
 
-def _read_json_lines(path: str, text_field: str) -> list[str]:
-  """Documents from a file with one JSON object per non-blank line, taking `text_field`."""
-  docs = []
+def _json_objects(path: str):
+  """Yield ("file:line", object) for each non-blank line of a JSONL file; DataError on a bad line."""
   with open(path, encoding="utf-8", errors="replace") as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
@@ -73,12 +74,24 @@ def _read_json_lines(path: str, text_field: str) -> list[str]:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
       if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-      if text_field not in obj:
-        fields = ", ".join(map(str, obj)) or "none"
-        raise DataError(f"{where}: no field '{text_field}' (fields: {fields})")
-      if not isinstance(obj[text_field], str):
-        raise DataError(f"{where}: field '{text_field}' should be a string, got {type(obj[text_field]).__name__}")
-      docs.append(obj[text_field])
+      yield where, obj
+
+
+def _check_field(where: str, obj: dict, field: str) -> None:
+  """DataError naming the line and the fields it has when `obj` lacks `field`."""
+  if field not in obj:
+    fields = ", ".join(map(str, obj)) or "none"
+    raise DataError(f"{where}: no field '{field}' (fields: {fields})")
+
+
+def _read_json_lines(path: str, text_field: str) -> list[str]:
+  """Documents from a file with one JSON object per non-blank line, taking `text_field`."""
+  docs = []
+  for where, obj in _json_objects(path):
+    _check_field(where, obj, text_field)
+    if not isinstance(obj[text_field], str):
+      raise DataError(f"{where}: field '{text_field}' should be a string, got {type(obj[text_field]).__name__}")
+    docs.append(obj[text_field])
   return docs
 
 
@@ -103,6 +116,25 @@ def read_documents(path_spec: str, text_field: str = "text", max_bytes: int = 0)
   if not docs:
     raise DataError(f"data path '{path_spec}': the corpus is empty ({len(files)} files, no text)")
   return docs
+
+
+def read_records(path_spec: str, fields: Sequence[str], max_records: int = 0) -> list[dict]:
+  """JSON objects (values as parsed) from the .jsonl/.json files of `path_spec`, each holding `fields`."""
+  # Other files a directory holds (SOURCE.md, .tsv) are skipped; max_records > 0 stops after that many.
+  files = [f for f in resolve_paths(path_spec) if f.endswith(JSON_EXTENSIONS)]
+  if not files:
+    raise DataError(f"data path '{path_spec}': no {' or '.join(JSON_EXTENSIONS)} files")
+  records = []
+  for path in files:
+    for where, obj in _json_objects(path):
+      for field in fields:
+        _check_field(where, obj, field)
+      records.append(obj)
+      if len(records) == max_records:
+        return records
+  if not records:
+    raise DataError(f"data path '{path_spec}': no records ({len(files)} JSONL files, all blank)")
+  return records
 
 
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
