@@ -42,11 +42,14 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
-               cache=None):
+               cache=None, prefix_NxD=None, return_hidden: bool = False):
     """Logits [B, L, V]; with a `cache` (see init_cache) returns (logits, updated cache).
 
     With a cache the L tokens are written at slots [end, end + L) and attend every filled slot of
     their own segment: L = prompt length to prefill, then L = 1 per decoded token.
+    `prefix_NxD` (prompt tuning) prepends N embeddings to every row, in the segment of the row's first
+    token, at positions 0..N-1 (the tokens' positions shift by N); the outputs cover the L tokens only.
+    `return_hidden` returns the final hidden states [B, L, D] instead of logits (classification heads).
     """
     cfg = self.cfg
     batch, length = tokens_BxL.shape
@@ -56,6 +59,16 @@ class Decoder(nn.Module):
       segment_ids_BxL = jnp.ones((batch, length), jnp.int32)
     embed = Embed(cfg, name="embed")
     x_BxLxD = embed(tokens_BxL)
+    num_prefix = 0
+    if prefix_NxD is not None:
+      num_prefix = prefix_NxD.shape[0]
+      prefix_BxNxD = jnp.broadcast_to(prefix_NxD.astype(x_BxLxD.dtype), (batch, num_prefix, cfg.d_model))
+      x_BxLxD = jnp.concatenate([prefix_BxNxD, x_BxLxD], axis=1)
+      positions_BxL = jnp.concatenate([jnp.broadcast_to(jnp.arange(num_prefix), (batch, num_prefix)),
+                                       positions_BxL + num_prefix], axis=1)
+      segment_ids_BxL = jnp.concatenate([jnp.repeat(segment_ids_BxL[:, :1], num_prefix, axis=1),
+                                         segment_ids_BxL], axis=1)
+      length += num_prefix
     if cfg.position == "learned":
       table_LxD = param(self, "position_embedding", normal(0.02), (cfg.max_len, cfg.d_model),
                         ("length", "embed"), cfg.weight_dtype)
@@ -81,6 +94,9 @@ class Decoder(nn.Module):
       new_layers.append(layer_cache)
     if cfg.norm_position == "pre":
       x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
+    x_BxLxD = x_BxLxD[:, num_prefix:]
+    if return_hidden:
+      return x_BxLxD
 
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)

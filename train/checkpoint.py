@@ -46,20 +46,39 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_trained(workdir: str, step: int | None = None):
-  """(config, model, params, tokenizer, step) of a run's checkpoint (default: the latest), on one device."""
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config.json of a run directory."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path}: no such file; --workdir must be a run directory")
+    raise FileNotFoundError(f"{config_path}: no such file; the workdir must be a run directory")
   with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  tokenizer = load_tokenizer(workdir)
-  model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size))
-  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  steps = checkpointer.manager.all_steps()
-  step = checkpointer.latest_step() if step is None else step
-  if step is None or step not in steps:
-    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint for step {step} (have: {sorted(steps)})")
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def resolve_step(workdir: str, step: int | None) -> int:
+  """`step` if a checkpoint of it exists in workdir, the latest one for None (or -1)."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(name) for name in (os.listdir(directory) if os.path.isdir(directory) else [])
+                 if name.isdigit())  # orbax names each finished checkpoint by its step
+  chosen = steps[-1] if steps and step in (None, -1) else step
+  if chosen not in steps:
+    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint for step {step} (have: {steps})")
+  return chosen
+
+
+def restore_state(workdir: str, step: int, abstract_state, shardings=None):
+  """The TrainState saved at `step`, shaped like `abstract_state`; on the first device by default."""
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract_state)
+  checkpointer = Checkpointer(workdir, keep=1 << 30)
+  state, _ = checkpointer.restore(step, abstract_state, shardings)
+  checkpointer.close()
+  return state
+
+
+def pretrained_params(workdir: str, step: int, config, model, param_shardings=None):
+  """Parameters of a pretraining run's checkpoint (its optimizer state is read and dropped)."""
   tx = make_optimizer(config.train)
 
   def init(rng):
@@ -67,7 +86,24 @@ def load_trained(workdir: str, step: int | None = None):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state, _ = checkpointer.restore(step, abstract, jax.tree.map(lambda _: device, abstract))
-  checkpointer.close()
-  return config, model, state.params, tokenizer, step
+  shardings = None
+  if param_shardings is not None:
+    replicated = jax.sharding.NamedSharding(jax.tree.leaves(param_shardings)[0].mesh, jax.sharding.PartitionSpec())
+    shardings = jax.tree.map(lambda _: replicated, abstract).replace(params=param_shardings)
+  return restore_state(workdir, step, abstract, shardings).params
+
+
+def load_trained(workdir: str, step: int | None = None):
+  """(config, model, params, tokenizer, step) of a run's checkpoint (default: the latest), on one device.
+
+  For a fine-tuning run the parameters are the base model's with the adapters merged in (prompt tuning
+  and classification heads are not folded into a plain language model).
+  """
+  config = read_run_config(workdir)
+  if config.get("init_from"):
+    from train.finetune import load_finetuned  # finetune imports this module
+    return load_finetuned(workdir, step)
+  tokenizer = load_tokenizer(workdir)
+  model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size))
+  step = resolve_step(workdir, step)
+  return config, model, pretrained_params(workdir, step, config, model), tokenizer, step

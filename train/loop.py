@@ -62,15 +62,25 @@ def summarize(sums: dict, prefix: str) -> dict:
   return metrics
 
 
+def eval_batches(rows: dict, batch_size: int, max_batches: int):
+  """The first max_batches batches of `rows` in order, each row once; the last batch is filled up with
+  copies of row 0 whose weights are 0, so every batch has the compiled shape and no row counts twice."""
+  num_rows = min(len(rows["weights"]), batch_size * max_batches)
+  per_process = batch_size // jax.process_count()
+  for start in range(0, num_rows, batch_size):
+    index = np.arange(start, start + batch_size)
+    valid = index < num_rows
+    batch = {k: v[np.where(valid, index, 0)] for k, v in rows.items()}
+    batch["weights"] = batch["weights"] * valid[:, None]
+    local = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+    yield {k: v[local] for k, v in batch.items()}
+
+
 def evaluate(eval_fn, params, frozen, val_rows, config, sharding) -> dict:
   """Eval metrics over the first eval_batches validation batches (fixed order, the same every time)."""
-  loader = Loader(val_rows, config.train.batch_size, seed=0, shuffle=False,
-                  process_index=jax.process_index(), process_count=jax.process_count())
-  num_rows = len(next(iter(val_rows.values())))
-  num_batches = min(config.train.eval_batches, max(1, math.ceil(num_rows / config.train.batch_size)))
   totals = None
-  for _ in range(num_batches):
-    sums = eval_fn(params, _to_device(next(loader), sharding), frozen)
+  for batch in eval_batches(val_rows, config.train.batch_size, config.train.eval_batches):
+    sums = eval_fn(params, _to_device(batch, sharding), frozen)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   return summarize(jax.device_get(totals), "eval")
 

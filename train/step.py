@@ -24,10 +24,11 @@ def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
 
 
 def lm_loss(model, effective_params=None):
-  """Next-token loss of a language model; `effective_params(params, frozen, rng)` builds the model's
-  parameters from the trainable and frozen parts (default: params alone) and may return extra apply kwargs."""
+  """Next-token loss of a language model; `effective_params(params, frozen, rng, deterministic)` builds the
+  model's parameters from the trainable and frozen parts (default: params alone) and extra apply kwargs."""
   def loss_fn(params, frozen, batch, rng, deterministic):
-    full, extra = effective_params(params, frozen, rng) if effective_params else (params, {})
+    full, extra = (effective_params(params, frozen, rng, deterministic) if effective_params
+                   else (params, {}))
     logits_BxLxV = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
                                deterministic=deterministic, rngs={"dropout": rng}, **extra)
     loss_sum, weight_sum, correct_sum = weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])

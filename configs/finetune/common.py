@@ -1,0 +1,30 @@
+"""Every fine-tuning knob with its default; configs/finetune/*.py start from `get_config()` here."""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = base.get_config()  # config.model is replaced by the pretrained run's at start
+  with config.unlocked():
+    config.init_from = ""             # workdir of the pretrained run (required)
+    config.init_step = -1             # its checkpoint step (-1 = latest; pinned in config.json)
+    config.task = "classify"          # lm | instruct | classify
+    config.peft = peft = ml_collections.ConfigDict()
+    peft.method = "full"              # full | freeze | lora | ia3 | prompt
+    peft.trainable = ()               # freeze: regexes over parameter paths such as "layer_3/mlp/wi_bias"
+    peft.lora_rank = 8                # lora: rank r
+    peft.lora_alpha = 16.0            # lora: the update is scaled by alpha / r
+    peft.lora_dropout = 0.0           # lora: dropout on A's input features (one mask per step)
+    peft.lora_targets = (r"attention/(query|value)$",)  # lora: regexes of the kernels to adapt
+    peft.num_prompt_tokens = 20       # prompt: virtual tokens prepended to every input
+    config.data.label_field = "label"         # classify: JSONL field of the label
+    config.data.prompt_template = "{prompt}"  # instruct: str.format template over the record's fields
+    config.data.response_field = "response"   # instruct: JSONL field of the target text
+    config.data.max_records = 0               # read at most this many JSONL records per split (0 = all)
+  config.data.train_path = ""
+  config.train.update(steps=500, batch_size=32, seq_len=128, learning_rate=1e-4, min_learning_rate=1e-5,
+                      warmup_steps=50, weight_decay=0.0, eval_every=100, eval_batches=1000,
+                      checkpoint_every=500, num_samples=0)
+  return config

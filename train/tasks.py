@@ -1,0 +1,85 @@
+"""Fine-tuning tasks (`config.task`): their data rows and loss functions.
+
+  lm        continued pretraining on text (packed causal-LM rows)
+  instruct  prompt/response pairs from JSONL, loss on response tokens (and eos) only
+  classify  text/label pairs from JSONL; a linear head on the last non-padding token's hidden state
+A loss function has the signature train/step.py expects and returns sums (the host divides).
+"""
+
+import string
+
+import jax
+import jax.numpy as jnp
+
+from data import objectives
+from data.pipeline import pack_documents
+from data.sources import read_documents, read_records, split_documents
+from model.config import ConfigError
+from train.step import lm_loss
+
+TASKS = ("lm", "instruct", "classify")
+
+
+def build_rows(config, tokenizer):
+  """(train_rows, val_rows, label vocabulary or None) for config.task from config.data."""
+  data, seq_len, task = config.data, config.train.seq_len, config.task
+  if task not in TASKS:
+    raise ConfigError(f"config.task: expected one of {', '.join(TASKS)}, got {task!r}")
+  if task == "lm":
+    train = read_documents(data.train_path, data.text_field, data.max_bytes)
+    val = read_documents(data.val_path, data.text_field) if data.val_path else None
+    if val is None:
+      train, val = split_documents(train, data.val_fraction)
+    pack = lambda docs: pack_documents(tokenizer.encode_batch(docs), seq_len, tokenizer.bos_id, tokenizer.eos_id)
+    return pack(train), pack(val), None
+
+  fields = ([data.text_field, data.label_field] if task == "classify" else
+            sorted(set(_template_fields(data.prompt_template)) | {data.response_field}))
+  train = read_records(data.train_path, fields, data.max_records)
+  val = read_records(data.val_path, fields, data.max_records) if data.val_path else None
+  if val is None:
+    train, val = objectives.split_records(train, data.val_fraction)
+  if task == "instruct":
+    pack = config.peft.method != "prompt"  # a prompt-tuning prefix belongs to exactly one example per row
+    rows = lambda records: objectives.instruct_rows(
+        tokenizer, [(objectives.render(data.prompt_template, r), str(r[data.response_field])) for r in records],
+        seq_len, pack=pack)
+    return rows(train), rows(val), None
+  labels = objectives.label_vocabulary([r[data.label_field] for r in train])
+  rows = lambda records: objectives.classify_rows(
+      tokenizer, [str(r[data.text_field]) for r in records],
+      objectives.encode_labels([r[data.label_field] for r in records], labels), seq_len)
+  return rows(train), rows(val), labels
+
+
+def _template_fields(template: str) -> list[str]:
+  return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def init_head(rng, d_model: int, num_classes: int) -> dict:
+  return {"kernel": 0.02 * jax.random.normal(rng, (d_model, num_classes)), "bias": jnp.zeros((num_classes,))}
+
+
+def classify_loss(model, effective_params, num_classes: int):
+  """Cross entropy of a linear head on the hidden state of each row's last token (right padding)."""
+  def loss_fn(params, frozen, batch, rng, deterministic):
+    full, extra = effective_params(params, frozen, rng, deterministic)
+    hidden_BxLxD = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                               deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True, **extra)
+    last_B = jnp.sum(batch["segment_ids"] > 0, axis=1) - 1
+    pooled_BxD = hidden_BxLxD[jnp.arange(hidden_BxLxD.shape[0]), last_B].astype(jnp.float32)
+    logits_BxC = pooled_BxD @ params["head"]["kernel"] + params["head"]["bias"]
+    labels_B, example_weight_B = batch["labels"], jnp.max(batch["weights"], axis=1)  # 0 on filler rows
+    loss_B = jax.nn.logsumexp(logits_BxC, axis=-1) - jnp.take_along_axis(logits_BxC, labels_B[:, None], 1)[:, 0]
+    predicted_B = jnp.argmax(logits_BxC, axis=-1)
+    confusion_CxC = (jax.nn.one_hot(labels_B, num_classes) * example_weight_B[:, None]).T @ jax.nn.one_hot(
+        predicted_B, num_classes)
+    return {"loss_sum": jnp.sum(loss_B * example_weight_B), "weight_sum": jnp.sum(example_weight_B),
+            "correct_sum": jnp.sum((predicted_B == labels_B) * example_weight_B), "confusion": confusion_CxC}
+  return loss_fn
+
+
+def make_loss(task: str, model, effective_params, num_classes: int = 0):
+  if task == "classify":
+    return classify_loss(model, effective_params, num_classes)
+  return lm_loss(model, effective_params)
