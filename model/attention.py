@@ -72,19 +72,23 @@ class Attention(nn.Module):
     return y
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None,
+               context_BxSxD=None):
     """Attends the L queries to S keys: the L new ones, or with `cache` the S slots of the cache.
 
     `cache` holds this layer's "key" / "value" [B, S, G, K], the write offset "end" and the
     key "positions" [B, S] (already holding the new ones). Returns (y_BxLxD, updated cache or None).
+    With `context_BxSxD` (cross-attention) keys and values come from the context, without positions.
     """
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = normal(0.02)
+    source_BxSxD = x_BxLxD if context_BxSxD is None else context_BxSxD
     q_BxLxHxK = self.project("query", x_BxLxD, (d, h, k), ("embed", "heads", "kv"), "bld,dhk->blhk", init)
-    k_BxLxGxK = self.project("key", x_BxLxD, (d, g, k), ("embed", "kv_heads", "kv"), "bld,dgk->blgk", init)
-    v_BxLxGxK = self.project("value", x_BxLxD, (d, g, k), ("embed", "kv_heads", "kv"), "bld,dgk->blgk", init)
-    if cfg.position == "rope":
+    k_BxLxGxK = self.project("key", source_BxSxD, (d, g, k), ("embed", "kv_heads", "kv"), "bld,dgk->blgk", init)
+    v_BxLxGxK = self.project("value", source_BxSxD, (d, g, k), ("embed", "kv_heads", "kv"), "bld,dgk->blgk", init)
+    positioned = context_BxSxD is None  # cross-attention: no positional scheme, no self-attention cache
+    if positioned and cfg.position == "rope":
       q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, cfg.rope_theta)
 
@@ -102,7 +106,7 @@ class Attention(nn.Module):
     q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, g, h // g, k)
     logits_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK,
                                   preferred_element_type=jnp.float32) / math.sqrt(k)
-    if cfg.position == "alibi":
+    if positioned and cfg.position == "alibi":
       distance_BxLxS = jnp.abs(positions_BxL[:, :, None] - key_positions_BxS[:, None, :]).astype(jnp.float32)
       slopes_GxR = alibi_slopes(h).reshape(g, h // g)
       logits_BxGxRxLxS -= slopes_GxR[None, :, :, None, None] * distance_BxLxS[:, None, None]

@@ -9,7 +9,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
-FAMILIES = ("decoder",)
+FAMILIES = ("decoder", "encoder", "encoder_decoder")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -96,16 +96,19 @@ class ModelConfig:
     """Parameter count computed from the shapes (checked against the real tree in tests)."""
     d, k, f = self.d_model, self.head_dim, self.mlp_dim
     attn = d * k * (self.num_heads * 2 + self.num_kv_heads * 2)
+    attn_bias = k * (self.num_heads + 2 * self.num_kv_heads) + d if self.use_bias else 0
     mlp = d * f * (3 if self.activation == "swiglu" else 2)
+    mlp_bias = f * (2 if self.activation == "swiglu" else 1) + d if self.use_bias else 0
     norm_size = d * (2 if self.norm == "layernorm" and self.use_bias else 1)
-    bias = 0
-    if self.use_bias:
-      bias = k * (self.num_heads + 2 * self.num_kv_heads) + d + f * (2 if self.activation == "swiglu" else 1) + d
-    layer = attn + mlp + 2 * norm_size + bias
-    total = self.num_layers * layer + (norm_size if self.norm_position == "pre" else 0)
+    layer = attn + attn_bias + mlp + mlp_bias + 2 * norm_size
+    final_norm = norm_size if self.norm_position == "pre" else 0
+    stacks = 2 if self.family == "encoder_decoder" else 1
+    total = stacks * (self.num_layers * layer + final_norm)
+    if self.family == "encoder_decoder":  # the decoder's cross-attention
+      total += self.num_layers * (attn + attn_bias + norm_size)
     embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
     if self.position == "learned":
-      embeddings += self.max_len * d
+      embeddings += stacks * self.max_len * d
     return total + (embeddings if include_embeddings else 0)
 
   def flops_per_token(self, seq_len: int) -> float:

@@ -1,4 +1,4 @@
-"""Transformer blocks and the decoder-only language model (GPT / Llama style).
+"""Transformer blocks and the three families: decoder-only (GPT / Llama), encoder (BERT), encoder-decoder (T5).
 
 Shape letters as in model/layers.py. Inputs follow the batch format of data/: token ids, positions
 (restarting at 0 in every packed segment) and segment ids (0 = padding; attention never crosses segments).
@@ -14,35 +14,53 @@ from model.layers import Embed, Mlp, Norm, normal, param
 
 
 class Block(nn.Module):
-  """Attention then MLP, each a residual branch, with pre- or post-normalisation."""
+  """Attention, optional cross-attention, then MLP: residual branches with pre- or post-normalisation."""
   cfg: ModelConfig
+  cross: bool = False  # attend an encoder's output (encoder-decoder)
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None,
+               context_BxSxD=None, context_mask_BxLxS=None):
     """Returns (x_BxLxD, this layer's updated cache or None); `cache` as in Attention."""
     cfg = self.cfg
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
-    attention = Attention(cfg, name="attention")
-    mlp = Mlp(cfg, name="mlp")
-    if cfg.norm_position == "pre":
-      y_BxLxD, cache = attention(Norm(cfg, name="attention_norm")(x_BxLxD), positions_BxL, mask_BxLxS,
-                                 deterministic, cache)
-      x_BxLxD = x_BxLxD + drop(y_BxLxD)
-      x_BxLxD = x_BxLxD + drop(mlp(Norm(cfg, name="mlp_norm")(x_BxLxD)))
-    else:
-      y_BxLxD, cache = attention(x_BxLxD, positions_BxL, mask_BxLxS, deterministic, cache)
-      x_BxLxD = Norm(cfg, name="attention_norm")(x_BxLxD + drop(y_BxLxD))
-      x_BxLxD = Norm(cfg, name="mlp_norm")(x_BxLxD + drop(mlp(x_BxLxD)))
+    pre = cfg.norm_position == "pre"
+
+    def residual(name, branch):
+      """x + branch(norm(x)) (pre-norm) or norm(x + branch(x)) (post-norm)."""
+      norm = Norm(cfg, name=f"{name}_norm")
+      return x_BxLxD + drop(branch(norm(x_BxLxD))) if pre else norm(x_BxLxD + drop(branch(x_BxLxD)))
+
+    def self_attention(h_BxLxD):
+      nonlocal cache
+      y_BxLxD, cache = Attention(cfg, name="attention")(h_BxLxD, positions_BxL, mask_BxLxS, deterministic, cache)
+      return y_BxLxD
+
+    x_BxLxD = residual("attention", self_attention)
+    if self.cross:
+      cross_attention = Attention(cfg, name="cross_attention")
+      x_BxLxD = residual("cross_attention", lambda h: cross_attention(
+          h, positions_BxL, context_mask_BxLxS, deterministic, context_BxSxD=context_BxSxD)[0])
+    x_BxLxD = residual("mlp", Mlp(cfg, name="mlp"))
     return x_BxLxD, cache
 
 
-class Decoder(nn.Module):
-  """Decoder-only language model: tokens [B, L] -> next-token logits [B, L, V] (float32)."""
+class Transformer(nn.Module):
+  """A stack of blocks over token embeddings: tokens [B, L] -> logits [B, L, V] (float32).
+
+  causal=True is a GPT/Llama decoder, causal=False a BERT-style encoder (masked-LM logits). Inside an
+  encoder-decoder, `shared_embed` is the common embedding and cross=True adds cross-attention to a
+  context (the encoder's output, with its segment ids).
+  """
   cfg: ModelConfig
+  causal: bool = True
+  cross: bool = False
+  shared_embed: nn.Module | None = None
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
-               cache=None, prefix_NxD=None, return_hidden: bool = False):
+               cache=None, prefix_NxD=None, return_hidden: bool = False, context_BxSxD=None,
+               context_segment_ids_BxS=None):
     """Logits [B, L, V]; with a `cache` (see init_cache) returns (logits, updated cache).
 
     With a cache the L tokens are written at slots [end, end + L) and attend every filled slot of
@@ -57,7 +75,7 @@ class Decoder(nn.Module):
       positions_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones((batch, length), jnp.int32)
-    embed = Embed(cfg, name="embed")
+    embed = self.shared_embed or Embed(cfg, name="embed")
     x_BxLxD = embed(tokens_BxL)
     num_prefix = 0
     if prefix_NxD is not None:
@@ -77,8 +95,11 @@ class Decoder(nn.Module):
       x_BxLxD += sinusoidal_embedding(positions_BxL, cfg.d_model).astype(cfg.compute_dtype)
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
 
+    context_mask_BxLxS = None
+    if self.cross:
+      context_mask_BxLxS = attention_mask(segment_ids_BxL, context_segment_ids_BxS, causal=False)
     if cache is None:
-      mask_BxLxS = attention_mask(segment_ids_BxL, segment_ids_BxL, causal=True)
+      mask_BxLxS = attention_mask(segment_ids_BxL, segment_ids_BxL, causal=self.causal)
     else:
       end = cache["end"]
       cache = dict(cache, end=end + length,
@@ -89,8 +110,8 @@ class Decoder(nn.Module):
     new_layers = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else dict(cache["layers"][i], end=end, positions=cache["positions"])
-      x_BxLxD, layer_cache = block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, mask_BxLxS, deterministic,
-                                                           layer_cache)
+      x_BxLxD, layer_cache = block(cfg, self.cross, name=f"layer_{i}")(
+          x_BxLxD, positions_BxL, mask_BxLxS, deterministic, layer_cache, context_BxSxD, context_mask_BxLxS)
       new_layers.append(layer_cache)
     if cfg.norm_position == "pre":
       x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
@@ -110,6 +131,45 @@ class Decoder(nn.Module):
     return logits_BxLxV, dict(cache, layers=tuple(new_layers))
 
 
+class Decoder(Transformer):
+  """Decoder-only language model (causal)."""
+
+
+class Encoder(Transformer):
+  """BERT-style encoder: bidirectional attention within each packed segment."""
+  causal: bool = False
+
+
+class EncoderDecoder(nn.Module):
+  """T5-style encoder-decoder sharing one embedding (and, if tied, the output head).
+
+  `encode` maps inputs [B, S] to hidden states [B, S, D]; `decode` maps decoder tokens [B, L] and those
+  states to logits [B, L, V] (with a `cache`, as the decoder-only model does); __call__ does both.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    self.embed = Embed(self.cfg, name="embed")
+    self.encoder = Encoder(self.cfg, shared_embed=self.embed, name="encoder")
+    self.decoder = Decoder(self.cfg, cross=True, shared_embed=self.embed, name="decoder")
+
+  def encode(self, inputs_BxS, positions_BxS=None, segment_ids_BxS=None, deterministic: bool = True):
+    return self.encoder(inputs_BxS, positions_BxS, segment_ids_BxS, deterministic, return_hidden=True)
+
+  def decode(self, decoder_inputs_BxL, encoded_BxSxD, segment_ids_BxS, decoder_positions_BxL=None,
+             decoder_segment_ids_BxL=None, deterministic: bool = True, cache=None):
+    return self.decoder(decoder_inputs_BxL, decoder_positions_BxL, decoder_segment_ids_BxL, deterministic, cache,
+                        context_BxSxD=encoded_BxSxD, context_segment_ids_BxS=segment_ids_BxS)
+
+  def __call__(self, inputs_BxS, positions_BxS, segment_ids_BxS, decoder_inputs_BxL, decoder_positions_BxL=None,
+               decoder_segment_ids_BxL=None, deterministic: bool = True):
+    if segment_ids_BxS is None:
+      segment_ids_BxS = jnp.ones(inputs_BxS.shape, jnp.int32)
+    encoded_BxSxD = self.encode(inputs_BxS, positions_BxS, segment_ids_BxS, deterministic)
+    return self.decode(decoder_inputs_BxL, encoded_BxSxD, segment_ids_BxS, decoder_positions_BxL,
+                       decoder_segment_ids_BxL, deterministic)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty key/value cache of `max_len` slots for `batch` rows (slots with segment id 0 are empty)."""
   kv_shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
@@ -121,5 +181,5 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-  """The module for `cfg.family` (only the decoder family exists so far)."""
-  return Decoder(cfg)
+  """The module for `cfg.family`."""
+  return {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDecoder}[cfg.family](cfg)
