@@ -6,8 +6,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
+  config.objective = "causal_lm"      # causal_lm (decoder) | masked_lm (encoder) | span_corruption (encoder_decoder)
+
   config.model = model = ml_collections.ConfigDict()
-  model.family = "decoder"            # decoder (GPT / Llama style)
+  model.family = "decoder"            # decoder (GPT / Llama) | encoder (BERT) | encoder_decoder (T5)
   model.num_layers = 4                # transformer blocks
   model.d_model = 256                 # residual stream width D
   model.num_heads = 4                 # query heads H

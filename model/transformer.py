@@ -180,6 +180,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
           "layers": tuple(layer() for _ in range(cfg.num_layers))}
 
 
+def init_params(model: nn.Module, rng, length: int = 1) -> dict:
+  """Freshly initialised parameters (boxed with their logical axes) of any family."""
+  tokens_1xL = jnp.zeros((1, length), jnp.int32)
+  if model.cfg.family == "encoder_decoder":
+    return model.init(rng, tokens_1xL, None, None, tokens_1xL)["params"]
+  return model.init(rng, tokens_1xL)["params"]
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
   """The module for `cfg.family`."""
   return {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDecoder}[cfg.family](cfg)

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 
 from data.tokenizer import load_tokenizer
 from model.config import ModelConfig
-from model.transformer import build_model
+from model.transformer import build_model, init_params
 from train.state import TrainState, make_optimizer
 
 
@@ -82,7 +82,7 @@ def pretrained_params(workdir: str, step: int, config, model, param_shardings=No
   tx = make_optimizer(config.train)
 
   def init(rng):
-    params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+    params = nn.meta.unbox(init_params(model, rng))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))

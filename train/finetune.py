@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from data.tokenizer import load_tokenizer
 from model.config import ConfigError, ModelConfig
-from model.transformer import build_model
+from model.transformer import build_model, init_params
 from train import mesh as mesh_lib
 from train import peft
 from train import state as state_lib
@@ -52,7 +52,7 @@ def build(config, mesh=None):
   method = peft.Method(config.peft, model.cfg)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+  boxed = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
   base_shardings = mesh_lib.tree_shardings(boxed, mesh, rules)
   base = pretrained_params(config.init_from, config.init_step, base_config, model, base_shardings)
   trainable_base, frozen_base = peft.split(base, method.base_trainable)
@@ -83,7 +83,10 @@ def finetune(config, workdir: str) -> dict:
   if labels is not None:
     params["head"] = tasks.init_head(jax.random.fold_in(rng, 2), model.cfg.d_model, len(labels))
     shardings["head"] = jax.tree.map(lambda _: replicated, params["head"])
-  if method.name != "full" and not jax.tree.leaves(params):
+  # Regexes that match no base parameter are a typo even when a classification head trains (a linear
+  # probe is trainable=()).
+  no_match = method.name == "freeze" and len(config.peft.trainable) > 0 and not jax.tree.leaves(trainable_base)
+  if no_match or (method.name != "full" and not jax.tree.leaves(params)):
     raise ConfigError(f"config.peft.trainable: {list(config.peft.trainable)} match no parameter")
   tx = state_lib.make_optimizer(config.train)
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)

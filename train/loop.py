@@ -21,8 +21,11 @@ from train import mesh as mesh_lib
 from train import state as state_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricWriter
-from train.step import eval_step, lm_loss, train_step
+from train.step import eval_step, pretraining_loss, train_step
 from train.workdir import prepare_workdir
+
+
+OBJECTIVES = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
 
 
 def check_train_config(config, mesh) -> None:
@@ -65,13 +68,14 @@ def summarize(sums: dict, prefix: str) -> dict:
 def eval_batches(rows: dict, batch_size: int, max_batches: int):
   """The first max_batches batches of `rows` in order, each row once; the last batch is filled up with
   copies of row 0 whose weights are 0, so every batch has the compiled shape and no row counts twice."""
-  num_rows = min(len(rows["weights"]), batch_size * max_batches)
+  num_rows = min(len(next(iter(rows.values()))), batch_size * max_batches)
   per_process = batch_size // jax.process_count()
   for start in range(0, num_rows, batch_size):
     index = np.arange(start, start + batch_size)
     valid = index < num_rows
     batch = {k: v[np.where(valid, index, 0)] for k, v in rows.items()}
-    batch["weights"] = batch["weights"] * valid[:, None]
+    for key in [k for k in batch if k.endswith("weights")]:  # weights, decoder_weights
+      batch[key] = batch[key] * valid[:, None]
     local = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
     yield {k: v[local] for k, v in batch.items()}
 
@@ -110,17 +114,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Pretrains (or resumes) the run in `workdir`; returns the last metrics logged."""
   mesh = mesh_lib.make_mesh(config.mesh)
   check_train_config(config, mesh)
+  objective = OBJECTIVES.get(config.model.family)
+  if config.objective != objective:
+    raise ConfigError(f"config.objective: {config.objective!r} does not pretrain a {config.model.family} "
+                      f"(config.model.family); expected {objective!r}")
   prepare_workdir(config, workdir)
   train = config.train
-  tokenizer, train_rows, val_rows = prepare_lm_data(config.data, train.seq_len, workdir)
+  tokenizer, train_rows, val_rows = prepare_lm_data(config.data, train.seq_len, workdir, config.objective)
   model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size))
   tx = state_lib.make_optimizer(train)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   state, state_shardings = state_lib.init_state(model, tx, train.seed, mesh, rules, train.seq_len)
   print(f"ablax: vocab {tokenizer.vocab_size}, {len(train_rows['inputs'])} train rows x {train.seq_len} tokens")
   state, last = fit(config, workdir, mesh=mesh, state=state, state_shardings=state_shardings, frozen={},
-                    frozen_shardings={}, loss_fn=lm_loss(model), tx=tx, train_rows=train_rows, val_rows=val_rows)
-  if jax.process_index() == 0:
+                    frozen_shardings={}, loss_fn=pretraining_loss(model), tx=tx, train_rows=train_rows,
+                    val_rows=val_rows)
+  if jax.process_index() == 0 and model.cfg.family == "decoder":
     write_samples(model, state.params, tokenizer, config, workdir)
   return last
 

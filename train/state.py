@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from model.transformer import init_params
 from train import mesh as mesh_lib
 
 
@@ -42,10 +43,8 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, mesh, rules, seq_len: int):
   """Initialises the TrainState directly into its shardings; returns (state, state_shardings)."""
-  dummy_tokens = jnp.zeros((1, seq_len), jnp.int32)
-
   def boxed_state(rng):
-    params = model.init(jax.random.fold_in(rng, 1), dummy_tokens)["params"]
+    params = init_params(model, jax.random.fold_in(rng, 1), seq_len)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(nn.meta.unbox(params)), rng=rng)
 

@@ -36,6 +36,24 @@ def lm_loss(model, effective_params=None):
   return loss_fn
 
 
+def seq2seq_loss(model):
+  """Decoder next-token loss of an encoder-decoder (inputs to the encoder, decoder_* to the decoder)."""
+  def loss_fn(params, frozen, batch, rng, deterministic):
+    del frozen
+    logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                               batch["decoder_inputs"], batch["decoder_positions"], batch["decoder_segment_ids"],
+                               deterministic=deterministic, rngs={"dropout": rng})
+    loss_sum, weight_sum, correct_sum = weighted_cross_entropy(logits_BxLxV, batch["decoder_targets"],
+                                                               batch["decoder_weights"])
+    return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
+  return loss_fn
+
+
+def pretraining_loss(model):
+  """The loss of `model`'s family: next-token (decoder), masked-token (encoder) or seq2seq."""
+  return seq2seq_loss(model) if model.cfg.family == "encoder_decoder" else lm_loss(model)
+
+
 def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum: int = 1):
   """One optimizer step on a global batch [B, ...], split into `grad_accum` microbatches.
 

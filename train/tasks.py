@@ -68,7 +68,7 @@ def classify_loss(model, effective_params, num_classes: int):
                                deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True, **extra)
     last_B = jnp.sum(batch["segment_ids"] > 0, axis=1) - 1
     pooled_BxD = hidden_BxLxD[jnp.arange(hidden_BxLxD.shape[0]), last_B].astype(jnp.float32)
-    logits_BxC = pooled_BxD @ params["head"]["kernel"] + params["head"]["bias"]
+    logits_BxC = pooled_BxD @ params["head"]["kernel"] + params["head"]["bias"][None]
     labels_B, example_weight_B = batch["labels"], jnp.max(batch["weights"], axis=1)  # 0 on filler rows
     loss_B = jax.nn.logsumexp(logits_BxC, axis=-1) - jnp.take_along_axis(logits_BxC, labels_B[:, None], 1)[:, 0]
     predicted_B = jnp.argmax(logits_BxC, axis=-1)
