@@ -62,25 +62,51 @@ def choose(logits_BxV, seen_BxV, rng, row_ids_B, *, sampling: Sampling):
   return jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
 
 
+def _last_logits(model, params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, context):
+  """Feeds L tokens through the cache (and, for an encoder-decoder, attends `context` = (encoded, segments))."""
+  if context is None:
+    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL, cache=cache)
+  else:
+    encoded_BxSxD, segment_ids_BxS = context
+    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, encoded_BxSxD, segment_ids_BxS,
+                                      positions_BxL, segment_ids_BxL, cache=cache, method="decode")
+  return logits_BxLxV[:, -1], cache
+
+
 @functools.partial(jax.jit, static_argnames=("model", "sampling"), donate_argnames=("seen_BxV", "cache"))
-def choose_and_step(params, logits_BxV, seen_BxV, cache, positions_B, rng, row_ids_B, *, model, sampling):
+def choose_and_step(params, logits_BxV, seen_BxV, cache, positions_B, rng, row_ids_B, context=None, *, model,
+                    sampling):
   """One decoding step in one dispatch: choose the next tokens, then feed them through the cache.
 
   Returns (next_B, logits after them [B, V], seen tokens [B, V], cache).
   """
   next_B = choose(logits_BxV, seen_BxV, rng, row_ids_B, sampling=sampling)
   seen_BxV = seen_BxV.at[jnp.arange(next_B.shape[0]), next_B].set(True)
-  logits_BxLxV, cache = model.apply({"params": params}, next_B[:, None], positions_B[:, None],
-                                    jnp.ones_like(next_B)[:, None], cache=cache)
-  return next_B, logits_BxLxV[:, -1], seen_BxV, cache
+  logits_BxV, cache = _last_logits(model, params, next_B[:, None], positions_B[:, None],
+                                   jnp.ones_like(next_B)[:, None], cache, context)
+  return next_B, logits_BxV, seen_BxV, cache
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
-def forward_with_cache(params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, *, model):
+def forward_with_cache(params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, context=None, *, model):
   """Writes L tokens into the cache; returns the logits after the last one [B, V] and the cache."""
-  logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL,
-                                    cache=cache)
-  return logits_BxLxV[:, -1], cache
+  return _last_logits(model, params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, context)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def encode(params, inputs_BxS, positions_BxS, segment_ids_BxS, *, model):
+  """The encoder's output of an encoder-decoder, and its segment ids: the decoder's context."""
+  encoded_BxSxD = model.apply({"params": params}, inputs_BxS, positions_BxS, segment_ids_BxS, method="encode")
+  return encoded_BxSxD, segment_ids_BxS
+
+
+def encoder_context(model, params, prompts: list[list[int]]):
+  """(context, decoder prompts): encoder-decoders read the prompts with the encoder and start the
+  decoder from token 0 (T5's start token is the pad id); decoder-only models keep their prompts."""
+  if model.cfg.family != "encoder_decoder":
+    return None, prompts
+  inputs_BxS, positions_BxS, segment_ids_BxS, _ = left_pad(prompts)
+  return encode(params, inputs_BxS, positions_BxS, segment_ids_BxS, model=model), [[0] for _ in prompts]
 
 
 def left_pad(prompts: list[list[int]]):
@@ -101,7 +127,8 @@ def left_pad(prompts: list[list[int]]):
 
 def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
              seed: int = 0, eos_id: int = -1, should_stop=None, on_token=None) -> list[list[int]]:
-  """New token ids for each prompt (token id lists, usually starting with bos).
+  """New token ids for each prompt (token id lists, usually starting with bos; an encoder-decoder's
+  prompts are its encoder inputs).
 
   A row ends at `eos_id` (not included) or when `should_stop(row, ids)` says so; `on_token(row, ids)` is
   called after every token, for streaming. Decoding stops when every row has ended. A model with learned
@@ -109,6 +136,7 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sa
   row are prefilled into a fresh cache (nanoGPT crops its context the same way, one token at a time).
   """
   cfg = model.cfg
+  context, prompts = encoder_context(model, params, prompts)
   max_context = cfg.max_len if cfg.position == "learned" else None
   histories = [list(p) for p in prompts]
   batch = len(prompts)
@@ -118,7 +146,7 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sa
     capacity = tokens_BxP.shape[1] + remaining
     capacity = min(capacity, max_context) if max_context else capacity
     cache = init_cache(cfg, batch, capacity)
-    logits_BxV, cache = forward_with_cache(params, tokens_BxP, positions_BxP, segment_ids_BxP, cache,
+    logits_BxV, cache = forward_with_cache(params, tokens_BxP, positions_BxP, segment_ids_BxP, cache, context,
                                            model=model)
     return logits_BxV, cache, lengths_B, tokens_BxP.shape[1], capacity
 
@@ -136,7 +164,7 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sa
     stepped = filled < capacity and t < max_new_tokens - 1
     if stepped:
       next_B, logits_BxV, seen_BxV, cache = choose_and_step(params, logits_BxV, seen_BxV, cache, lengths_B, rng_t,
-                                                            row_ids_B, model=model, sampling=sampling)
+                                                            row_ids_B, context, model=model, sampling=sampling)
       lengths_B, filled = lengths_B + 1, filled + 1
     else:  # the last token, or a full window
       next_B = choose(logits_BxV, seen_BxV, rng_t, row_ids_B, sampling=sampling)
