@@ -1,4 +1,5 @@
-"""Decoding with a key/value cache: greedy, temperature, top-k, top-p, repetition penalty, stop conditions.
+"""Decoding with a key/value cache: greedy, temperature, top-k, top-p, repetition penalty, stop conditions,
+and beam search (with a length penalty), for decoder-only and encoder-decoder models.
 
 Prompts of different lengths are left-padded (padding has segment id 0, so it is never attended) and
 prefilled in one call; then one jitted step per token, compiled once per batch shape.
@@ -187,6 +188,72 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sa
     if not stepped:  # only with learned positions: slide the context window
       logits_BxV, cache, lengths_B, filled, capacity = prefill(max_context // 2, max_new_tokens - t - 1)
   return new
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _reorder_and_step(params, cache, rows_R, tokens_R, positions_R, context=None, *, model):
+  """Beam bookkeeping in one dispatch: the cache rows follow their beams, then the chosen tokens go in."""
+  cache = jax.tree.map(lambda x: x[rows_R] if x.ndim else x, cache)
+  logits_RxV, cache = _last_logits(model, params, tokens_R[:, None], positions_R[:, None],
+                                   jnp.ones_like(tokens_R)[:, None], cache, context)
+  return jax.nn.log_softmax(logits_RxV, axis=-1), cache
+
+
+def beam_search(model, params, prompts: list[list[int]], *, beam_size: int, max_new_tokens: int, eos_id: int = -1,
+                length_penalty: float = 1.0) -> list[list[int]]:
+  """The highest-scoring continuation of each prompt; a hypothesis scores sum(log p) / length**length_penalty.
+
+  Each prompt keeps `beam_size` live beams (R = B * beam_size cache rows); a beam that emits eos is
+  finished, and a prompt is done once it has beam_size finished hypotheses. beam_size 1 is greedy decoding.
+  """
+  cfg, k = model.cfg, beam_size
+  context, prompts = encoder_context(model, params, prompts)
+  batch = len(prompts)
+  expanded = [p for p in prompts for _ in range(k)]
+  if context is not None:
+    context = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), context)
+  tokens_RxP, positions_RxP, segment_ids_RxP, lengths_R = left_pad(expanded)
+  if cfg.position == "learned" and tokens_RxP.shape[1] + max_new_tokens > cfg.max_len:
+    raise ValueError(f"max_new_tokens: prompt plus {max_new_tokens} tokens exceed max_len={cfg.max_len}")
+  cache = init_cache(cfg, batch * k, tokens_RxP.shape[1] + max_new_tokens)
+  logits_RxV, cache = forward_with_cache(params, tokens_RxP, positions_RxP, segment_ids_RxP, cache, context,
+                                         model=model)
+  logprobs_BxKxV = np.asarray(jax.nn.log_softmax(logits_RxV, axis=-1)).reshape(batch, k, -1)
+  scores_BxK = np.full((batch, k), -np.inf)
+  scores_BxK[:, 0] = 0.0  # all beams start identical: expand only the first
+  beams = [[[] for _ in range(k)] for _ in range(batch)]
+  finished = [[] for _ in range(batch)]  # (normalised score, tokens)
+  normalise = lambda score, n: score / max(n, 1) ** length_penalty
+  for t in range(max_new_tokens):
+    vocab = logprobs_BxKxV.shape[-1]
+    candidates_BxKV = (scores_BxK[:, :, None] + logprobs_BxKxV).reshape(batch, -1)
+    rows_R, tokens_R = np.zeros(batch * k, np.int32), np.zeros(batch * k, np.int32)
+    new_scores_BxK, new_beams = np.full((batch, k), -np.inf), [[[] for _ in range(k)] for _ in range(batch)]
+    for b in range(batch):
+      kept = 0
+      for flat in np.argsort(-candidates_BxKV[b], kind="stable")[:2 * k]:
+        beam, token = divmod(int(flat), vocab)
+        score = candidates_BxKV[b, flat]
+        if not np.isfinite(score) or len(finished[b]) >= k:
+          break
+        if token == eos_id:
+          finished[b].append((normalise(score, len(beams[b][beam]) + 1), beams[b][beam]))
+          continue
+        rows_R[b * k + kept], tokens_R[b * k + kept] = b * k + beam, token
+        new_scores_BxK[b, kept], new_beams[b][kept] = score, beams[b][beam] + [token]
+        kept += 1
+        if kept == k:
+          break
+    scores_BxK, beams = new_scores_BxK, new_beams
+    if all(len(f) >= k for f in finished) or t == max_new_tokens - 1:
+      break
+    logprobs_RxV, cache = _reorder_and_step(params, cache, rows_R, tokens_R, lengths_R + t, context, model=model)
+    logprobs_BxKxV = np.asarray(logprobs_RxV).reshape(batch, k, -1)
+  for b in range(batch):
+    if len(finished[b]) < k:
+      finished[b] += [(normalise(scores_BxK[b, j], len(beams[b][j])), beams[b][j])
+                      for j in range(k) if np.isfinite(scores_BxK[b, j])]
+  return [max(f, key=lambda item: item[0])[1] for f in finished]
 
 
 def generate_text(model, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
