@@ -1,13 +1,15 @@
 """From documents to fixed-shape batches: pack token streams into rows, iterate them resumably.
 
-Offers `pack_documents` (causal-LM rows), `Loader` (deterministic, resumable, per-process batches) and
-`prepare_lm_data` (config -> tokenizer, train rows, val rows).
+Offers `pack_documents` (causal-LM rows), `Loader` (deterministic, resumable, per-process batches),
+`special_tokens_for` (the tokens an objective reserves in the tokenizer) and `prepare_lm_data` (config ->
+tokenizer, train rows, val rows for causal_lm, masked_lm or span_corruption).
 """
 
 import os
 
 import numpy as np
 
+from data.objectives import MASK_TOKEN, masked_lm_rows, sentinel_tokens, span_corruption_rows
 from data.sources import DataError, read_documents, split_documents
 from data.tokenizer import (CHAR_FILE, SPM_FILE, CharTokenizer, SentencePieceTokenizer, Tokenizer,
                             load_tokenizer, train_tokenizer)
@@ -106,7 +108,21 @@ class Loader:
     self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def _tokenizer_for(config, train_docs: list[str], val_docs: list[str], workdir: str | None) -> Tokenizer:
+def special_tokens_for(objective: str) -> list[str]:
+  """The special tokens `objective` needs reserved in the tokenizer."""
+  tokens = {"causal_lm": [], "masked_lm": [MASK_TOKEN], "span_corruption": sentinel_tokens(100)}
+  if objective not in tokens:
+    raise DataError(f"objective '{objective}': expected one of {', '.join(tokens)}")
+  return tokens[objective]
+
+
+def _option(config, name: str, default):
+  """config.name, or `default` when the config lacks it or it is falsy (ConfigDict or a plain namespace)."""
+  return getattr(config, name, default) or default
+
+
+def _tokenizer_for(config, train_docs: list[str], val_docs: list[str], workdir: str | None,
+                   special_tokens: list[str] | tuple = ()) -> Tokenizer:
   """The workdir's saved tokenizer if any, else one trained on the train docs (and saved to workdir)."""
   if workdir and any(os.path.isfile(os.path.join(workdir, f)) for f in (SPM_FILE, CHAR_FILE)):
     tokenizer = load_tokenizer(workdir)
@@ -116,20 +132,53 @@ def _tokenizer_for(config, train_docs: list[str], val_docs: list[str], workdir: 
     if config.tokenizer == "sentencepiece" and tokenizer.vocab_size != config.vocab_size:
       raise DataError(f"workdir '{workdir}': its saved tokenizer has vocab_size {tokenizer.vocab_size}, "
                       f"the config says {config.vocab_size}")
+    for token in special_tokens:
+      try:
+        tokenizer.token_id(token)
+      except DataError:
+        raise DataError(f"workdir '{workdir}': its saved tokenizer lacks the special token '{token}' "
+                        f"this objective needs (use a fresh workdir)") from None
     return tokenizer
   # A char vocabulary also covers the validation text, so that no validation character is unknown.
   texts = train_docs + val_docs if config.tokenizer == "char" else train_docs
   tokenizer = train_tokenizer(texts, config.tokenizer, config.vocab_size, model_type=config.spm_model_type,
-                              max_chars=config.tokenizer_train_chars)
+                              max_chars=config.tokenizer_train_chars, special_tokens=special_tokens)
   if workdir:
     tokenizer.save(workdir)
   return tokenizer
 
 
-def prepare_lm_data(data_config, seq_len: int, workdir: str | None
+def _span_target_len(data_config, seq_len: int) -> int:
+  """data.target_len, else seq_len / 4 rounded up to a multiple of 8 (T5's 512 -> 128 >= the 114 it needs)."""
+  quarter = max(1, -(-seq_len // 4))
+  return int(_option(data_config, "target_len", -(-quarter // 8) * 8))
+
+
+def _rows_for(objective: str, tokenizer: Tokenizer, token_lists: list[list[int]], seq_len: int,
+              data_config, seed: int) -> dict[str, np.ndarray]:
+  """Rows of `objective` from tokenized documents."""
+  if objective == "causal_lm":
+    return pack_documents(token_lists, seq_len, tokenizer.bos_id, tokenizer.eos_id)
+  if objective == "masked_lm":
+    mask_id = tokenizer.token_id(MASK_TOKEN)
+    special_ids = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, mask_id]
+    return masked_lm_rows(token_lists, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                          mask_id=mask_id, special_ids=special_ids, vocab_size=tokenizer.vocab_size, seed=seed)
+  return span_corruption_rows(token_lists, input_len=seq_len, target_len=_span_target_len(data_config, seq_len),
+                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                              sentinel_ids=[tokenizer.token_id(t) for t in sentinel_tokens(100)], seed=seed)
+
+
+def prepare_lm_data(data_config, seq_len: int, workdir: str | None, objective: str = "causal_lm"
                     ) -> tuple[Tokenizer, dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """Read, split, tokenize (loading or training the tokenizer) and pack: (tokenizer, train rows, val rows)."""
+  """Read, split, tokenize (loading or training the tokenizer) and make `objective` rows: (tok, train, val).
+
+  causal_lm: pack_documents; masked_lm: masked_lm_rows (static masks, seed data.seed or 0, validation seed
+  + 1); span_corruption: span_corruption_rows with input_len = seq_len and target_len = data.target_len or
+  a quarter of seq_len rounded up to a multiple of 8. The tokenizer reserves special_tokens_for(objective).
+  """
   c = data_config
+  special_tokens = special_tokens_for(objective)
   train_docs = read_documents(c.train_path, c.text_field, c.max_bytes)
   if c.val_path:
     val_docs = read_documents(c.val_path, c.text_field, c.max_bytes)
@@ -138,12 +187,13 @@ def prepare_lm_data(data_config, seq_len: int, workdir: str | None
   if not val_docs:
     raise DataError(f"data path '{c.train_path}': the validation split is empty "
                     f"(set data.val_path or data.val_fraction > 0)")
-  tokenizer = _tokenizer_for(c, train_docs, val_docs, workdir)
+  tokenizer = _tokenizer_for(c, train_docs, val_docs, workdir, special_tokens)
+  seed = int(_option(c, "seed", 0))
   splits = {}
-  for name, path, docs in (("train", c.train_path, train_docs), ("validation", c.val_path or c.train_path, val_docs)):
+  for i, (name, path, docs) in enumerate((("train", c.train_path, train_docs),
+                                          ("validation", c.val_path or c.train_path, val_docs))):
     try:
-      splits[name] = pack_documents(tokenizer.encode_batch(docs), seq_len, tokenizer.bos_id,
-                                    tokenizer.eos_id)
+      splits[name] = _rows_for(objective, tokenizer, tokenizer.encode_batch(docs), seq_len, c, seed + i)
     except DataError as e:
       raise DataError(f"{name} data '{path}': {e}") from None
   return tokenizer, splits["train"], splits["validation"]
