@@ -8,8 +8,8 @@ import pytest
 
 from data.tokenizer import CharTokenizer
 from model.config import ModelConfig
-from model.decode import Sampling, choose, filter_logits, generate, generate_text, top_p_mask
-from model.transformer import Decoder, init_cache
+from model.decode import Sampling, beam_search, choose, filter_logits, generate, generate_text, top_p_mask
+from model.transformer import Decoder, build_model, init_cache, init_params
 
 POSITIONS = ["sinusoidal", "learned", "rope", "alibi", "none"]
 
@@ -138,3 +138,48 @@ def test_stops_at_eos_and_at_stop_strings():
   streamed = generate_text(model, params, tokenizer, [tokenizer.decode([3, 4])], max_new_tokens=20, seed=1,
                            stream=pieces.append)[0]
   assert "".join(pieces) == streamed == text
+
+
+def tiny_family(family):
+  cfg = ModelConfig(vocab_size=41, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                    max_len=64, position="rope", family=family)
+  model = build_model(cfg)
+  leaves, tree = jax.tree.flatten(nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  return model, jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) * 0.3 for k, x in zip(keys, leaves)])
+
+
+def test_encoder_decoder_cached_generation_equals_full_forward():
+  model, params = tiny_family("encoder_decoder")
+  prompts = [[1, 5, 7, 9, 3], [1, 2]]
+  out = generate(model, params, prompts, max_new_tokens=8, sampling=Sampling(temperature=0.0))
+  forward = jax.jit(model.apply)
+  for prompt, row in zip(prompts, out):
+    decoder_tokens = [0]  # T5 starts the decoder with the pad id
+    for _ in range(8):
+      logits = forward({"params": params}, jnp.asarray([prompt]), None, None, jnp.asarray([decoder_tokens]))
+      decoder_tokens.append(int(jnp.argmax(logits[0, -1])))
+    assert row == decoder_tokens[1:]
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+def test_beam_search_with_one_beam_is_greedy(family):
+  model, params = tiny_family(family)
+  prompts = [[1, 5, 7, 9, 3], [1, 2], [1, 30, 31]]
+  for eos_id in (-1, 20, 17):
+    greedy = generate(model, params, prompts, max_new_tokens=8, sampling=Sampling(temperature=0.0), eos_id=eos_id)
+    assert beam_search(model, params, prompts, beam_size=1, max_new_tokens=8, eos_id=eos_id) == greedy
+
+
+def test_beam_search_finds_a_likelier_sequence_than_greedy():
+  model, params = tiny_family("decoder")
+  prompt = [1, 5, 7]
+
+  def log_likelihood(tokens):
+    logits = model.apply({"params": params}, jnp.asarray([prompt + tokens]))
+    logprobs = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1], axis=-1)
+    return float(jnp.sum(logprobs[jnp.arange(len(tokens)), jnp.asarray(tokens)]))
+
+  greedy = generate(model, params, [prompt], max_new_tokens=6, sampling=Sampling(temperature=0.0))[0]
+  beam = beam_search(model, params, [prompt], beam_size=8, max_new_tokens=6, length_penalty=0.0)[0]
+  assert len(beam) == 6 and log_likelihood(beam) >= log_likelihood(greedy) - 1e-5
