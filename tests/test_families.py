@@ -1,0 +1,115 @@
+"""Encoder (BERT) and encoder-decoder (T5) families: attention structure, overfitting, pretraining end to end."""
+
+import functools
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import base
+from model.config import ConfigError, ModelConfig
+from model.transformer import build_model, init_params
+from train import mesh as mesh_lib
+from train import state as state_lib
+from train.loop import train_and_evaluate
+from train.step import pretraining_loss, train_step
+
+TEXT = "".join(f"line {i}: the {w} fox jumps over {i % 7} lazy dogs.\n"
+               for i, w in enumerate(["quick", "slow", "red", "brown"] * 40))
+
+
+def tiny(family, position="rope", seed=0):
+  cfg = ModelConfig(vocab_size=37, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                    max_len=32, position=position, family=family)
+  model = build_model(cfg)
+  return model, nn.meta.unbox(init_params(model, jax.random.PRNGKey(seed), 16))
+
+
+@pytest.mark.parametrize("position", ["rope", "learned", "alibi"])
+def test_encoder_is_bidirectional_within_segments_only(position):
+  model, params = tiny("encoder", position)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 12), 3, 37)
+  segments = jnp.asarray([[1] * 6 + [2] * 6])
+  positions = jnp.asarray([list(range(6)) * 2])
+  forward = lambda t: model.apply({"params": params}, t, positions, segments)
+  changed = forward(tokens.at[0, 4].set((tokens[0, 4] + 1) % 37))
+  reference = forward(tokens)
+  assert jnp.abs(changed[0, 0] - reference[0, 0]).max() > 1e-4  # position 0 sees the later token 4
+  np.testing.assert_allclose(changed[0, 6:], reference[0, 6:], atol=1e-6)  # segment 2 never sees segment 1
+
+
+def test_encoder_decoder_decoder_is_causal_and_reads_the_encoder():
+  model, params = tiny("encoder_decoder")
+  inputs = jax.random.randint(jax.random.PRNGKey(1), (1, 10), 3, 37)
+  decoder_inputs = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 37)
+  forward = lambda i, d: model.apply({"params": params}, i, None, None, d)
+  reference = forward(inputs, decoder_inputs)
+  later = forward(inputs, decoder_inputs.at[0, 5].set((decoder_inputs[0, 5] + 1) % 37))
+  np.testing.assert_allclose(later[0, :5], reference[0, :5], atol=1e-6)
+  assert jnp.abs(later[0, 5] - reference[0, 5]).max() > 1e-4
+  other_input = forward(inputs.at[0, 9].set((inputs[0, 9] + 1) % 37), decoder_inputs)
+  assert jnp.abs(other_input[0, 0] - reference[0, 0]).max() > 1e-4  # every decoder position sees all inputs
+
+
+def _batch(family):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 37, (4, 16)).astype(np.int32)
+  ones, positions = np.ones((4, 16), np.int32), np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16))
+  batch = {"inputs": tokens, "positions": positions, "segment_ids": ones, "targets": np.roll(tokens, -1, 1),
+           "weights": np.ones((4, 16), np.float32)}
+  if family == "encoder":  # masked LM: predict the original token under a mask token (id 2)
+    chosen = rng.random((4, 16)) < 0.3
+    batch.update(inputs=np.where(chosen, 2, tokens), targets=tokens, weights=chosen.astype(np.float32))
+  if family == "encoder_decoder":
+    batch.update(decoder_inputs=np.concatenate([np.zeros((4, 1), np.int32), tokens[:, :-1]], 1),
+                 decoder_targets=tokens, decoder_positions=positions, decoder_segment_ids=ones,
+                 decoder_weights=np.ones((4, 16), np.float32))
+  return batch
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
+def test_each_family_overfits_one_batch(family):
+  model, _ = tiny(family, "learned")
+  config = base.get_config()
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tx = optax.adam(3e-3)
+  state, _ = state_lib.init_state(model, tx, 0, mesh, tuple(tuple(r) for r in config.mesh.rules), 16)
+  step = jax.jit(functools.partial(train_step, loss_fn=pretraining_loss(model), tx=tx))
+  batch = _batch(family)
+  for _ in range(250):
+    state, metrics = step(state, batch)
+  loss = float(metrics["loss_sum"] / metrics["weight_sum"])
+  assert loss < 0.05, loss
+
+
+@pytest.mark.parametrize("family, objective", [("encoder", "masked_lm"), ("encoder_decoder", "span_corruption")])
+def test_pretraining_end_to_end(tmp_path, family, objective):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text(TEXT)
+  config = base.get_config()
+  config.objective = objective
+  config.data.update(train_path=str(corpus), tokenizer="char")
+  config.model.update(family=family, num_layers=2, d_model=32, num_heads=4, max_len=64, position="rope")
+  config.train.update(steps=4, batch_size=8, seq_len=32, warmup_steps=1, eval_every=2, eval_batches=2,
+                      checkpoint_every=4, log_every=1, num_samples=0)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  last = train_and_evaluate(config, str(tmp_path / "run"))
+  assert last["step"] == 4 and np.isfinite(last["eval/loss"])
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    losses = [json.loads(line)["train/loss"] for line in f]
+  assert losses[-1] < losses[0]
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
+
+
+def test_objective_must_match_the_family(tmp_path):
+  config = base.get_config()
+  config.model.family = "encoder"
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  with pytest.raises(ConfigError, match="config.objective"):
+    train_and_evaluate(config, str(tmp_path / "run"))
