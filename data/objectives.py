@@ -158,6 +158,26 @@ def _round_at_random(rng: np.random.Generator, x_N: np.ndarray) -> np.ndarray:
   return (floor_N + (rng.random(x_N.shape) < x_N - floor_N)).astype(np.int64)
 
 
+def document_stream(token_lists, bos_id: int):
+  """Every document as [bos] + ids, concatenated: (tokens [T], document index of each token [T])."""
+  lengths_D = np.array([len(ids) + 1 for ids in token_lists], dtype=np.int64)
+  stream_T = np.empty(int(lengths_D.sum()), dtype=np.int32)
+  for start, ids in zip(np.concatenate([[0], np.cumsum(lengths_D)[:-1]]), token_lists):
+    stream_T[start] = bos_id
+    stream_T[start + 1:start + 1 + len(ids)] = ids
+  return stream_T, np.repeat(np.arange(len(token_lists)), lengths_D)
+
+
+def segments_and_positions(doc_NxL):
+  """Segment ids (1, 2, ... per row) and positions (0, 1, ... per segment) of packed rows, where a segment
+  starts at the start of each row and wherever the document changes."""
+  starts_NxL = np.ones_like(doc_NxL, dtype=bool)
+  starts_NxL[:, 1:] = doc_NxL[:, 1:] != doc_NxL[:, :-1]
+  col_NxL = np.broadcast_to(np.arange(doc_NxL.shape[1]), doc_NxL.shape)
+  last_start_NxL = np.maximum.accumulate(np.where(starts_NxL, col_NxL, 0), axis=1)
+  return np.cumsum(starts_NxL, axis=1).astype(np.int32), (col_NxL - last_start_NxL).astype(np.int32)
+
+
 def masked_lm_rows(token_lists: list[list[int]], seq_len: int, *, bos_id: int, eos_id: int, mask_id: int,
                    special_ids, vocab_size: int, seed, mask_rate: float = 0.15,
                    whole_word_starts=None) -> dict[str, np.ndarray]:
@@ -181,20 +201,10 @@ def masked_lm_rows(token_lists: list[list[int]], seq_len: int, *, bos_id: int, e
   num_rows = total // seq_len
   if num_rows <= 0:
     raise DataError(f"the corpus has {total} tokens, fewer than seq_len = {seq_len}")
-  stream_T = np.empty(total, dtype=np.int32)
-  starts_D = np.concatenate([[0], np.cumsum(lengths_D)[:-1]])
-  for start, ids in zip(starts_D, token_lists):
-    stream_T[start] = bos_id
-    stream_T[start + 1:start + len(ids) + 1] = ids
-    stream_T[start + len(ids) + 1] = eos_id
-  doc_T = np.repeat(np.arange(len(token_lists)), lengths_D)
+  stream_T, doc_T = document_stream([list(ids) + [eos_id] for ids in token_lists], bos_id)
   targets_NxL = stream_T[:num_rows * seq_len].reshape(num_rows, seq_len)
   doc_NxL = doc_T[:num_rows * seq_len].reshape(num_rows, seq_len)
-  # A segment starts at the start of each row and wherever the document changes.
-  starts_NxL = np.ones_like(doc_NxL, dtype=bool)
-  starts_NxL[:, 1:] = doc_NxL[:, 1:] != doc_NxL[:, :-1]
-  col_NxL = np.broadcast_to(np.arange(seq_len), doc_NxL.shape)
-  last_start_NxL = np.maximum.accumulate(np.where(starts_NxL, col_NxL, 0), axis=1)
+  segment_ids_NxL, positions_NxL = segments_and_positions(doc_NxL)
 
   special_S = np.unique(np.asarray(list(special_ids) + [bos_id, eos_id, mask_id], dtype=np.int64))
   candidate_NxL = ~np.isin(targets_NxL, special_S)
@@ -234,8 +244,8 @@ def masked_lm_rows(token_lists: list[list[int]], seq_len: int, *, bos_id: int, e
   return {
       "inputs": inputs_NxL.astype(np.int32),
       "targets": targets_NxL.astype(np.int32),
-      "positions": (col_NxL - last_start_NxL).astype(np.int32),
-      "segment_ids": np.cumsum(starts_NxL, axis=1).astype(np.int32),
+      "positions": positions_NxL,
+      "segment_ids": segment_ids_NxL,
       "weights": chosen_NxL.astype(np.float32),
   }
 

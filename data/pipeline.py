@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from data.objectives import MASK_TOKEN, masked_lm_rows, sentinel_tokens, span_corruption_rows
+from data.objectives import (MASK_TOKEN, document_stream, masked_lm_rows, segments_and_positions, sentinel_tokens,
+                             span_corruption_rows)
 from data.sources import DataError, read_documents, split_documents
 from data.tokenizer import (CHAR_FILE, SPM_FILE, CharTokenizer, SentencePieceTokenizer, Tokenizer,
                             load_tokenizer, train_tokenizer)
@@ -29,26 +30,17 @@ def pack_documents(token_lists: list[list[int]], seq_len: int, bos_id: int,
   num_rows = (total - 1) // seq_len if total > 0 else 0
   if num_rows <= 0:
     raise DataError(f"the corpus has {total} tokens, fewer than seq_len+1 = {seq_len + 1}")
-  stream_T = np.empty(total, dtype=np.int32)
-  starts_D = np.concatenate([[0], np.cumsum(lengths_D)[:-1]])
-  for start, ids in zip(starts_D, token_lists):
-    stream_T[start] = bos_id
-    stream_T[start + 1:start + 1 + len(ids)] = ids
-  doc_T = np.repeat(np.arange(len(token_lists)), lengths_D)
+  stream_T, doc_T = document_stream(token_lists, bos_id)
 
   index_NxW = np.arange(num_rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]  # W = seq_len + 1
   window_NxW, doc_NxW = stream_T[index_NxW], doc_T[index_NxW]
   doc_NxL = doc_NxW[:, :-1]
-  # A segment starts at the start of each row and wherever the document changes.
-  starts_NxL = np.ones_like(doc_NxL, dtype=bool)
-  starts_NxL[:, 1:] = doc_NxL[:, 1:] != doc_NxL[:, :-1]
-  col_NxL = np.broadcast_to(np.arange(seq_len), doc_NxL.shape)
-  last_start_NxL = np.maximum.accumulate(np.where(starts_NxL, col_NxL, 0), axis=1)
+  segment_ids_NxL, positions_NxL = segments_and_positions(doc_NxL)
   return {
       "inputs": window_NxW[:, :-1],
       "targets": window_NxW[:, 1:],
-      "segment_ids": np.cumsum(starts_NxL, axis=1).astype(np.int32),
-      "positions": (col_NxL - last_start_NxL).astype(np.int32),
+      "segment_ids": segment_ids_NxL,
+      "positions": positions_NxL,
       "weights": (doc_NxL == doc_NxW[:, 1:]).astype(np.float32),
   }
 
