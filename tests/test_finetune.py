@@ -7,6 +7,8 @@ starts from it on a generated, separable sentiment task or a generated instructi
 
 import json
 import os
+import subprocess
+import sys
 from unittest import mock
 
 import flax.linen as nn
@@ -20,7 +22,7 @@ from flax import traverse_util
 from configs.finetune import common
 from data.tokenizer import load_tokenizer
 from model.config import ConfigError
-from test_train import logged, tiny_config
+from test_train import REPO, logged, tiny_config
 from train import finetune as finetune_lib
 from train import peft
 from train import tasks
@@ -374,3 +376,19 @@ def test_config_errors(setup, tmp_path):
   config = ft_config(setup, "adapter")
   with pytest.raises(ConfigError, match="config.peft.method"):
     finetune_lib.finetune(config, str(tmp_path / "c"))
+
+
+def test_evaluate_cli_reports_classification_metrics(setup, trained):
+  """train.evaluate on a classification run: accuracy and macro-F1 over every dev record, equal to the
+  fine-tuning loop's own eval (which also covers each dev row once)."""
+  _, workdir, last, _, _ = trained("lora")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, "-m", "train.evaluate", f"--workdir={workdir}", f"--data={setup['dev']}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  with open(os.path.join(workdir, "eval_dev_classify.json")) as f:
+    record = json.load(f)
+  assert record["examples"] == 60
+  assert record["accuracy"] == pytest.approx(last["eval/accuracy"], abs=1e-6)
+  assert record["macro_f1"] == pytest.approx(last["eval/macro_f1"], abs=1e-6)

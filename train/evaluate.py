@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from data.sources import DataError, read_documents
 from model.config import ConfigError
-from train.checkpoint import load_trained
+from train.checkpoint import load_trained, read_run_config
 from train.cli import parse_flags, run_reporting_errors
 from train.step import weighted_cross_entropy
 
@@ -135,7 +135,15 @@ def define_flags() -> None:
 
 def run(workdir: str, data: str, *, field: str = "text", step: int | None = None, seq_len: int | None = None,
         stride: int | None = None, batch_size: int = 8, max_bytes: int = 0, output: str | None = None) -> dict:
-  """Evaluates the run in `workdir` on `data`; prints a table and writes the JSON record."""
+  """Evaluates the run in `workdir` on `data`; prints a table and writes the JSON record.
+
+  A classification fine-tuning run is scored by accuracy and macro-F1 on the JSONL records of `data`
+  (its own text and label fields); every other run by loss, perplexity and bits per byte.
+  """
+  if read_run_config(workdir).get("task") == "classify":
+    from train.finetune import evaluate_classifier  # finetune imports train.checkpoint, as this module does
+    result = evaluate_classifier(workdir, data, step=step, batch_size=batch_size)
+    return _write(result, workdir, data, output, "classify", {}, ("loss", "accuracy", "macro_f1"), ("examples",))
   config, model, params, tokenizer, step = load_trained(workdir, step)
   seq_len = config.train.seq_len if seq_len is None else seq_len
   stride = max(1, seq_len // 2) if stride is None else stride
@@ -150,16 +158,23 @@ def run(workdir: str, data: str, *, field: str = "text", step: int | None = None
   texts = _first_bytes(read_documents(data, field, max_bytes), max_bytes)
   result = evaluate_documents(model, params, tokenizer, texts, window=seq_len, stride=stride,
                               batch_size=batch_size)
-  record = dict(result, tool=TOOL, workdir=os.path.abspath(workdir), step=int(step),
-                data=os.path.abspath(data) if os.path.exists(data) else data, seq_len=seq_len, stride=stride)
+  result["step"] = step
+  return _write(result, workdir, data, output, f"L{seq_len}", {"seq_len": seq_len, "stride": stride},
+                ("loss", "perplexity", "bits_per_byte"), ("tokens", "bytes", "documents"))
+
+
+def _write(result: dict, workdir: str, data: str, output, suffix: str, settings: dict, figures, counts) -> dict:
+  """Prints the result and writes it as JSON (default WORKDIR/eval_<data stem>_<suffix>.json)."""
+  record = dict(result, tool=TOOL, workdir=os.path.abspath(workdir), step=int(result["step"]),
+                data=os.path.abspath(data) if os.path.exists(data) else data, **settings)
   stem = os.path.splitext(os.path.basename(data.rstrip("/")))[0] or "data"
-  path = _output_path(output or os.path.join(workdir, f"eval_{stem}_L{seq_len}.json"), record)
+  path = _output_path(output or os.path.join(workdir, f"eval_{stem}_{suffix}.json"), record)
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
-  print(f"{workdir} step {step} on {data} (seq_len {seq_len}, stride {stride})")
-  for key in ("loss", "perplexity", "bits_per_byte"):
+  print(f"{workdir} step {record['step']} on {data}" + "".join(f", {k} {v}" for k, v in settings.items()))
+  for key in figures:
     print(f"  {key:<14}{result[key]:.4f}")
-  for key in ("tokens", "bytes", "documents"):
+  for key in counts:
     print(f"  {key:<14}{result[key]}")
   print(f"wrote {path}")
   return record

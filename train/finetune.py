@@ -9,6 +9,7 @@ frozen base parameters are re-read from `init_from` (its step recorded as `init_
 of adapter methods are small. Running the same command again resumes exactly.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from data import objectives
+from data.sources import read_records
 from data.tokenizer import load_tokenizer
 from model.config import ConfigError, ModelConfig
 from model.transformer import build_model, init_params
@@ -28,7 +31,8 @@ from train import state as state_lib
 from train import tasks
 from train.checkpoint import pretrained_params, read_run_config, resolve_step, restore_state
 from train.cli import parse_flags, run_reporting_errors
-from train.loop import check_train_config, fit
+from train.step import eval_step
+from train.loop import check_train_config, eval_batches, fit, summarize
 from train.workdir import prepare_workdir
 
 
@@ -114,8 +118,9 @@ def finetune(config, workdir: str) -> dict:
   return last
 
 
-def load_finetuned(workdir: str, step: int | None = None):
-  """(config, model, merged params, tokenizer, step) of a fine-tuning run, on the first device."""
+def _restore(workdir: str, step: int | None):
+  """A fine-tuning run's pieces on the first device: (config, tokenizer, model, method, trained params,
+  frozen base params, labels or None, step)."""
   config = read_run_config(workdir)
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
   _, tokenizer, model, method, _, (trainable_base, frozen_base), _ = build(config, mesh)
@@ -129,8 +134,38 @@ def load_finetuned(workdir: str, step: int | None = None):
   abstract = jax.eval_shape(lambda: state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                                          opt_state=tx.init(params), rng=jax.random.PRNGKey(0)))
   state = restore_state(workdir, step, abstract)
-  merged = method.merge(peft.combine(state.params["base"], frozen_base), state.params["adapters"])
+  return config, tokenizer, model, method, state.params, frozen_base, labels, step
+
+
+def load_finetuned(workdir: str, step: int | None = None):
+  """(config, model, merged params, tokenizer, step) of a fine-tuning run, on the first device."""
+  config, tokenizer, model, method, params, frozen_base, _, step = _restore(workdir, step)
+  merged = method.merge(peft.combine(params["base"], frozen_base), params["adapters"])
   return config, model, merged, tokenizer, step
+
+
+def evaluate_classifier(workdir: str, data: str, *, step: int | None = None, batch_size: int = 32,
+                        max_records: int = 0) -> dict:
+  """Loss, accuracy and macro-F1 of a classification run on a JSONL file with the run's text/label fields."""
+  config, tokenizer, model, method, params, frozen_base, labels, step = _restore(workdir, step)
+  if labels is None:
+    raise ConfigError(f"{workdir}: not a classification run (config.task={config.task!r})")
+  records = read_records(data, [config.data.text_field, config.data.label_field], max_records)
+  rows = objectives.classify_rows(
+      tokenizer, [str(r[config.data.text_field]) for r in records],
+      objectives.encode_labels([str(r[config.data.label_field]) for r in records], labels), config.train.seq_len)
+
+  def effective_params(params, frozen, rng, deterministic):
+    return method.effective(peft.combine(params["base"], frozen["base"]), params["adapters"], rng, deterministic)
+
+  eval_fn = jax.jit(functools.partial(eval_step, loss_fn=tasks.classify_loss(model, effective_params, len(labels))))
+  totals = None
+  for batch in eval_batches(rows, batch_size, max_batches=len(records)):
+    sums = eval_fn(params, batch, {"base": frozen_base})
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  metrics = summarize(jax.device_get(totals), "eval")
+  return {"loss": metrics["eval/loss"], "accuracy": metrics["eval/accuracy"], "macro_f1": metrics["eval/macro_f1"],
+          "examples": len(records), "step": step}
 
 
 def main(argv):
