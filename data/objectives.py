@@ -88,6 +88,34 @@ def instruct_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: i
           "segment_ids": segment_ids_NxL, "weights": weights_NxL}
 
 
+def seq2seq_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], input_len: int,
+                 target_len: int) -> dict[str, np.ndarray]:
+  """Encoder-decoder rows, one example per row: [bos] + prompt to the encoder [N, input_len], the response +
+  eos as decoder targets [N, target_len] (decoder_inputs start with the pad id, T5's start token); both
+  are cut to fit, keeping their start; weights are 1 on every target."""
+  if not pairs:
+    raise DataError("seq2seq data: no (input, target) pairs")
+  n = len(pairs)
+  rows = {k: np.zeros((n, input_len), np.int32) for k in ("inputs", "positions", "segment_ids")}
+  rows.update({k: np.zeros((n, target_len), np.int32) for k in
+               ("decoder_inputs", "decoder_targets", "decoder_positions", "decoder_segment_ids")})
+  rows["decoder_weights"] = np.zeros((n, target_len), np.float32)
+  sources = tokenizer.encode_batch([p for p, _ in pairs])
+  targets = tokenizer.encode_batch([t for _, t in pairs])
+  for i, (source, target) in enumerate(zip(sources, targets)):
+    source = ([tokenizer.bos_id] + source)[:input_len]
+    target = (target + [tokenizer.eos_id])[:target_len]
+    rows["inputs"][i, :len(source)] = source
+    rows["positions"][i, :len(source)] = np.arange(len(source))
+    rows["segment_ids"][i, :len(source)] = 1
+    rows["decoder_targets"][i, :len(target)] = target
+    rows["decoder_inputs"][i, :len(target)] = [tokenizer.pad_id] + target[:-1]
+    rows["decoder_positions"][i, :len(target)] = np.arange(len(target))
+    rows["decoder_segment_ids"][i, :len(target)] = 1
+    rows["decoder_weights"][i, :len(target)] = 1.0
+  return rows
+
+
 def classify_rows(tokenizer: Tokenizer, texts: list[str], labels: list[int],
                   seq_len: int) -> dict[str, np.ndarray]:
   """One text per row: [bos] + ids cut to seq_len, right-padded; arrays [N, seq_len] and labels [N]."""

@@ -113,3 +113,66 @@ def test_objective_must_match_the_family(tmp_path):
   config.mesh.update(data=1, fsdp=1, tensor=1)
   with pytest.raises(ConfigError, match="config.objective"):
     train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def _pretrained(tmp_path, family, objective):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text(TEXT)
+  config = base.get_config()
+  config.objective = objective
+  config.data.update(train_path=str(corpus), tokenizer="char")
+  config.model.update(family=family, num_layers=2, d_model=32, num_heads=4, max_len=64, position="rope")
+  config.train.update(steps=2, batch_size=8, seq_len=32, warmup_steps=1, eval_every=2, eval_batches=1,
+                      checkpoint_every=2, num_samples=0)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  train_and_evaluate(config, str(tmp_path / "base"))
+  return str(tmp_path / "base")
+
+
+def _jsonl(path, records):
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  return str(path)
+
+
+@pytest.mark.parametrize("family, objective, method", [("encoder", "masked_lm", "full"),
+                                                       ("encoder_decoder", "span_corruption", "lora")])
+def test_families_fine_tune_on_classification(tmp_path, family, objective, method):
+  from configs.finetune import common
+  from train.finetune import finetune
+  rng = np.random.default_rng(0)
+  words = {0: ["bad", "awful", "dull"], 1: ["good", "great", "fine"]}
+  records = [{"text": f"the {rng.choice(words[i % 2])} fox {i % 7}", "label": i % 2} for i in range(240)]
+  config = common.get_config()
+  config.init_from = _pretrained(tmp_path, family, objective)
+  config.task = "classify"
+  config.data.update(train_path=_jsonl(tmp_path / "train.jsonl", records[:200]),
+                     val_path=_jsonl(tmp_path / "dev.jsonl", records[200:]))
+  config.peft.update(method=method, lora_targets=(r"attention/(query|value)$",), lora_rank=4, lora_alpha=8.0)
+  config.train.update(steps=60, batch_size=8, seq_len=24, learning_rate=1e-2 if method == "lora" else 3e-3,
+                      warmup_steps=5, eval_every=60, eval_batches=5, checkpoint_every=60, num_samples=0)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  last = finetune(config, str(tmp_path / "ft"))
+  assert last["eval/accuracy"] >= 0.9, last
+
+
+def test_encoder_decoder_fine_tunes_on_seq2seq_and_generates(tmp_path):
+  from configs.finetune import common
+  from model.decode import Sampling, generate_text
+  from train.checkpoint import load_trained
+  from train.finetune import finetune
+  pairs = [{"prompt": f"copy {w}", "response": w} for w in ["fox", "dog", "red", "slow"] * 20]
+  config = common.get_config()
+  config.init_from = _pretrained(tmp_path, "encoder_decoder", "span_corruption")
+  config.task = "instruct"
+  config.data.update(train_path=_jsonl(tmp_path / "pairs.jsonl", pairs), val_fraction=0.2, target_len=8)
+  config.peft.method = "full"
+  config.train.update(steps=200, batch_size=16, seq_len=16, learning_rate=1e-2, warmup_steps=10, eval_every=200,
+                      eval_batches=4, checkpoint_every=200, log_every=10, num_samples=0)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  last = finetune(config, str(tmp_path / "ft"))
+  assert last["eval/accuracy"] > 0.9, last  # next-token accuracy on the responses
+  _, model, params, tokenizer, _ = load_trained(str(tmp_path / "ft"))
+  out = generate_text(model, params, tokenizer, ["copy fox", "copy slow"], max_new_tokens=8,
+                      sampling=Sampling(temperature=0.0))
+  assert out == ["fox", "slow"]

@@ -61,6 +61,8 @@ class Method:
           raise ConfigError(f"config.peft.{key}: bad regex {pattern!r} ({e})") from None
     if self.name == "lora" and peft_cfg.lora_rank <= 0:
       raise ConfigError(f"config.peft.lora_rank: expected a positive integer, got {peft_cfg.lora_rank}")
+    if self.name in ("ia3", "prompt") and model_cfg.family == "encoder_decoder":
+      raise ConfigError(f"config.peft.method: {self.name} is implemented for decoder and encoder models only")
     if self.name == "prompt" and peft_cfg.num_prompt_tokens <= 0:
       raise ConfigError(f"config.peft.num_prompt_tokens: expected a positive integer, "
                         f"got {peft_cfg.num_prompt_tokens}")

@@ -36,11 +36,12 @@ def lm_loss(model, effective_params=None):
   return loss_fn
 
 
-def seq2seq_loss(model):
-  """Decoder next-token loss of an encoder-decoder (inputs to the encoder, decoder_* to the decoder)."""
+def seq2seq_loss(model, effective_params=None):
+  """Decoder next-token loss of an encoder-decoder (inputs to the encoder, decoder_* to the decoder);
+  `effective_params` as in lm_loss."""
   def loss_fn(params, frozen, batch, rng, deterministic):
-    del frozen
-    logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+    full, _ = (effective_params(params, frozen, rng, deterministic) if effective_params else (params, {}))
+    logits_BxLxV = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
                                batch["decoder_inputs"], batch["decoder_positions"], batch["decoder_segment_ids"],
                                deterministic=deterministic, rngs={"dropout": rng})
     loss_sum, weight_sum, correct_sum = weighted_cross_entropy(logits_BxLxV, batch["decoder_targets"],

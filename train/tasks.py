@@ -1,8 +1,9 @@
 """Fine-tuning tasks (`config.task`): their data rows and loss functions.
 
   lm        continued pretraining on text (packed causal-LM rows)
-  instruct  prompt/response pairs from JSONL, loss on response tokens (and eos) only
-  classify  text/label pairs from JSONL; a linear head on the last non-padding token's hidden state
+  instruct  prompt/response pairs from JSONL, loss on response tokens (and eos) only; an encoder-decoder
+            reads the prompt with its encoder and generates the response with its decoder
+  classify  text/label pairs from JSONL; a linear head on a pooled hidden state (see POOLING)
 A loss function has the signature train/step.py expects and returns sums (the host divides).
 """
 
@@ -15,7 +16,7 @@ from data import objectives
 from data.pipeline import pack_documents
 from data.sources import read_documents, read_records, split_documents
 from model.config import ConfigError
-from train.step import lm_loss
+from train.step import lm_loss, seq2seq_loss
 
 TASKS = ("lm", "instruct", "classify")
 
@@ -39,6 +40,11 @@ def build_rows(config, tokenizer):
   val = read_records(data.val_path, fields, data.max_records) if data.val_path else None
   if val is None:
     train, val = objectives.split_records(train, data.val_fraction)
+  if task == "instruct" and config.model.family == "encoder_decoder":  # the prompt to the encoder
+    rows = lambda records: objectives.seq2seq_rows(
+        tokenizer, [(objectives.render(data.prompt_template, r), str(r[data.response_field])) for r in records],
+        seq_len, data.target_len or seq_len)
+    return rows(train), rows(val), None
   if task == "instruct":
     pack = config.peft.method != "prompt"  # a prompt-tuning prefix belongs to exactly one example per row
     rows = lambda records: objectives.instruct_rows(
@@ -60,14 +66,34 @@ def init_head(rng, d_model: int, num_classes: int) -> dict:
   return {"kernel": 0.02 * jax.random.normal(rng, (d_model, num_classes)), "bias": jnp.zeros((num_classes,))}
 
 
+POOLING = {"decoder": "last", "encoder": "first", "encoder_decoder": "mean"}
+
+
+def pool(hidden_BxLxD, segment_ids_BxL, pooling: str):
+  """One vector per row: the last non-padding token (decoders: it has seen the whole text), the first
+  token (encoders: [bos] plays BERT's [CLS]) or the mean over non-padding tokens. [B, D] float32."""
+  hidden_BxLxD = hidden_BxLxD.astype(jnp.float32)
+  if pooling == "last":
+    last_B = jnp.sum(segment_ids_BxL > 0, axis=1) - 1
+    return hidden_BxLxD[jnp.arange(hidden_BxLxD.shape[0]), last_B]
+  if pooling == "first":
+    return hidden_BxLxD[:, 0]
+  mask_BxLx1 = (segment_ids_BxL > 0)[..., None]
+  return jnp.sum(hidden_BxLxD * mask_BxLx1, axis=1) / jnp.maximum(jnp.sum(mask_BxLx1, axis=1), 1)
+
+
 def classify_loss(model, effective_params, num_classes: int):
-  """Cross entropy of a linear head on the hidden state of each row's last token (right padding)."""
+  """Cross entropy of a linear head on a pooled hidden state (POOLING per family; an encoder-decoder
+  classifies from its encoder)."""
   def loss_fn(params, frozen, batch, rng, deterministic):
     full, extra = effective_params(params, frozen, rng, deterministic)
-    hidden_BxLxD = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                               deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True, **extra)
-    last_B = jnp.sum(batch["segment_ids"] > 0, axis=1) - 1
-    pooled_BxD = hidden_BxLxD[jnp.arange(hidden_BxLxD.shape[0]), last_B].astype(jnp.float32)
+    if model.cfg.family == "encoder_decoder":
+      hidden_BxLxD = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                 deterministic, rngs={"dropout": rng}, method="encode")
+    else:
+      hidden_BxLxD = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                 deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True, **extra)
+    pooled_BxD = pool(hidden_BxLxD, batch["segment_ids"], POOLING[model.cfg.family])
     logits_BxC = pooled_BxD @ params["head"]["kernel"] + params["head"]["bias"][None]
     labels_B, example_weight_B = batch["labels"], jnp.max(batch["weights"], axis=1)  # 0 on filler rows
     loss_B = jax.nn.logsumexp(logits_BxC, axis=-1) - jnp.take_along_axis(logits_BxC, labels_B[:, None], 1)[:, 0]
@@ -82,4 +108,8 @@ def classify_loss(model, effective_params, num_classes: int):
 def make_loss(task: str, model, effective_params, num_classes: int = 0):
   if task == "classify":
     return classify_loss(model, effective_params, num_classes)
+  if model.cfg.family == "encoder_decoder":
+    return seq2seq_loss(model, effective_params)
+  if model.cfg.family == "encoder":
+    raise ConfigError(f"config.task: {task!r} needs a decoder; an encoder fine-tunes on 'classify'")
   return lm_loss(model, effective_params)
