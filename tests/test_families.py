@@ -88,16 +88,24 @@ def test_each_family_overfits_one_batch(family):
   assert loss < 0.05, loss
 
 
-@pytest.mark.parametrize("family, objective", [("encoder", "masked_lm"), ("encoder_decoder", "span_corruption")])
-def test_pretraining_end_to_end(tmp_path, family, objective):
+def pretraining_config(tmp_path, family, objective, **train_overrides):
+  """A 2-layer char-level model of `family` on a generated corpus, one device."""
   corpus = tmp_path / "corpus.txt"
   corpus.write_text(TEXT)
   config = base.get_config()
   config.objective = objective
   config.data.update(train_path=str(corpus), tokenizer="char")
   config.model.update(family=family, num_layers=2, d_model=32, num_heads=4, max_len=64, position="rope")
-  config.train.update(steps=4, batch_size=8, seq_len=32, warmup_steps=1, eval_every=2, eval_batches=2,
-                      checkpoint_every=4, log_every=1, num_samples=0)
+  config.train.update(steps=2, batch_size=8, seq_len=32, warmup_steps=1, eval_every=2, eval_batches=1,
+                      checkpoint_every=2, num_samples=0)
+  config.train.update(**train_overrides)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  return config
+
+
+@pytest.mark.parametrize("family, objective", [("encoder", "masked_lm"), ("encoder_decoder", "span_corruption")])
+def test_pretraining_end_to_end(tmp_path, family, objective):
+  config = pretraining_config(tmp_path, family, objective, steps=4, eval_batches=2, checkpoint_every=4, log_every=1)
   config.mesh.update(data=2, fsdp=2, tensor=2)
   last = train_and_evaluate(config, str(tmp_path / "run"))
   assert last["step"] == 4 and np.isfinite(last["eval/loss"])
@@ -116,16 +124,7 @@ def test_objective_must_match_the_family(tmp_path):
 
 
 def _pretrained(tmp_path, family, objective):
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_text(TEXT)
-  config = base.get_config()
-  config.objective = objective
-  config.data.update(train_path=str(corpus), tokenizer="char")
-  config.model.update(family=family, num_layers=2, d_model=32, num_heads=4, max_len=64, position="rope")
-  config.train.update(steps=2, batch_size=8, seq_len=32, warmup_steps=1, eval_every=2, eval_batches=1,
-                      checkpoint_every=2, num_samples=0)
-  config.mesh.update(data=1, fsdp=1, tensor=1)
-  train_and_evaluate(config, str(tmp_path / "base"))
+  train_and_evaluate(pretraining_config(tmp_path, family, objective), str(tmp_path / "base"))
   return str(tmp_path / "base")
 
 
