@@ -1,0 +1,179 @@
+"""Shared parts of the Hugging Face converters: errors, the tensor bag, safetensors I/O, the registry.
+
+An architecture module model/hf/<arch>.py defines
+  MODEL_TYPES                        HF `model_type` values it handles
+  model_section(hf_config) -> dict   the ablax `config.model` keys
+  vocab_size(hf_config) -> int
+  to_ablax(hf_config, tensors, cfg) -> dict        plain nested numpy param tree (as init_params, unboxed)
+  hf_config(cfg) -> dict                           HF config.json contents (ConversionError if cfg does not fit)
+  to_hf(cfg, params) -> dict[str, np.ndarray]      HF tensor names -> arrays
+Offers `ConversionError`, `Tensors`, `read_hf_dir`, `write_safetensors`, `architecture`, `architecture_for`,
+`import_params` and `export_tensors`.
+"""
+
+import importlib
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from model.config import ModelConfig
+
+ARCHITECTURES = ("gpt2", "llama", "bert", "t5")  # model/hf/<name>.py, tried in this order on export
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not match what the converter expects; the message names the tensor and file."""
+
+
+class Tensors:
+  """The tensors of a checkpoint by name; each one is taken exactly once, with the shape the config implies."""
+
+  def __init__(self, arrays: dict, source: str, files: dict | None = None):
+    self.arrays = dict(arrays)
+    self.source = source          # file or directory, for messages
+    self.files = files or {}      # tensor name -> the file holding it (sharded checkpoints)
+
+  def where(self, name: str) -> str:
+    return self.files.get(name, self.source)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.arrays
+
+  def take(self, name: str, shape: tuple) -> np.ndarray:
+    """Removes and returns tensor `name` as float32; ConversionError if it is missing or has another shape."""
+    if name not in self.arrays:
+      raise ConversionError(f"{self.source}: missing tensor '{name}' (expected shape {tuple(shape)})")
+    array = self.arrays.pop(name)
+    if tuple(array.shape) != tuple(shape):
+      raise ConversionError(f"{self.where(name)}: tensor '{name}' has shape {tuple(array.shape)}, "
+                            f"the config implies {tuple(shape)}")
+    return np.asarray(array, np.float32)
+
+  def discard(self, name: str) -> None:
+    """Drops tensor `name` if present (buffers some versions save, such as attention masks)."""
+    self.arrays.pop(name, None)
+
+  def finish(self) -> None:
+    """ConversionError naming the first tensor nobody took."""
+    if self.arrays:
+      name = sorted(self.arrays)[0]
+      more = f" (and {len(self.arrays) - 1} more)" if len(self.arrays) > 1 else ""
+      raise ConversionError(f"{self.where(name)}: unexpected tensor '{name}'{more}")
+
+
+def _load_safetensors(path: str) -> dict:
+  """{name: array} of one .safetensors file; bfloat16 (which safetensors.numpy cannot read) via ml_dtypes."""
+  try:
+    return load_file(path)
+  except TypeError:  # "data type 'bfloat16' not understood"
+    pass
+  with open(path, "rb") as f:
+    header_len = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(header_len))
+    data = f.read()
+  dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+  arrays = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in dtypes:
+      raise ConversionError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    arrays[name] = np.frombuffer(data[start:end], dtypes[info["dtype"]]).reshape(info["shape"])
+  return arrays
+
+
+def read_hf_dir(hf_dir: str) -> tuple[dict, Tensors]:
+  """(config.json contents, Tensors) of a Hugging Face model directory; only safetensors weights are read."""
+  config_path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(config_path):
+    raise ConversionError(f"{config_path}: no such file; --hf_dir must be a Hugging Face model directory")
+  try:
+    with open(config_path) as f:
+      hf_config = json.load(f)
+  except ValueError as e:
+    raise ConversionError(f"{config_path}: not valid JSON ({e})") from None
+  index_path = os.path.join(hf_dir, SAFETENSORS_INDEX)
+  single = os.path.join(hf_dir, "model.safetensors")
+  if os.path.isfile(single):
+    return hf_config, Tensors(_load_safetensors(single), single)
+  if os.path.isfile(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f).get("weight_map", {})
+    arrays, files = {}, {}
+    for shard in sorted(set(weight_map.values())):
+      path = os.path.join(hf_dir, shard)
+      if not os.path.isfile(path):
+        raise ConversionError(f"{index_path}: shard '{shard}' is missing")
+      for name, array in _load_safetensors(path).items():
+        arrays[name], files[name] = array, path
+    return hf_config, Tensors(arrays, hf_dir, files)
+  pickles = [name for name in PICKLE_FILES if os.path.isfile(os.path.join(hf_dir, name))]
+  if pickles:
+    raise ConversionError(f"{os.path.join(hf_dir, pickles[0])}: only pickle weights found; convert to safetensors")
+  raise ConversionError(f"{hf_dir}: no model.safetensors or {SAFETENSORS_INDEX}")
+
+
+def write_safetensors(tensors: dict, path: str) -> None:
+  """Writes {name: array} as one float32 .safetensors file with the {"format": "pt"} metadata torch expects."""
+  arrays = {name: np.ascontiguousarray(np.asarray(a, np.float32)) for name, a in tensors.items()}
+  save_file(arrays, path, metadata={"format": "pt"})
+
+
+def architecture(name: str):
+  """The converter module model/hf/<name>.py; None if it does not exist (yet)."""
+  try:
+    return importlib.import_module(f"model.hf.{name}")
+  except ModuleNotFoundError as e:
+    if e.name != f"model.hf.{name}":
+      raise
+    return None
+
+
+def architecture_for(hf_config: dict, source: str):
+  """The converter module whose MODEL_TYPES holds hf_config["model_type"]."""
+  model_type = hf_config.get("model_type")
+  supported = []
+  for name in ARCHITECTURES:
+    module = architecture(name)
+    if module is None:
+      continue
+    if model_type in module.MODEL_TYPES:
+      return module
+    supported += list(module.MODEL_TYPES)
+  raise ConversionError(f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(supported)})")
+
+
+def import_params(hf_dir: str) -> tuple[dict, dict, ModelConfig, dict]:
+  """(HF config, ablax config.model section, ModelConfig, numpy param tree) of a Hugging Face directory."""
+  hf_config, tensors = read_hf_dir(hf_dir)
+  module = architecture_for(hf_config, os.path.join(hf_dir, "config.json"))
+  section = module.model_section(hf_config)
+  cfg = ModelConfig.from_config(section, module.vocab_size(hf_config))
+  params = module.to_ablax(hf_config, tensors, cfg)
+  tensors.finish()
+  return hf_config, section, cfg, params
+
+
+def export_tensors(cfg: ModelConfig, params: dict, model_type: str | None = None) -> tuple[dict, dict]:
+  """(HF config.json contents, {name: array}) of an ablax model: the first architecture that fits `cfg`,
+  or the one handling `model_type`."""
+  reasons = []
+  for name in ARCHITECTURES:
+    module = architecture(name)
+    if module is None or (model_type and model_type not in module.MODEL_TYPES):
+      continue
+    try:
+      hf_config = module.hf_config(cfg)
+    except ConversionError as e:
+      reasons.append(f"{name}: {e}")
+      continue
+    return hf_config, module.to_hf(cfg, params)
+  detail = "; ".join(reasons) or f"no converter handles model_type {model_type!r}"
+  raise ConversionError(f"config.model: no Hugging Face architecture fits this model ({detail})")
