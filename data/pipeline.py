@@ -161,6 +161,20 @@ def _rows_for(objective: str, tokenizer: Tokenizer, token_lists: list[list[int]]
                               sentinel_ids=[tokenizer.token_id(t) for t in sentinel_tokens(100)], seed=seed)
 
 
+def read_splits(data_config) -> tuple[list[str], list[str]]:
+  """(train documents, validation documents) of `config.data`: val_path, else val_fraction held out."""
+  c = data_config
+  train_docs = read_documents(c.train_path, c.text_field, c.max_bytes)
+  if c.val_path:
+    val_docs = read_documents(c.val_path, c.text_field, c.max_bytes)
+  else:
+    train_docs, val_docs = split_documents(train_docs, c.val_fraction)
+  if not val_docs:
+    raise DataError(f"data path '{c.train_path}': the validation split is empty "
+                    f"(set data.val_path or data.val_fraction > 0)")
+  return train_docs, val_docs
+
+
 def prepare_lm_data(data_config, seq_len: int, workdir: str | None, objective: str = "causal_lm"
                     ) -> tuple[Tokenizer, dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Read, split, tokenize (loading or training the tokenizer) and make `objective` rows: (tok, train, val).
@@ -171,14 +185,7 @@ def prepare_lm_data(data_config, seq_len: int, workdir: str | None, objective: s
   """
   c = data_config
   special_tokens = special_tokens_for(objective)
-  train_docs = read_documents(c.train_path, c.text_field, c.max_bytes)
-  if c.val_path:
-    val_docs = read_documents(c.val_path, c.text_field, c.max_bytes)
-  else:
-    train_docs, val_docs = split_documents(train_docs, c.val_fraction)
-  if not val_docs:
-    raise DataError(f"data path '{c.train_path}': the validation split is empty "
-                    f"(set data.val_path or data.val_fraction > 0)")
+  train_docs, val_docs = read_splits(c)
   tokenizer = _tokenizer_for(c, train_docs, val_docs, workdir, special_tokens)
   seed = int(_option(c, "seed", 0))
   splits = {}

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from data.sources import split_documents
 from data.tokenizer import CharTokenizer
 from model.config import ModelConfig
 from model.transformer import build_model
@@ -174,3 +175,16 @@ def test_cli_user_errors_are_one_line(trained_run, arg, expected):
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert result.returncode == 1
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+def test_cli_scores_the_runs_validation_split_at_several_lengths(trained_run):
+  workdir, corpus, model_tuple = trained_run
+  result = _cli(f"--workdir={workdir}", "--data=run:validation", "--seq_len=8", "--seq_len=16", "--stride=0")
+  assert result.returncode == 0, result.stderr
+  held_out = split_documents([TEXT], 0.1)[1]  # tiny_config holds out the last 10% of its one document
+  for seq_len in (8, 16):
+    with open(os.path.join(workdir, f"eval_validation_L{seq_len}.json")) as f:
+      record = json.load(f)
+    assert (record["seq_len"], record["stride"], record["tokens"]) == (seq_len, seq_len, len(held_out[0]))
+    in_process = evaluate(model_tuple, held_out, window=seq_len, stride=seq_len)
+    assert record["loss"] == pytest.approx(in_process["loss"], rel=1e-5)

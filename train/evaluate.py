@@ -1,6 +1,10 @@
 """Evaluation entrypoint: loss, perplexity and bits per byte of a trained run on a text corpus.
 
   python -m train.evaluate --workdir=runs/shakespeare_char --data=data.txt [--seq_len=N --stride=N ...]
+  python -m train.evaluate --workdir=RUN --data=run:validation --seq_len=64 --seq_len=256 --stride=0
+
+`--data=run:validation` is the run's own held-out split (its config.data rules); `--seq_len` may repeat
+(one result per length; --stride=0 means disjoint windows, stride = seq_len).
 
 Offers `sliding_windows` and `evaluate_documents` (pure: model, params, texts -> metrics). Every text token
 is scored once from its left context; past the first window, with at least seq_len - stride tokens of it
@@ -17,13 +21,15 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
+from data.pipeline import read_splits
 from data.sources import DataError, read_documents
 from model.config import ConfigError
 from train.checkpoint import load_trained, read_run_config
-from train.cli import parse_flags, run_reporting_errors
+from train.cli import fail, parse_flags, run_reporting_errors
 from train.step import weighted_cross_entropy
 
 TOOL = "train.evaluate"  # marks our JSON files: only those are ever overwritten
+RUN_VALIDATION = "run:validation"
 
 
 def sliding_windows(num_targets: int, window: int, stride: int):
@@ -122,11 +128,12 @@ def _output_path(path: str, record: dict) -> str:
 def define_flags() -> None:
   """The command-line flags; defined only when run as a program, so importing never clashes with other CLIs."""
   flags.DEFINE_string("workdir", None, "Run directory with config.json, tokenizer and checkpoints.")
-  flags.DEFINE_string("data", None, "Text file, glob, directory or JSONL (as data.train_path).")
+  flags.DEFINE_string("data", None, "Text file, glob, directory or JSONL (as data.train_path), or "
+                      f"{RUN_VALIDATION} for the run's own held-out split.")
   flags.DEFINE_string("field", "text", "JSONL field holding the text.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_integer("seq_len", None, "Window length (default: the run's config.train.seq_len).")
-  flags.DEFINE_integer("stride", None, "Tokens between window starts (default: seq_len // 2).")
+  flags.DEFINE_multi_integer("seq_len", None, "Window length, may repeat (default: config.train.seq_len).")
+  flags.DEFINE_integer("stride", None, "Tokens between window starts (default: seq_len // 2; 0: seq_len).")
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
   flags.DEFINE_integer("max_bytes", 0, "Read at most about this many bytes (0: all).")
   flags.DEFINE_string("output", None, "JSON file (default: WORKDIR/eval_<data stem>_L<seq_len>.json).")
@@ -146,7 +153,7 @@ def run(workdir: str, data: str, *, field: str = "text", step: int | None = None
     return _write(result, workdir, data, output, "classify", {}, ("loss", "accuracy", "macro_f1"), ("examples",))
   config, model, params, tokenizer, step = load_trained(workdir, step)
   seq_len = config.train.seq_len if seq_len is None else seq_len
-  stride = max(1, seq_len // 2) if stride is None else stride
+  stride = max(1, seq_len // 2) if stride is None else stride or seq_len
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
     if value <= 0:
       raise ConfigError(f"--{name}={value}: expected a positive integer")
@@ -155,7 +162,10 @@ def run(workdir: str, data: str, *, field: str = "text", step: int | None = None
   if config.model.position == "learned" and seq_len > config.model.max_len:
     raise ConfigError(f"--seq_len={seq_len} exceeds config.model.max_len={config.model.max_len} "
                       "of the run's learned position table")
-  texts = _first_bytes(read_documents(data, field, max_bytes), max_bytes)
+  if data == RUN_VALIDATION:
+    texts = _first_bytes(read_splits(config.data)[1], max_bytes)
+  else:
+    texts = _first_bytes(read_documents(data, field, max_bytes), max_bytes)
   result = evaluate_documents(model, params, tokenizer, texts, window=seq_len, stride=stride,
                               batch_size=batch_size)
   result["step"] = step
@@ -167,8 +177,8 @@ def _write(result: dict, workdir: str, data: str, output, suffix: str, settings:
   """Prints the result and writes it as JSON (default WORKDIR/eval_<data stem>_<suffix>.json)."""
   record = dict(result, tool=TOOL, workdir=os.path.abspath(workdir), step=int(result["step"]),
                 data=os.path.abspath(data) if os.path.exists(data) else data, **settings)
-  stem = os.path.splitext(os.path.basename(data.rstrip("/")))[0] or "data"
-  path = _output_path(output or os.path.join(workdir, f"eval_{stem}_{suffix}.json"), record)
+  stem = "validation" if data == RUN_VALIDATION else os.path.splitext(os.path.basename(data.rstrip("/")))[0]
+  path = _output_path(output or os.path.join(workdir, f"eval_{stem or 'data'}_{suffix}.json"), record)
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
   print(f"{workdir} step {record['step']} on {data}" + "".join(f", {k} {v}" for k, v in settings.items()))
@@ -184,8 +194,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   f = flags.FLAGS
-  run_reporting_errors(run, f.workdir, f.data, field=f.field, step=f.step, seq_len=f.seq_len, stride=f.stride,
-                       batch_size=f.batch_size, max_bytes=f.max_bytes, output=f.output)
+  if f.output and f.seq_len and len(f.seq_len) > 1:
+    fail("--output names one file: give one --seq_len with it")
+  for seq_len in f.seq_len or [None]:
+    run_reporting_errors(run, f.workdir, f.data, field=f.field, step=f.step, seq_len=seq_len, stride=f.stride,
+                         batch_size=f.batch_size, max_bytes=f.max_bytes, output=f.output)
 
 
 if __name__ == "__main__":
