@@ -1,0 +1,25 @@
+"""Positional encodings and length extrapolation (Press et al., ALiBi, 2022).
+
+Char-level tinyshakespeare (nanoGPT's CPU model: 4 layers, d_model 128, 4 heads) trained at length 64
+with each positional scheme, then perplexity on the held-out 10% at 64, 128, 256 and 512 tokens
+(disjoint windows). The learned table has 512 rows so that longer windows run; rows past 63 are never
+trained.
+
+  python -m train.ablate --config=configs/ablations/positions.py --workdir=runs/ablate_positions
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.entrypoint = "pretrain"
+  c.config = "configs/shakespeare_char.py"
+  c.overrides = ("train.steps=600", "train.eval_every=200", "train.checkpoint_every=600", "train.eval_batches=10",
+                 "train.num_samples=0", "model.max_len=512")
+  c.variants = {name: (f"model.position={name}",) for name in ("sinusoidal", "learned", "rope", "alibi", "none")}
+  c.seeds = (0, 1, 2)
+  c.eval_lengths = (64, 128, 256, 512)
+  c.metrics = ("perplexity@64", "perplexity@128", "perplexity@256", "perplexity@512", "eval/loss")
+  c.parallel = 2
+  return c
