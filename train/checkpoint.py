@@ -1,4 +1,5 @@
-"""Orbax CheckpointManager around the TrainState and the loader position (JSON); loading a trained run."""
+"""Orbax CheckpointManager around the TrainState and the loader position (JSON); loading a trained run;
+writing a step-0 checkpoint of given parameters (an imported model)."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from data.sources import DataError
 from data.tokenizer import load_tokenizer
 from model.config import ModelConfig
 from model.transformer import build_model, init_params
@@ -93,17 +95,46 @@ def pretrained_params(workdir: str, step: int, config, model, param_shardings=No
   return restore_state(workdir, step, abstract, shardings).params
 
 
-def load_trained(workdir: str, step: int | None = None):
+def save_params(workdir: str, config, model, params) -> None:
+  """Writes `params` as the step-0 checkpoint of a new run (fresh optimizer state, no data position), which
+  every loader reads and pretraining continues from."""
+  tx = make_optimizer(config.train)
+  params = jax.tree.map(jnp.asarray, params)
+  expected = jax.eval_shape(lambda: nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
+  if jax.tree.structure(params) != jax.tree.structure(expected):
+    raise ValueError(f"{workdir}: the parameter tree does not match the model's")
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(config.train.seed))
+  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  checkpointer.save(0, state, {})
+  checkpointer.close()
+
+
+def run_tokenizer(workdir: str, config, required: bool = True):
+  """(tokenizer, vocab size) of a run. A run imported without a tokenizer (data.tokenizer "none", e.g.
+  GPT-2, whose byte-level BPE ablax does not read) records its vocab size in data.vocab_size; its
+  tokenizer is None, or a DataError when `required`."""
+  if config.data.get("tokenizer") != "none":
+    tokenizer = load_tokenizer(workdir)
+    return tokenizer, tokenizer.vocab_size
+  if required:
+    raise DataError(f"workdir '{workdir}': this run has no tokenizer (data.tokenizer 'none', an imported "
+                    "checkpoint); feed it token ids with model.decode.generate")
+  return None, config.data.vocab_size
+
+
+def load_trained(workdir: str, step: int | None = None, require_tokenizer: bool = True):
   """(config, model, params, tokenizer, step) of a run's checkpoint (default: the latest), on one device.
 
   For a fine-tuning run the parameters are the base model's with the adapters merged in (prompt tuning
-  and classification heads are not folded into a plain language model).
+  and classification heads are not folded into a plain language model). The tokenizer is None for a run
+  without one when not `require_tokenizer` (see run_tokenizer).
   """
   config = read_run_config(workdir)
   if config.get("init_from"):
     from train.finetune import load_finetuned  # finetune imports this module
     return load_finetuned(workdir, step)
-  tokenizer = load_tokenizer(workdir)
-  model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size))
+  tokenizer, vocab_size = run_tokenizer(workdir, config, require_tokenizer)
+  model = build_model(ModelConfig.from_config(config.model, vocab_size))
   step = resolve_step(workdir, step)
   return config, model, pretrained_params(workdir, step, config, model), tokenizer, step

@@ -144,10 +144,12 @@ def fit(config, workdir: str, *, mesh, state, state_shardings, frozen, frozen_sh
   loader = Loader(train_rows, train.batch_size, seed=train.seed,
                   process_index=jax.process_index(), process_count=jax.process_count())
   checkpointer = Checkpointer(workdir, train.keep_checkpoints)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
+  start_step = checkpointer.latest_step()
+  if start_step is not None:
     state, data_state = checkpointer.restore(start_step, state, state_shardings)
-    loader.set_state(data_state)
+    if data_state:  # an imported step-0 checkpoint has no data position
+      loader.set_state(data_state)
+  start_step = start_step or 0
   trainable = sum(x.size for x in jax.tree.leaves(state.params))
   total = trainable + sum(x.size for x in jax.tree.leaves(frozen))
   print(f"ablax: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%), "

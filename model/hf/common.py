@@ -8,7 +8,7 @@ An architecture module model/hf/<arch>.py defines
   hf_config(cfg) -> dict                           HF config.json contents (ConversionError if cfg does not fit)
   to_hf(cfg, params) -> dict[str, np.ndarray]      HF tensor names -> arrays
 Offers `ConversionError`, `Tensors`, `read_hf_dir`, `write_safetensors`, `architecture`, `architecture_for`,
-`import_params` and `export_tensors`.
+`write_json`, `import_params` and `export_tensors`.
 """
 
 import importlib
@@ -118,6 +118,12 @@ def read_hf_dir(hf_dir: str) -> tuple[dict, Tensors]:
   if pickles:
     raise ConversionError(f"{os.path.join(hf_dir, pickles[0])}: only pickle weights found; convert to safetensors")
   raise ConversionError(f"{hf_dir}: no model.safetensors or {SAFETENSORS_INDEX}")
+
+
+def write_json(data: dict, path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(data, f, indent=2)
+    f.write("\n")
 
 
 def write_safetensors(tensors: dict, path: str) -> None:

@@ -1,0 +1,113 @@
+"""Hugging Face checkpoints <-> ablax runs.
+
+  python -m model.hf import --hf_dir=PATH --workdir=DIR   # config.json + *.safetensors -> a run at step 0
+  python -m model.hf export --workdir=DIR --out=PATH [--step=N] [--model_type=llama]
+
+An imported run is an ordinary workdir: train.generate, train.evaluate, train.finetune --config.init_from=DIR
+and continued pretraining (--config=configs/from_run.py:DIR) read it. Export writes config.json and
+model.safetensors (float32) that transformers' AutoModelForCausalLM / AutoModel load; a sentencepiece
+tokenizer travels both ways. This entrypoint writes runs, so it imports data/ and train/; the converters
+(common.py and the architecture modules) import only model/.
+"""
+
+import os
+import shutil
+import sys
+
+import jax
+from absl import app, flags
+
+from configs import base
+from data.tokenizer import SPM_FILE, SentencePieceTokenizer
+from model.hf import common
+from model.transformer import build_model
+from train.checkpoint import load_trained, save_params
+from train.cli import fail, parse_flags, run_reporting_errors
+from train.loop import OBJECTIVES
+from train.workdir import prepare_workdir
+
+SPM_NAMES = ("tokenizer.model", "spiece.model")  # Llama's and T5's sentencepiece files
+
+
+def _check_new_dir(path: str, flag: str) -> None:
+  if not path:
+    raise common.ConversionError(f"--{flag} is required")
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise common.ConversionError(f"{path}: already exists and is not empty; give a new --{flag}")
+
+
+def _sentencepiece(hf_dir: str, vocab_size: int) -> str | None:
+  """The HF directory's sentencepiece model if it has one whose size matches the model's vocabulary."""
+  for name in SPM_NAMES:
+    path = os.path.join(hf_dir, name)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        pieces = SentencePieceTokenizer(f.read()).vocab_size
+      if pieces == vocab_size:
+        return path
+      print(f"ablax: {path} has {pieces} pieces but the model {vocab_size} tokens; not copied", file=sys.stderr)
+  return None
+
+
+def run_config(section: dict, vocab_size: int, tokenizer: bool):
+  """A full run config: configs/base.py defaults, the model section of the checkpoint, its vocabulary."""
+  config = base.get_config()
+  config.model.update(section)
+  config.objective = OBJECTIVES[config.model.family]
+  # No tokenizer: the vocabulary size is recorded for the loaders (train/checkpoint.py run_tokenizer).
+  config.data.update(tokenizer="sentencepiece" if tokenizer else "none", vocab_size=vocab_size)
+  if config.model.position == "learned":
+    config.train.seq_len = min(config.train.seq_len, config.model.max_len)
+  return config
+
+
+def import_hf(hf_dir: str, workdir: str) -> str:
+  """Converts a Hugging Face directory into a new ablax workdir holding a step-0 checkpoint."""
+  if not hf_dir:
+    raise common.ConversionError("--hf_dir is required")
+  _check_new_dir(workdir, "workdir")
+  hf_config, section, cfg, params = common.import_params(hf_dir)
+  spm_path = _sentencepiece(hf_dir, cfg.vocab_size)
+  config = run_config(section, cfg.vocab_size, spm_path is not None)
+  prepare_workdir(config, workdir)
+  if spm_path:
+    shutil.copy(spm_path, os.path.join(workdir, SPM_FILE))
+  save_params(workdir, config, build_model(cfg), params)
+  return (f"ablax: {hf_config['model_type']} from {hf_dir} -> {workdir} (step 0, {cfg.num_layers} layers, "
+          f"d_model {cfg.d_model}, vocab {cfg.vocab_size}{'' if spm_path else ', no tokenizer'})")
+
+
+def export_hf(workdir: str, out: str, step: int | None = None, model_type: str | None = None) -> str:
+  """Writes a run's checkpoint as a Hugging Face directory: config.json, model.safetensors [, tokenizer.model]."""
+  if not workdir:
+    raise common.ConversionError("--workdir is required")
+  _check_new_dir(out, "out")
+  _, model, params, _, step = load_trained(workdir, step, require_tokenizer=False)
+  hf_config, tensors = common.export_tensors(model.cfg, jax.device_get(params), model_type)
+  os.makedirs(out, exist_ok=True)
+  common.write_json(hf_config, os.path.join(out, "config.json"))
+  common.write_safetensors(tensors, os.path.join(out, "model.safetensors"))
+  if os.path.isfile(os.path.join(workdir, SPM_FILE)):
+    shutil.copy(os.path.join(workdir, SPM_FILE), os.path.join(out, SPM_FILE))
+  return f"ablax: {workdir} step {step} -> {out} ({hf_config['model_type']}, {len(tensors)} tensors)"
+
+
+def main(argv):
+  f = flags.FLAGS
+  commands = {"import": lambda: import_hf(f.hf_dir, f.workdir),
+              "export": lambda: export_hf(f.workdir, f.out, f.step, f.model_type)}
+  if len(argv) != 2 or argv[1] not in commands:
+    fail(f"expected one command, import or export (got {' '.join(argv[1:]) or 'none'})")
+  try:
+    print(run_reporting_errors(commands[argv[1]]), file=sys.stderr)
+  except common.ConversionError as e:
+    fail(str(e))
+
+
+if __name__ == "__main__":  # flags only here: tests import this module beside other entrypoints
+  flags.DEFINE_string("hf_dir", None, "import: Hugging Face model directory (config.json, *.safetensors).")
+  flags.DEFINE_string("workdir", None, "import: the new run directory; export: the run to export.")
+  flags.DEFINE_string("out", None, "export: the new Hugging Face model directory.")
+  flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest).")
+  flags.DEFINE_string("model_type", None, "export: HF model_type (default: the first that fits).")
+  app.run(main, flags_parser=parse_flags)
