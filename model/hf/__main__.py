@@ -1,12 +1,13 @@
 """Hugging Face checkpoints <-> ablax runs.
 
-  python -m model.hf import --hf_dir=PATH --workdir=DIR   # config.json + *.safetensors -> a run at step 0
+  python -m model.hf import --hf_dir=PATH --workdir=DIR [--config=configs/X.py --config.data.train_path=...]
   python -m model.hf export --workdir=DIR --out=PATH [--step=N] [--model_type=llama]
 
-An imported run is an ordinary workdir: train.generate, train.evaluate, train.finetune --config.init_from=DIR
-and continued pretraining (--config=configs/from_run.py:DIR) read it. Export writes config.json and
-model.safetensors (float32) that transformers' AutoModelForCausalLM / AutoModel load; a sentencepiece
-tokenizer travels both ways. This entrypoint writes runs, so it imports data/ and train/; the converters
+Import makes a run at step 0: its model section comes from the checkpoint, the rest (data, train) from
+--config (default configs/base.py). It is an ordinary workdir: train.generate, train.evaluate,
+train.finetune --config.init_from=DIR and continued pretraining (--config=configs/from_run.py:DIR) read it.
+Export writes config.json and model.safetensors (float32) that transformers' AutoModelForCausalLM /
+AutoModel load; a sentencepiece tokenizer travels both ways. This entrypoint writes runs, so it imports data/ and train/; the converters
 (common.py and the architecture modules) import only model/.
 """
 
@@ -16,6 +17,7 @@ import sys
 
 import jax
 from absl import app, flags
+from ml_collections import config_flags
 
 from configs import base
 from data.tokenizer import SPM_FILE, SentencePieceTokenizer
@@ -49,9 +51,9 @@ def _sentencepiece(hf_dir: str, vocab_size: int) -> str | None:
   return None
 
 
-def run_config(section: dict, vocab_size: int, tokenizer: bool):
-  """A full run config: configs/base.py defaults, the model section of the checkpoint, its vocabulary."""
-  config = base.get_config()
+def run_config(section: dict, vocab_size: int, tokenizer: bool, config=None):
+  """A full run config: `config` (default configs/base.py) with the checkpoint's model section and vocabulary."""
+  config = base.get_config() if config is None else config
   config.model.update(section)
   config.objective = OBJECTIVES[config.model.family]
   # No tokenizer: the vocabulary size is recorded for the loaders (train/checkpoint.py run_tokenizer).
@@ -61,14 +63,15 @@ def run_config(section: dict, vocab_size: int, tokenizer: bool):
   return config
 
 
-def import_hf(hf_dir: str, workdir: str) -> str:
-  """Converts a Hugging Face directory into a new ablax workdir holding a step-0 checkpoint."""
+def import_hf(hf_dir: str, workdir: str, config=None) -> str:
+  """Converts a Hugging Face directory into a new ablax workdir holding a step-0 checkpoint; `config` gives
+  the run's data and train sections."""
   if not hf_dir:
     raise common.ConversionError("--hf_dir is required")
   _check_new_dir(workdir, "workdir")
   hf_config, section, cfg, params = common.import_params(hf_dir)
   spm_path = _sentencepiece(hf_dir, cfg.vocab_size)
-  config = run_config(section, cfg.vocab_size, spm_path is not None)
+  config = run_config(section, cfg.vocab_size, spm_path is not None, config)
   prepare_workdir(config, workdir)
   if spm_path:
     shutil.copy(spm_path, os.path.join(workdir, SPM_FILE))
@@ -94,7 +97,7 @@ def export_hf(workdir: str, out: str, step: int | None = None, model_type: str |
 
 def main(argv):
   f = flags.FLAGS
-  commands = {"import": lambda: import_hf(f.hf_dir, f.workdir),
+  commands = {"import": lambda: import_hf(f.hf_dir, f.workdir, f.config),
               "export": lambda: export_hf(f.workdir, f.out, f.step, f.model_type)}
   if len(argv) != 2 or argv[1] not in commands:
     fail(f"expected one command, import or export (got {' '.join(argv[1:]) or 'none'})")
@@ -105,6 +108,8 @@ def main(argv):
 
 
 if __name__ == "__main__":  # flags only here: tests import this module beside other entrypoints
+  config_flags.DEFINE_config_file("config", None, "import: config file for the data and train sections "
+                                  "(default configs/base.py).", lock_config=True)
   flags.DEFINE_string("hf_dir", None, "import: Hugging Face model directory (config.json, *.safetensors).")
   flags.DEFINE_string("workdir", None, "import: the new run directory; export: the run to export.")
   flags.DEFINE_string("out", None, "export: the new Hugging Face model directory.")

@@ -1,0 +1,257 @@
+"""Hugging Face interop: tiny random GPT-2 and Llama (grouped-query) models built with transformers give the
+same logits (padded batch) and greedy continuations in ablax after import; export -> import is bit-exact and
+loads in transformers without missing or unexpected weights; a wrong checkpoint names the tensor; an imported
+Llama fine-tunes with LoRA, continues pretraining and generates from the command line.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from configs import base, from_run  # noqa: E402
+from configs.finetune import common as ft_common  # noqa: E402
+from data.sources import DataError  # noqa: E402
+from data.tokenizer import train_tokenizer  # noqa: E402
+from model.decode import Sampling, generate  # noqa: E402
+from model.hf.__main__ import export_hf, import_hf  # noqa: E402
+from model.hf.common import ConversionError  # noqa: E402
+from test_train import REPO, TEXT  # noqa: E402
+from train import finetune as finetune_lib  # noqa: E402
+from train.checkpoint import load_trained  # noqa: E402
+from train.loop import train_and_evaluate  # noqa: E402
+
+ARCHS = ("gpt2", "llama")
+TOLERANCE = 1e-4
+MEASURED = {}  # arch -> max |logit difference|, printed at the end of the module
+
+
+def _hf_model(arch, vocab_size, bos_id, eos_id):
+  """A tiny transformers model with every weight perturbed away from its init (norm scales, biases too)."""
+  torch.manual_seed(0)
+  if arch == "gpt2":
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=48, n_embd=32, n_layer=2, n_head=4,
+                                     activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                                     bos_token_id=bos_id, eos_token_id=eos_id)
+    model = transformers.GPT2LMHeadModel(config)
+  else:  # grouped-query attention, head_dim != d_model / heads, untied head, non-default RoPE base
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5,
+                                      rope_theta=500.0, tie_word_embeddings=False, bos_token_id=bos_id,
+                                      eos_token_id=eos_id)
+    model = transformers.LlamaForCausalLM(config)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  return model.eval()
+
+
+def _train_config(root):
+  """data and train sections of the imported runs: a tiny corpus, a few steps, one device."""
+  config = base.get_config()
+  config.data.train_path = str(root / "corpus.txt")
+  config.train.update(steps=2, batch_size=4, seq_len=32, learning_rate=1e-3, min_learning_rate=1e-4,
+                      warmup_steps=1, eval_every=2, eval_batches=1, checkpoint_every=2, log_every=1,
+                      num_samples=0)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  return config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """arch -> {hf_dir, workdir, hf model}: saved with save_pretrained (safetensors), imported with import_hf.
+  The Llama directory carries a sentencepiece tokenizer; GPT-2's byte-level BPE is not read by ablax."""
+  root = tmp_path_factory.mktemp("hf")
+  (root / "corpus.txt").write_text(TEXT)
+  tokenizer = train_tokenizer([TEXT], "sentencepiece", vocab_size=300)
+  out = {"root": root}
+  for arch, vocab, ids in (("gpt2", 96, (None, None)), ("llama", tokenizer.vocab_size,
+                                                         (tokenizer.bos_id, tokenizer.eos_id))):
+    model = _hf_model(arch, vocab, *ids)
+    hf_dir, workdir = root / f"hf_{arch}", root / f"run_{arch}"
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    if arch == "llama":
+      tokenizer.save(str(hf_dir))
+    import_hf(str(hf_dir), str(workdir), _train_config(root))
+    out[arch] = {"hf_dir": str(hf_dir), "workdir": str(workdir), "model": model}
+  yield out
+  print("\nmax |logits ablax - transformers|: " + ", ".join(f"{k} {v:.2e}" for k, v in MEASURED.items()))
+
+
+def _padded_batch(vocab_size):
+  """Three left-padded rows (lengths 12, 8, 3): tokens, attention mask / segment ids, positions [3, 12]."""
+  tokens = np.random.default_rng(1).integers(1, vocab_size, (3, 12))
+  mask = np.zeros((3, 12), np.int64)
+  positions = np.zeros((3, 12), np.int64)
+  for row, length in enumerate((12, 8, 3)):
+    mask[row, 12 - length:] = 1
+    positions[row, 12 - length:] = np.arange(length)
+  return tokens, mask, positions
+
+
+def _max_diff(model, params, hf_model):
+  tokens, mask, positions = _padded_batch(model.cfg.vocab_size)
+  with torch.no_grad():
+    expected = hf_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                        position_ids=torch.tensor(positions)).logits.numpy()
+  logits = jax.jit(lambda p: model.apply({"params": p}, tokens, positions, mask.astype(np.int32)))(params)
+  return float(np.abs(np.asarray(logits) - expected)[mask == 1].max())
+
+
+def _flat(params):
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(setup, arch):
+  _, model, params, _, step = load_trained(setup[arch]["workdir"], require_tokenizer=False)
+  diff = _max_diff(model, params, setup[arch]["model"])
+  MEASURED[arch] = diff
+  assert step == 0
+  assert diff <= TOLERANCE, f"{arch}: max |logits ablax - transformers| = {diff:.3e}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_decoding_matches_transformers(setup, arch):
+  _, model, params, _, _ = load_trained(setup[arch]["workdir"], require_tokenizer=False)
+  prompts = [[5, 17, 9, 33, 2, 41, 8], [12, 60, 7]]
+  ours = generate(model, params, prompts, max_new_tokens=20, sampling=Sampling(temperature=0.0))
+  width = max(map(len, prompts))
+  ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+  hf_model = setup[arch]["model"]
+  hf_model.generation_config.eos_token_id = None  # ablax decodes 20 tokens whatever they are
+  with torch.no_grad():
+    theirs = hf_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, pad_token_id=0)
+  assert ours == theirs[:, width:].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_import_round_trip_is_exact(setup, arch):
+  root, run = setup["root"], setup[arch]
+  out, again = str(root / f"export_{arch}"), str(root / f"reimport_{arch}")
+  export_hf(run["workdir"], out)
+  with open(os.path.join(out, "config.json")) as f:
+    exported = json.load(f)
+  assert exported["model_type"] == arch and exported["torch_dtype"] == "float32" and exported["architectures"]
+  assert os.path.exists(os.path.join(out, "tokenizer.model")) == (arch == "llama")
+  hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+  for name, tensor in run["model"].state_dict().items():
+    assert torch.equal(hf_model.state_dict()[name], tensor), name
+  import_hf(out, again, _train_config(root))
+  before = _flat(load_trained(run["workdir"], require_tokenizer=False)[2])
+  after = _flat(load_trained(again, require_tokenizer=False)[2])
+  assert before.keys() == after.keys()
+  for key in before:
+    assert np.array_equal(before[key], after[key]), key
+
+
+def test_continued_pretraining_exports_exactly(setup):
+  """Pretraining continues from the imported weights; the trained run exports to the same logits and
+  re-imports bit-exactly."""
+  root, workdir = setup["root"], str(setup["root"] / "continued")
+  shutil.copytree(setup["llama"]["workdir"], workdir)
+  last = train_and_evaluate(from_run.get_config(workdir), workdir)
+  assert last["step"] == 2 and np.isfinite(last["train/loss"])
+  imported = _flat(load_trained(setup["llama"]["workdir"])[2])
+  _, model, params, _, step = load_trained(workdir)
+  trained = _flat(params)
+  moved = max(float(np.abs(trained[k] - imported[k]).max()) for k in trained)
+  assert step == 2 and 0 < moved < 0.01, moved  # a few small AdamW steps away from the import, not a fresh init
+
+  out = str(root / "export_continued")
+  export_hf(workdir, out)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  diff = _max_diff(model, params, hf_model)
+  assert diff <= TOLERANCE, f"llama (trained): max |logits ablax - transformers| = {diff:.3e}"
+  import_hf(out, str(root / "reimport_continued"), _train_config(root))
+  again = _flat(load_trained(str(root / "reimport_continued"))[2])
+  assert all(np.array_equal(trained[k], again[k]) for k in trained)
+
+
+def test_lora_finetuning_of_an_imported_run(setup):
+  config = ft_common.get_config()
+  config.init_from = setup["llama"]["workdir"]
+  config.task = "lm"
+  config.data.update(train_path=str(setup["root"] / "corpus.txt"), val_fraction=0.1)
+  config.peft.update(method="lora", lora_rank=2, lora_alpha=4.0)
+  config.train.update(steps=2, batch_size=4, seq_len=32, warmup_steps=1, eval_every=2, eval_batches=1,
+                      checkpoint_every=2, log_every=1)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  workdir = str(setup["root"] / "lora")
+  last = finetune_lib.finetune(config, workdir)
+  assert last["step"] == 2 and np.isfinite(last["train/loss"])
+  _, model, merged, tokenizer, _ = load_trained(workdir)
+  assert model.cfg.activation == "swiglu" and tokenizer.vocab_size == model.cfg.vocab_size
+
+
+def _cli(module, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_generate_cli_on_an_imported_run(setup):
+  result = _cli("train.generate", f"--workdir={setup['llama']['workdir']}", "--prompt=line 3: the",
+                "--max_new_tokens=8", "--temperature=0")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("line 3: the") and "step 0" in result.stderr
+
+
+def test_a_run_without_tokenizer_says_so(setup):
+  with pytest.raises(DataError, match="no tokenizer"):
+    load_trained(setup["gpt2"]["workdir"])
+
+
+def _broken_copy(setup, tmp_path, edit):
+  """A copy of the Llama HF directory whose tensors went through `edit(dict)`."""
+  hf_dir = str(tmp_path / "broken")
+  shutil.copytree(setup["llama"]["hf_dir"], hf_dir)
+  path = os.path.join(hf_dir, "model.safetensors")
+  tensors = load_file(path)
+  edit(tensors)
+  save_file(tensors, path, metadata={"format": "pt"})
+  return hf_dir
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+    (lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}),
+     "model.safetensors: unexpected tensor 'model.layers.0.extra.weight'"),
+    (lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 48), np.float32)}),
+     r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(64, 48\), "
+     r"the config implies \(32, 48\)"),
+])
+def test_conversion_errors_name_the_tensor(setup, tmp_path, edit, message):
+  hf_dir = _broken_copy(setup, tmp_path, edit)
+  with pytest.raises(ConversionError, match=message):
+    import_hf(hf_dir, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # nothing written before the checkpoint converted
+
+
+def test_cli_errors_are_one_line(setup, tmp_path):
+  pickled = tmp_path / "pickled"
+  pickled.mkdir()
+  shutil.copy(os.path.join(setup["gpt2"]["hf_dir"], "config.json"), pickled)
+  (pickled / "pytorch_model.bin").write_bytes(b"not read")
+  with pytest.raises(ConversionError, match="pytorch_model.bin: only pickle weights found; convert to safetensors"):
+    import_hf(str(pickled), str(tmp_path / "run"))
+  with pytest.raises(ConversionError, match="already exists and is not empty"):
+    import_hf(setup["gpt2"]["hf_dir"], setup["gpt2"]["workdir"])
+  result = _cli("model.hf", "import", f"--hf_dir={pickled}", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 1
+  assert result.stderr.strip() == (f"error: {pickled / 'pytorch_model.bin'}: only pickle weights found; "
+                                   "convert to safetensors")
