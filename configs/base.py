@@ -16,14 +16,21 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_kv_heads = 0              # key/value heads G (0 = num_heads; 1 = multi-query; else grouped-query)
   model.head_dim = 0                  # per-head width K (0 = d_model // num_heads)
   model.mlp_dim = 0                   # MLP hidden width F (0 = 4 * d_model)
-  model.activation = "gelu"           # gelu (exact erf) | gelu_tanh | swiglu
+  model.activation = "gelu"           # gelu (exact erf) | gelu_tanh | relu | swiglu | geglu (tanh-GELU gate, T5 v1.1)
   model.norm = "layernorm"            # layernorm | rmsnorm
   model.norm_position = "pre"         # pre (GPT-2) | post (original Transformer / BERT)
   model.norm_eps = 1e-5               # epsilon of the norms (PyTorch's LayerNorm default)
-  model.position = "learned"          # sinusoidal | learned | rope | alibi | none
+  model.position = "learned"          # sinusoidal | learned | rope | alibi | relative (T5 bias) | none
   model.max_len = 1024                # rows of the learned position table
   model.rope_theta = 10_000.0         # RoPE base frequency
+  model.relative_buckets = 32         # relative: buckets of the per-stack [buckets, heads] bias table
+  model.relative_max_distance = 128   # relative: offsets this far or farther share the last bucket
+  model.scale_attention = True        # divide attention logits by sqrt(head_dim) (T5: False)
+  model.embed_norm = False            # normalise the embedding sum before the blocks (BERT)
   model.tie_embeddings = True         # output head = token embedding transposed
+  model.scale_tied_logits = False     # tied head sees the output times d_model**-0.5 (T5 v1.0)
+  model.head_transform = False        # dense D->D, activation, norm before the output head (BERT's MLM head)
+  model.head_bias = False             # a bias on the vocabulary logits (BERT)
   model.use_bias = True               # biases in dense layers and LayerNorm
   model.dropout = 0.0                 # dropout on embeddings, attention probabilities and residual branches
   model.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay in param_dtype)

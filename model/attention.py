@@ -1,4 +1,5 @@
-"""Attention: masks, positional schemes (sinusoidal, RoPE, ALiBi) and multi-head / grouped-query attention.
+"""Attention: masks, positional schemes (sinusoidal, RoPE, ALiBi, T5's relative bias) and multi-head /
+grouped-query attention.
 
 Shape letters as in model/layers.py. Masks are booleans (True = may attend) applied with `where`;
 softmax runs in float32.
@@ -59,6 +60,34 @@ def alibi_slopes(num_heads: int):
   return jnp.asarray(slopes, jnp.float32)
 
 
+def relative_position_bucket(relative, bidirectional: bool, num_buckets: int, max_distance: int):
+  """T5's bucket of each key - query offset: one bucket per distance below half the buckets, then
+  logarithmically wider ones up to max_distance (farther offsets share the last bucket).
+
+  Bidirectional (encoder): keys after the query get the upper half of the buckets. Causal (decoder): keys
+  after the query, never attended, fall into bucket 0.
+  """
+  bucket = jnp.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = jnp.where(relative > 0, num_buckets, 0)
+    distance = jnp.abs(relative)
+  else:
+    distance = jnp.maximum(-relative, 0)
+  exact = num_buckets // 2
+  # Float32 as in T5 (Mesh TensorFlow, Hugging Face): the bucket edges at 16, 32, 64 stay exact.
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / math.log(max_distance / exact)
+  far = exact + (log_ratio * (num_buckets - exact)).astype(relative.dtype)
+  return bucket + jnp.where(distance < exact, distance, jnp.minimum(far, num_buckets - 1))
+
+
+def relative_bias(table_NxH, q_positions_BxL, k_positions_BxS, bidirectional: bool, max_distance: int):
+  """Additive attention bias [B, H, L, S] looked up from a table of N buckets by key - query position."""
+  relative_BxLxS = k_positions_BxS[:, None, :] - q_positions_BxL[:, :, None]
+  bucket_BxLxS = relative_position_bucket(relative_BxLxS, bidirectional, table_NxH.shape[0], max_distance)
+  return jnp.take(table_NxH.astype(jnp.float32), bucket_BxLxS, axis=0).transpose(0, 3, 1, 2)
+
+
 class Attention(nn.Module):
   """Multi-head attention with G <= H key/value heads (G == H: MHA, G == 1: MQA)."""
   cfg: ModelConfig
@@ -73,12 +102,13 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None,
-               context_BxSxD=None):
+               context_BxSxD=None, bias_BxHxLxS=None):
     """Attends the L queries to S keys: the L new ones, or with `cache` the S slots of the cache.
 
     `cache` holds this layer's "key" / "value" [B, S, G, K], the write offset "end" and the
     key "positions" [B, S] (already holding the new ones). Returns (y_BxLxD, updated cache or None).
     With `context_BxSxD` (cross-attention) keys and values come from the context, without positions.
+    `bias_BxHxLxS` (T5's relative position bias) is added to the attention logits.
     """
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -104,8 +134,11 @@ class Attention(nn.Module):
 
     batch, length = x_BxLxD.shape[:2]
     q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, g, h // g, k)
-    logits_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK,
-                                  preferred_element_type=jnp.float32) / math.sqrt(k)
+    logits_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+    if cfg.scale_attention:
+      logits_BxGxRxLxS /= math.sqrt(k)
+    if bias_BxHxLxS is not None:
+      logits_BxGxRxLxS += bias_BxHxLxS.reshape(batch, g, h // g, *bias_BxHxLxS.shape[2:])
     if positioned and cfg.position == "alibi":
       distance_BxLxS = jnp.abs(positions_BxL[:, :, None] - key_positions_BxS[:, None, :]).astype(jnp.float32)
       slopes_GxR = alibi_slopes(h).reshape(g, h // g)

@@ -5,10 +5,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
+GATED = ("swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
-POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -34,13 +35,25 @@ class ModelConfig:
   position: str = "learned"
   max_len: int = 1024
   rope_theta: float = 10_000.0
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+  scale_attention: bool = True
+  embed_norm: bool = False
   tie_embeddings: bool = True
+  scale_tied_logits: bool = False
+  head_transform: bool = False
+  head_bias: bool = False
   use_bias: bool = True
   dropout: float = 0.0
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
   family: str = "decoder"
+
+  @property
+  def gated(self) -> bool:
+    """A gated MLP (two input projections)."""
+    return self.activation in GATED
 
   @property
   def compute_dtype(self):
@@ -81,7 +94,7 @@ class ModelConfig:
         raise ConfigError(f"config.model.{key}: expected one of {', '.join(allowed)}, "
                           f"got {getattr(self, key)!r}")
     for key in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
-                "mlp_dim", "max_len"):
+                "mlp_dim", "max_len", "relative_buckets", "relative_max_distance"):
       if getattr(self, key) <= 0:
         raise ConfigError(f"config.model.{key}: expected a positive integer, got {getattr(self, key)}")
     if self.num_heads % self.num_kv_heads:
@@ -89,6 +102,13 @@ class ModelConfig:
                         f"got {self.num_kv_heads}")
     if self.position == "rope" and self.head_dim % 2:
       raise ConfigError(f"config.model.head_dim: rope needs an even head_dim, got {self.head_dim}")
+    if self.position == "relative" and self.relative_buckets < 4:
+      raise ConfigError(f"config.model.relative_buckets: expected at least 4, got {self.relative_buckets}")
+    if self.position == "relative" and self.relative_max_distance <= self.relative_buckets // 2:
+      raise ConfigError(f"config.model.relative_max_distance: must exceed relative_buckets // 2 = "
+                        f"{self.relative_buckets // 2}, got {self.relative_max_distance}")
+    if self.scale_tied_logits and not self.tie_embeddings:
+      raise ConfigError("config.model.scale_tied_logits: needs tie_embeddings=True")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"config.model.dropout: expected a value in [0, 1), got {self.dropout}")
 
@@ -97,8 +117,8 @@ class ModelConfig:
     d, k, f = self.d_model, self.head_dim, self.mlp_dim
     attn = d * k * (self.num_heads * 2 + self.num_kv_heads * 2)
     attn_bias = k * (self.num_heads + 2 * self.num_kv_heads) + d if self.use_bias else 0
-    mlp = d * f * (3 if self.activation == "swiglu" else 2)
-    mlp_bias = f * (2 if self.activation == "swiglu" else 1) + d if self.use_bias else 0
+    mlp = d * f * (3 if self.gated else 2)
+    mlp_bias = f * (2 if self.gated else 1) + d if self.use_bias else 0
     norm_size = d * (2 if self.norm == "layernorm" and self.use_bias else 1)
     layer = attn + attn_bias + mlp + mlp_bias + 2 * norm_size
     final_norm = norm_size if self.norm_position == "pre" else 0
@@ -109,6 +129,14 @@ class ModelConfig:
     embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
     if self.position == "learned":
       embeddings += stacks * self.max_len * d
+    if self.position == "relative":  # one bias table per stack
+      total += stacks * self.relative_buckets * self.num_heads
+    if self.embed_norm:
+      total += stacks * norm_size
+    if self.head_transform:  # dense D -> D (+ bias) and a norm before the output projection
+      total += d * d + (d if self.use_bias else 0) + norm_size
+    if self.head_bias:
+      total += self.vocab_size
     return total + (embeddings if include_embeddings else 0)
 
   def flops_per_token(self, seq_len: int) -> float:

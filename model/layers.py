@@ -61,8 +61,15 @@ class Norm(nn.Module):
     return x.astype(cfg.compute_dtype)
 
 
+def activate(activation: str, x):
+  """The pointwise non-linearity of `activation`; a gated one (swiglu, geglu) gives its gate's function."""
+  if activation in ("gelu", "gelu_tanh", "geglu"):
+    return nn.gelu(x, approximate=activation != "gelu")
+  return nn.relu(x) if activation == "relu" else nn.silu(x)
+
+
 class Mlp(nn.Module):
-  """Position-wise feed-forward: GELU (exact or tanh) or SwiGLU."""
+  """Position-wise feed-forward: GELU (exact or tanh), ReLU, or gated: SwiGLU, GeGLU (tanh GELU gate)."""
   cfg: ModelConfig
 
   def dense(self, name, x, shape, axes, init, spec):
@@ -79,11 +86,10 @@ class Mlp(nn.Module):
     cfg = self.cfg
     d, f = cfg.d_model, cfg.mlp_dim
     up = ("embed", "mlp")
-    if cfg.activation == "swiglu":
+    if cfg.gated:
       gate_BxLxF = self.dense("wi_gate", x_BxLxD, (d, f), up, normal(0.02), "bld,df->blf")
       up_BxLxF = self.dense("wi_up", x_BxLxD, (d, f), up, normal(0.02), "bld,df->blf")
-      h_BxLxF = nn.silu(gate_BxLxF) * up_BxLxF
+      h_BxLxF = activate(cfg.activation, gate_BxLxF) * up_BxLxF
     else:
-      h_BxLxF = self.dense("wi", x_BxLxD, (d, f), up, normal(0.02), "bld,df->blf")
-      h_BxLxF = nn.gelu(h_BxLxF, approximate=cfg.activation == "gelu_tanh")
+      h_BxLxF = activate(cfg.activation, self.dense("wi", x_BxLxD, (d, f), up, normal(0.02), "bld,df->blf"))
     return self.dense("wo", h_BxLxF, (f, d), ("mlp", "embed"), residual_init(cfg), "blf,fd->bld")

@@ -8,9 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.attention import Attention, attention_mask, sinusoidal_embedding
+from model.attention import Attention, attention_mask, relative_bias, sinusoidal_embedding
 from model.config import ModelConfig
-from model.layers import Embed, Mlp, Norm, normal, param
+from model.layers import Embed, Mlp, Norm, activate, normal, param
 
 
 class Block(nn.Module):
@@ -20,8 +20,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None,
-               context_BxSxD=None, context_mask_BxLxS=None):
-    """Returns (x_BxLxD, this layer's updated cache or None); `cache` as in Attention."""
+               context_BxSxD=None, context_mask_BxLxS=None, bias_BxHxLxS=None):
+    """Returns (x_BxLxD, this layer's updated cache or None); `cache` and the self-attention's
+    `bias_BxHxLxS` as in Attention."""
     cfg = self.cfg
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     pre = cfg.norm_position == "pre"
@@ -33,7 +34,8 @@ class Block(nn.Module):
 
     def self_attention(h_BxLxD):
       nonlocal cache
-      y_BxLxD, cache = Attention(cfg, name="attention")(h_BxLxD, positions_BxL, mask_BxLxS, deterministic, cache)
+      y_BxLxD, cache = Attention(cfg, name="attention")(h_BxLxD, positions_BxL, mask_BxLxS, deterministic, cache,
+                                                        bias_BxHxLxS=bias_BxHxLxS)
       return y_BxLxD
 
     x_BxLxD = residual("attention", self_attention)
@@ -93,6 +95,8 @@ class Transformer(nn.Module):
       x_BxLxD += jnp.take(table_LxD, positions_BxL, axis=0).astype(cfg.compute_dtype)
     elif cfg.position == "sinusoidal":
       x_BxLxD += sinusoidal_embedding(positions_BxL, cfg.d_model).astype(cfg.compute_dtype)
+    if cfg.embed_norm:  # BERT normalises the embedding sum
+      x_BxLxD = Norm(cfg, name="embed_norm")(x_BxLxD)
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
 
     context_mask_BxLxS = None
@@ -106,12 +110,20 @@ class Transformer(nn.Module):
                    segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, end)),
                    positions=jax.lax.dynamic_update_slice(cache["positions"], positions_BxL, (0, end)))
       mask_BxLxS = attention_mask(segment_ids_BxL, cache["segment_ids"], causal=True, q_offset=end)
+    bias_BxHxLxS = None
+    if cfg.position == "relative":  # T5: one table for the whole stack (Hugging Face keeps it in layer 0)
+      table_NxH = param(self, "relative_bias", normal(0.02), (cfg.relative_buckets, cfg.num_heads),
+                        (None, "heads"), cfg.weight_dtype)
+      key_positions_BxS = positions_BxL if cache is None else cache["positions"]
+      bias_BxHxLxS = relative_bias(table_NxH, positions_BxL, key_positions_BxS, not self.causal,
+                                   cfg.relative_max_distance)
     block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
     new_layers = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else dict(cache["layers"][i], end=end, positions=cache["positions"])
       x_BxLxD, layer_cache = block(cfg, self.cross, name=f"layer_{i}")(
-          x_BxLxD, positions_BxL, mask_BxLxS, deterministic, layer_cache, context_BxSxD, context_mask_BxLxS)
+          x_BxLxD, positions_BxL, mask_BxLxS, deterministic, layer_cache, context_BxSxD, context_mask_BxLxS,
+          bias_BxHxLxS)
       new_layers.append(layer_cache)
     if cfg.norm_position == "pre":
       x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
@@ -119,13 +131,26 @@ class Transformer(nn.Module):
     if return_hidden:
       return x_BxLxD
 
+    if cfg.head_transform:  # BERT's masked-LM head: dense, activation, norm, then the output projection
+      w_DxD = param(self, "head_transform", normal(0.02), (cfg.d_model, cfg.d_model), ("embed", None),
+                    cfg.weight_dtype)
+      x_BxLxD = jnp.einsum("bld,de->ble", x_BxLxD, w_DxD.astype(cfg.compute_dtype))
+      if cfg.use_bias:
+        x_BxLxD += param(self, "head_transform_bias", nn.initializers.zeros, (cfg.d_model,), (None,),
+                         cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
+      x_BxLxD = Norm(cfg, name="head_norm")(activate(cfg.activation, x_BxLxD))
     if cfg.tie_embeddings:
+      if cfg.scale_tied_logits:  # T5 rescales before reusing the embedding table
+        x_BxLxD *= cfg.d_model ** -0.5
       logits_BxLxV = embed.attend(x_BxLxD)
     else:
       head_DxV = param(self, "lm_head", normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                        cfg.weight_dtype)
       logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(cfg.compute_dtype))
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    if cfg.head_bias:
+      logits_BxLxV += param(self, "head_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",),
+                            cfg.weight_dtype).astype(jnp.float32)[None, None]
     if cache is None:
       return logits_BxLxV
     return logits_BxLxV, dict(cache, layers=tuple(new_layers))

@@ -30,7 +30,7 @@ def tiny(family, position="rope", seed=0):
   return model, nn.meta.unbox(init_params(model, jax.random.PRNGKey(seed), 16))
 
 
-@pytest.mark.parametrize("position", ["rope", "learned", "alibi"])
+@pytest.mark.parametrize("position", ["rope", "learned", "alibi", "relative"])
 def test_encoder_is_bidirectional_within_segments_only(position):
   model, params = tiny("encoder", position)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 12), 3, 37)
@@ -43,8 +43,9 @@ def test_encoder_is_bidirectional_within_segments_only(position):
   np.testing.assert_allclose(changed[0, 6:], reference[0, 6:], atol=1e-6)  # segment 2 never sees segment 1
 
 
-def test_encoder_decoder_decoder_is_causal_and_reads_the_encoder():
-  model, params = tiny("encoder_decoder")
+@pytest.mark.parametrize("position", ["rope", "relative"])
+def test_encoder_decoder_decoder_is_causal_and_reads_the_encoder(position):
+  model, params = tiny("encoder_decoder", position)
   inputs = jax.random.randint(jax.random.PRNGKey(1), (1, 10), 3, 37)
   decoder_inputs = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 37)
   forward = lambda i, d: model.apply({"params": params}, i, None, None, d)

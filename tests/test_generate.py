@@ -11,7 +11,7 @@ from model.config import ModelConfig
 from model.decode import Sampling, beam_search, choose, filter_logits, generate, generate_text, top_p_mask
 from model.transformer import Decoder, build_model, init_cache, init_params
 
-POSITIONS = ["sinusoidal", "learned", "rope", "alibi", "none"]
+POSITIONS = ["sinusoidal", "learned", "rope", "alibi", "relative", "none"]
 
 
 def tiny(position="rope", num_kv_heads=4, max_len=64, seed=0):
@@ -140,17 +140,42 @@ def test_stops_at_eos_and_at_stop_strings():
   assert "".join(pieces) == streamed == text
 
 
-def tiny_family(family):
+def tiny_family(family, position="rope", **changes):
   cfg = ModelConfig(vocab_size=41, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
-                    max_len=64, position="rope", family=family)
+                    max_len=64, position=position, family=family, **changes)
   model = build_model(cfg)
   leaves, tree = jax.tree.flatten(nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   return model, jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) * 0.3 for k, x in zip(keys, leaves)])
 
 
-def test_encoder_decoder_cached_generation_equals_full_forward():
-  model, params = tiny_family("encoder_decoder")
+T5_LIKE = dict(position="relative", relative_buckets=8, relative_max_distance=12, norm="rmsnorm", use_bias=False,
+               activation="geglu", scale_attention=False, scale_tied_logits=True)
+
+
+def test_encoder_decoder_cached_logits_equal_full_forward_with_relative_bias():
+  model, params = tiny_family("encoder_decoder", **T5_LIKE)
+  inputs_BxS = jax.random.randint(jax.random.PRNGKey(3), (2, 11), 1, 41)
+  segments_BxS = jnp.asarray([[1] * 11, [0] * 3 + [1] * 8])  # row 1: left-padded encoder input
+  positions_BxS = jnp.asarray([list(range(11)), [0] * 3 + list(range(8))])
+  decoder_BxL = jax.random.randint(jax.random.PRNGKey(4), (2, 16), 1, 41)
+  apply = jax.jit(model.apply, static_argnames="method")
+  encoded_BxSxD = apply({"params": params}, inputs_BxS, positions_BxS, segments_BxS, method="encode")
+  full_BxLxV = apply({"params": params}, inputs_BxS, positions_BxS, segments_BxS, decoder_BxL)
+  step = jax.jit(lambda tokens, positions, cache: model.apply(
+      {"params": params}, tokens, encoded_BxSxD, segments_BxS, positions, jnp.ones_like(tokens), cache=cache,
+      method="decode"))
+  logits, cache = step(decoder_BxL[:, :3], jnp.broadcast_to(jnp.arange(3), (2, 3)), init_cache(model.cfg, 2, 16))
+  pieces = [logits]
+  for t in range(3, 16):  # 16 decoder positions: offsets reach the last (logarithmic) buckets
+    logits, cache = step(decoder_BxL[:, t:t + 1], jnp.full((2, 1), t), cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full_BxLxV, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("changes", [{}, T5_LIKE], ids=["rope", "t5"])
+def test_encoder_decoder_cached_generation_equals_full_forward(changes):
+  model, params = tiny_family("encoder_decoder", **changes)
   prompts = [[1, 5, 7, 9, 3], [1, 2]]
   out = generate(model, params, prompts, max_new_tokens=8, sampling=Sampling(temperature=0.0))
   forward = jax.jit(model.apply)

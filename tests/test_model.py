@@ -1,6 +1,7 @@
 """Model invariants and independent references: causality (values and gradients), packed segments,
 every config axis forward+backward, parameter/FLOP counts, a numpy forward pass, GQA == repeated-kv MHA,
-RoPE relativity, ALiBi slopes, remat == no remat, dropout, config errors, full-size shapes via eval_shape.
+RoPE relativity, ALiBi slopes, T5 relative-position buckets, remat == no remat, dropout, config errors,
+full-size shapes via eval_shape.
 
 Tiny dims throughout (V=37, D=32, 2 layers, H=4, K=8, L=16).
 """
@@ -15,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.attention import alibi_slopes, apply_rope, sinusoidal_embedding
+from model.attention import alibi_slopes, apply_rope, relative_position_bucket, sinusoidal_embedding
 from model.config import POSITIONS, ConfigError, ModelConfig
 from model.layers import Embed
-from model.transformer import Decoder
+from model.transformer import Decoder, build_model
 
 BASE = ModelConfig(vocab_size=37, num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
                    mlp_dim=64, max_len=16)
@@ -183,7 +184,9 @@ def test_packed_segments_match_separate_rows(changes):
 AXES = ([dict(position=p) for p in POSITIONS if p != BASE.position]
         + [dict(norm="rmsnorm"), dict(norm_position="post"), dict(activation="gelu_tanh"),
            dict(activation="swiglu"), dict(num_kv_heads=2), dict(num_kv_heads=1), dict(tie_embeddings=False),
-           dict(use_bias=False), dict(remat=True), dict(dtype="bfloat16")])
+           dict(use_bias=False), dict(remat=True), dict(dtype="bfloat16"), dict(activation="relu"),
+           dict(activation="geglu"), dict(scale_attention=False), dict(embed_norm=True), dict(head_transform=True),
+           dict(head_bias=True), dict(scale_tied_logits=True)])
 
 
 def loss_and_grad_fn(cfg: ModelConfig):
@@ -227,10 +230,26 @@ def real_param_count(cfg: ModelConfig) -> int:
 @pytest.mark.parametrize("changes", [{}] + AXES + [
     dict(activation="swiglu", norm="rmsnorm", use_bias=False, position="rope", num_kv_heads=2,
          tie_embeddings=False),
-    dict(norm_position="post", use_bias=False, num_layers=3, mlp_dim=48, head_dim=12)], ids=case_id)
+    dict(norm_position="post", use_bias=False, num_layers=3, mlp_dim=48, head_dim=12),
+    dict(head_transform=True, use_bias=False, norm="rmsnorm", embed_norm=True, relative_buckets=8,
+         position="relative")], ids=case_id)
 def test_num_params_matches_tree(changes):
   cfg = make_cfg(**changes)
   assert cfg.num_params() == real_param_count(cfg)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(family="encoder", norm_position="post", embed_norm=True, head_transform=True, head_bias=True),  # BERT
+    dict(family="encoder_decoder", position="relative", relative_buckets=8, norm="rmsnorm", use_bias=False,
+         activation="relu", scale_attention=False, scale_tied_logits=True),                         # T5 v1.0
+    dict(family="encoder_decoder", position="relative", norm="rmsnorm", use_bias=False, activation="geglu",
+         tie_embeddings=False, embed_norm=True, head_transform=True, head_bias=True)], ids=case_id)
+def test_num_params_matches_tree_for_every_family(changes):
+  cfg = make_cfg(**changes)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  args = (tokens, None, None, tokens) if cfg.family == "encoder_decoder" else (tokens,)
+  shapes = jax.eval_shape(build_model(cfg).init, jax.random.key(0), *args)["params"]
+  assert cfg.num_params() == sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
 
 
 def test_num_params_without_embeddings():
@@ -357,6 +376,29 @@ def test_alibi_slopes():
   np.testing.assert_allclose(alibi_slopes(4), [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8], rtol=1e-6)
 
 
+def test_relative_position_buckets_by_hand():
+  """T5's 32 buckets, max distance 128. Bidirectional: 16 per direction, exact below 8, then
+  8 + floor(2 * log2(d / 8)) up to 15; keys after the query add 16. Causal: 32 for earlier keys only,
+  exact below 16, then 16 + floor(16 * log2(d / 16) / 3) up to 31; later keys share bucket 0."""
+  offsets = jnp.asarray([0, -1, -7, -8, -11, -12, -15, -16, -22, -23, -32, -45, -46, -64, -90, -91, -128, -1000,
+                         1, 7, 8, 16, 91, 1000])
+  bidirectional = [0, 1, 7, 8, 8, 9, 9, 10, 10, 11, 12, 12, 13, 14, 14, 15, 15, 15,
+                   17, 23, 24, 26, 31, 31]
+  causal = [0, 1, 7, 8, 11, 12, 15, 16, 18, 18, 21, 23, 24, 26, 29, 29, 31, 31,
+            0, 0, 0, 0, 0, 0]
+  np.testing.assert_array_equal(relative_position_bucket(offsets, True, 32, 128), bidirectional)
+  np.testing.assert_array_equal(relative_position_bucket(offsets, False, 32, 128), causal)
+  distances = np.arange(300)
+  by_formula = np.where(distances < 8, distances,
+                        np.minimum(8 + np.floor(2 * np.log2(np.maximum(distances, 1) / 8)), 15))
+  np.testing.assert_array_equal(relative_position_bucket(jnp.asarray(-distances), True, 32, 128), by_formula)
+  np.testing.assert_array_equal(relative_position_bucket(jnp.asarray(distances[1:]), True, 32, 128),
+                                16 + by_formula[1:])
+  by_formula = np.where(distances < 16, distances,
+                        np.minimum(16 + np.floor(16 * np.log2(np.maximum(distances, 1) / 16) / 3), 31))
+  np.testing.assert_array_equal(relative_position_bucket(jnp.asarray(-distances), False, 32, 128), by_formula)
+
+
 def test_sinusoidal_embedding():
   emb = np.asarray(sinusoidal_embedding(jnp.array([[0, 3]]), 10))
   assert emb.shape == (1, 2, 10)
@@ -370,7 +412,7 @@ def test_sinusoidal_embedding():
 # 6. remat == no remat
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("position", ["learned", "rope"])
+@pytest.mark.parametrize("position", ["learned", "rope", "relative"])
 def test_remat_matches_no_remat(position):
   plain_cfg, remat_cfg = make_cfg(position=position), make_cfg(position=position, remat=True)
   params = init_params(plain_cfg)
@@ -420,7 +462,7 @@ GOOD = dict(d_model=32, num_heads=4, num_layers=2)
 
 
 @pytest.mark.parametrize("changes, key", [
-    (dict(activation="relu"), "activation"),
+    (dict(activation="tanh"), "activation"),
     (dict(num_heads=5), "num_heads"),               # 5 does not divide d_model=32 (head_dim derived)
     (dict(num_kv_heads=3), "num_kv_heads"),         # 3 does not divide num_heads=4
     (dict(num_layer=2), "num_layer"),               # typo: unknown key
@@ -429,6 +471,9 @@ GOOD = dict(d_model=32, num_heads=4, num_layers=2)
     (dict(dropout=1.0), "dropout"),
     (dict(num_layers=0), "num_layers"),
     (dict(position="rope", head_dim=7), "head_dim"),
+    (dict(position="relative", relative_buckets=2), "relative_buckets"),
+    (dict(position="relative", relative_max_distance=16), "relative_max_distance"),  # <= 32 // 2
+    (dict(scale_tied_logits=True, tie_embeddings=False), "scale_tied_logits"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_from_config_errors_name_the_key(changes, key):
   with pytest.raises(ConfigError) as info:
