@@ -4,7 +4,7 @@ setup(
     name="ablax",
     version="0.1.0",
     description="Pretrain, fine-tune and ablate transformer language models in JAX/Flax.",
-    packages=["model", "data", "train", "configs", "configs.finetune", "configs.ablations"],
+    packages=["model", "model.hf", "data", "train", "configs", "configs.finetune", "configs.ablations"],
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.0",
@@ -18,6 +18,9 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        "safetensors>=0.4",
+        "ml-dtypes>=0.4",  # bfloat16 safetensors (also a jax dependency)
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    # torch and transformers only build reference models in tests/test_hf.py (tested with transformers 5.24).
+    extras_require={"test": ["pytest>=8.0", "torch==2.13.0", "transformers>=5.0"]},
 )
