@@ -25,6 +25,8 @@ from data.sources import DataError  # noqa: E402
 from data.tokenizer import train_tokenizer  # noqa: E402
 from model.decode import Sampling, generate  # noqa: E402
 from model.hf.__main__ import export_hf, import_hf  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.hf import common as hf_common  # noqa: E402
 from model.hf.common import ConversionError  # noqa: E402
 from test_train import REPO, TEXT  # noqa: E402
 from train import finetune as finetune_lib  # noqa: E402
@@ -234,7 +236,7 @@ def _broken_copy(setup, tmp_path, edit):
     (lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 48), np.float32)}),
      r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(64, 48\), "
      r"the config implies \(32, 48\)"),
-])
+], ids=["missing", "unexpected", "shape"])
 def test_conversion_errors_name_the_tensor(setup, tmp_path, edit, message):
   hf_dir = _broken_copy(setup, tmp_path, edit)
   with pytest.raises(ConversionError, match=message):
@@ -255,3 +257,26 @@ def test_cli_errors_are_one_line(setup, tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip() == (f"error: {pickled / 'pytorch_model.bin'}: only pickle weights found; "
                                    "convert to safetensors")
+
+
+def test_sharded_checkpoints_import_alike(setup, tmp_path):
+  tensors = load_file(os.path.join(setup["llama"]["hf_dir"], "model.safetensors"))
+  sharded = tmp_path / "sharded"
+  sharded.mkdir()
+  shutil.copy(os.path.join(setup["llama"]["hf_dir"], "config.json"), sharded)
+  names = sorted(tensors)
+  weight_map = {}
+  for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+    shard = f"model-0000{i + 1}-of-00002.safetensors"
+    save_file({n: tensors[n] for n in part}, str(sharded / shard), metadata={"format": "pt"})
+    weight_map.update({n: shard for n in part})
+  (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  expected = _flat(hf_common.import_params(setup["llama"]["hf_dir"])[3])
+  got = _flat(hf_common.import_params(str(sharded))[3])
+  assert expected.keys() == got.keys() and all(np.array_equal(expected[k], got[k]) for k in expected)
+
+
+def test_export_needs_an_architecture_that_fits():
+  cfg = ModelConfig(vocab_size=50, num_layers=1, d_model=16, num_heads=2, head_dim=8, mlp_dim=32, position="alibi")
+  with pytest.raises(ConversionError, match="no Hugging Face architecture fits.*position='alibi'"):
+    hf_common.export_tensors(cfg, {})

@@ -6,7 +6,7 @@ HF's Conv1D stores weights [in, out] (ablax's layout, no transpose); c_attn fuse
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf.common import ConversionError
+from model.hf.common import PLAIN_DECODER, ConversionError
 
 MODEL_TYPES = ("gpt2",)
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -87,7 +87,7 @@ def hf_config(cfg: ModelConfig) -> dict:
   """GPT-2 config.json of an ablax model; ConversionError naming the first key GPT-2 cannot express."""
   needed = {"family": "decoder", "position": "learned", "norm": "layernorm", "norm_position": "pre",
             "tie_embeddings": True, "use_bias": True, "num_kv_heads": cfg.num_heads,
-            "head_dim": cfg.d_model // cfg.num_heads}
+            "head_dim": cfg.d_model // cfg.num_heads, **PLAIN_DECODER}
   for key, value in needed.items():
     if getattr(cfg, key) != value:
       raise ConversionError(f"config.model.{key}={getattr(cfg, key)!r}, GPT-2 needs {value!r}")

@@ -7,7 +7,7 @@ torch Linear stores weights [out, in]; ablax stores [in, ...out], so every matri
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf.common import ConversionError
+from model.hf.common import PLAIN_DECODER, ConversionError
 
 MODEL_TYPES = ("llama",)
 BUFFERS = ("self_attn.rotary_emb.inv_freq",)  # saved by some older versions
@@ -95,7 +95,7 @@ def to_ablax(hf_config: dict, tensors, cfg: ModelConfig) -> dict:
 def hf_config(cfg: ModelConfig) -> dict:
   """Llama config.json of an ablax model; ConversionError naming the first key Llama cannot express."""
   needed = {"family": "decoder", "position": "rope", "norm": "rmsnorm", "norm_position": "pre",
-            "activation": "swiglu"}
+            "activation": "swiglu", **PLAIN_DECODER}
   for key, value in needed.items():
     if getattr(cfg, key) != value:
       raise ConversionError(f"config.model.{key}={getattr(cfg, key)!r}, Llama needs {value!r}")
