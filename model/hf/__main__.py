@@ -7,8 +7,8 @@ Import makes a run at step 0: its model section comes from the checkpoint, the r
 --config (default configs/base.py). It is an ordinary workdir: train.generate, train.evaluate,
 train.finetune --config.init_from=DIR and continued pretraining (--config=configs/from_run.py:DIR) read it.
 Export writes config.json and model.safetensors (float32) that transformers' AutoModelForCausalLM /
-AutoModel load; a sentencepiece tokenizer travels both ways. This entrypoint writes runs, so it imports data/ and train/; the converters
-(common.py and the architecture modules) import only model/.
+AutoModel load; a sentencepiece tokenizer travels both ways. This entrypoint writes runs, so it imports
+data/ and train/; the converters (common.py and the architecture modules) import only model/.
 """
 
 import os
