@@ -43,7 +43,7 @@ def ablation_defaults() -> ml_collections.ConfigDict:
   c.entrypoint = "pretrain"          # pretrain | finetune (python -m train.<entrypoint>)
   c.config = ""                      # the experiment's config file, e.g. configs/shakespeare_char.py
   c.overrides = ()                   # "key=value" for every run, as --config.key=value
-  c.variants = {}                    # name -> tuple of "key=value" overrides
+  c.variants = {}                    # name -> tuple of "key=value" overrides; or ((name, overrides), ...) in order
   c.grid = {}                        # axis name -> (key, (values...)): a variant per combination
   c.seeds = (0, 1, 2)
   c.seed_key = "train.seed"
@@ -99,7 +99,7 @@ def _format(value) -> str:
 
 def expand(ablation) -> list[dict]:
   """Runs in order: variants (named, then the grid product) x seeds; each {name, variant, seed, overrides}."""
-  variants = [(name, tuple(overrides)) for name, overrides in dict(ablation.variants).items()]
+  variants = [(name, tuple(overrides)) for name, overrides in dict(ablation.variants).items()]  # pairs keep order
   axes = [(axis, key, tuple(values)) for axis, (key, values) in dict(ablation.grid).items()]
   for combination in itertools.product(*[[(axis, key, v) for v in values] for axis, key, values in axes]):
     if combination:
