@@ -94,6 +94,9 @@ class Transformer(nn.Module):
                         ("length", "embed"), cfg.weight_dtype)
       x_BxLxD += jnp.take(table_LxD, positions_BxL, axis=0).astype(cfg.compute_dtype)
     elif cfg.position == "sinusoidal":
+      # As in "Attention Is All You Need", tokens are scaled by sqrt(D): the signal's entries are O(1) and
+      # would otherwise drown the 0.02-scale token embeddings.
+      x_BxLxD = x_BxLxD * jnp.sqrt(cfg.d_model).astype(x_BxLxD.dtype)
       x_BxLxD += sinusoidal_embedding(positions_BxL, cfg.d_model).astype(cfg.compute_dtype)
     if cfg.embed_norm:  # BERT normalises the embedding sum
       x_BxLxD = Norm(cfg, name="embed_norm")(x_BxLxD)

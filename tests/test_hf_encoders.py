@@ -13,7 +13,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 torch = pytest.importorskip("torch")
@@ -24,6 +23,7 @@ from model.decode import Sampling, generate  # noqa: E402
 from model.hf import common  # noqa: E402
 from model.hf.__main__ import export_hf, import_hf  # noqa: E402
 from model.hf.common import ConversionError  # noqa: E402
+from test_hf import _flat  # noqa: E402
 from train.checkpoint import load_trained  # noqa: E402
 
 ARCHS = ("bert", "t5_v1_0", "t5_v1_1")
@@ -108,10 +108,6 @@ def _max_diff(model, params, hf_model):
                         decoder_attention_mask=torch.tensor(decoder_mask)).logits.numpy()
   logits = apply({"params": params}, inputs, positions, mask, decoder, decoder_positions, decoder_mask)
   return float(np.abs(np.asarray(logits) - expected)[decoder_mask == 1].max())
-
-
-def _flat(params):
-  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

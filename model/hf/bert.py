@@ -10,19 +10,13 @@ are skipped. torch Linear stores weights [out, in]; ablax stores [in, ...out], s
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf.common import ConversionError
+from model.hf.common import ConversionError, config_value
 
 MODEL_TYPES = ("bert",)
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 UNUSED = ("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids")  # under the bert. prefix
 UNUSED_HEADS = ("cls.seq_relationship.weight", "cls.seq_relationship.bias")       # next-sentence prediction
 
-
-def _get(hf_config: dict, key: str, default=None):
-  value = hf_config.get(key, default)
-  if value is None:
-    raise ConversionError(f"config.json: '{key}' is required for model_type bert")
-  return value
 
 
 def model_section(hf_config: dict) -> dict:
@@ -35,18 +29,18 @@ def model_section(hf_config: dict) -> dict:
   if activation not in ACTIVATIONS:
     raise ConversionError(f"config.json: hidden_act {activation!r} is not supported "
                           f"(supported: {', '.join(ACTIVATIONS)})")
-  return {"family": "encoder", "num_layers": _get(hf_config, "num_hidden_layers"),
-          "d_model": _get(hf_config, "hidden_size"), "num_heads": _get(hf_config, "num_attention_heads"),
-          "num_kv_heads": 0, "head_dim": 0, "mlp_dim": _get(hf_config, "intermediate_size"),
+  return {"family": "encoder", "num_layers": config_value(hf_config, "num_hidden_layers"),
+          "d_model": config_value(hf_config, "hidden_size"), "num_heads": config_value(hf_config, "num_attention_heads"),
+          "num_kv_heads": 0, "head_dim": 0, "mlp_dim": config_value(hf_config, "intermediate_size"),
           "activation": ACTIVATIONS[activation], "norm": "layernorm", "norm_position": "post",
-          "norm_eps": _get(hf_config, "layer_norm_eps", 1e-12), "position": "learned",
-          "max_len": _get(hf_config, "max_position_embeddings"), "use_bias": True, "embed_norm": True,
+          "norm_eps": config_value(hf_config, "layer_norm_eps", 1e-12), "position": "learned",
+          "max_len": config_value(hf_config, "max_position_embeddings"), "use_bias": True, "embed_norm": True,
           "head_transform": True, "head_bias": True,
           "tie_embeddings": bool(hf_config.get("tie_word_embeddings", True))}
 
 
 def vocab_size(hf_config: dict) -> int:
-  return _get(hf_config, "vocab_size")
+  return config_value(hf_config, "vocab_size")
 
 
 def _norm(tensors, name: str, d: int) -> dict:

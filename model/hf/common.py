@@ -33,6 +33,14 @@ class ConversionError(ValueError):
   """A checkpoint that does not match what the converter expects; the message names the tensor and file."""
 
 
+def config_value(hf_config: dict, key: str, default=None):
+  """hf_config[key] (or `default`); a ConversionError naming the key when neither is there."""
+  value = hf_config.get(key, default)
+  if value is None:
+    raise ConversionError(f"config.json: '{key}' is required for model_type {hf_config.get('model_type')}")
+  return value
+
+
 class Tensors:
   """The tensors of a checkpoint by name; each one is taken exactly once, with the shape the config implies."""
 

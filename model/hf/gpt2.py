@@ -6,18 +6,12 @@ HF's Conv1D stores weights [in, out] (ablax's layout, no transpose); c_attn fuse
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf.common import PLAIN_DECODER, ConversionError
+from model.hf.common import PLAIN_DECODER, ConversionError, config_value
 
 MODEL_TYPES = ("gpt2",)
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older versions saved
 
-
-def _get(hf_config: dict, key: str, default=None):
-  value = hf_config.get(key, default)
-  if value is None:
-    raise ConversionError(f"config.json: '{key}' is required for model_type gpt2")
-  return value
 
 
 def model_section(hf_config: dict) -> dict:
@@ -30,17 +24,17 @@ def model_section(hf_config: dict) -> dict:
   if activation not in ACTIVATIONS:
     raise ConversionError(f"config.json: activation_function {activation!r} is not supported "
                           f"(supported: {', '.join(ACTIVATIONS)})")
-  d_model = _get(hf_config, "n_embd")
-  return {"family": "decoder", "num_layers": _get(hf_config, "n_layer"), "d_model": d_model,
-          "num_heads": _get(hf_config, "n_head"), "num_kv_heads": 0, "head_dim": 0,
+  d_model = config_value(hf_config, "n_embd")
+  return {"family": "decoder", "num_layers": config_value(hf_config, "n_layer"), "d_model": d_model,
+          "num_heads": config_value(hf_config, "n_head"), "num_kv_heads": 0, "head_dim": 0,
           "mlp_dim": hf_config.get("n_inner") or 4 * d_model, "activation": ACTIVATIONS[activation],
-          "norm": "layernorm", "norm_position": "pre", "norm_eps": _get(hf_config, "layer_norm_epsilon", 1e-5),
-          "position": "learned", "max_len": _get(hf_config, "n_positions"), "tie_embeddings": True,
+          "norm": "layernorm", "norm_position": "pre", "norm_eps": config_value(hf_config, "layer_norm_epsilon", 1e-5),
+          "position": "learned", "max_len": config_value(hf_config, "n_positions"), "tie_embeddings": True,
           "use_bias": True}
 
 
 def vocab_size(hf_config: dict) -> int:
-  return _get(hf_config, "vocab_size")
+  return config_value(hf_config, "vocab_size")
 
 
 def to_ablax(hf_config: dict, tensors, cfg: ModelConfig) -> dict:

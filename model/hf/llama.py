@@ -7,17 +7,11 @@ torch Linear stores weights [out, in]; ablax stores [in, ...out], so every matri
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf.common import PLAIN_DECODER, ConversionError
+from model.hf.common import PLAIN_DECODER, ConversionError, config_value
 
 MODEL_TYPES = ("llama",)
 BUFFERS = ("self_attn.rotary_emb.inv_freq",)  # saved by some older versions
 
-
-def _get(hf_config: dict, key: str, default=None):
-  value = hf_config.get(key, default)
-  if value is None:
-    raise ConversionError(f"config.json: '{key}' is required for model_type llama")
-  return value
 
 
 def _rope_theta(hf_config: dict) -> float:
@@ -37,18 +31,18 @@ def model_section(hf_config: dict) -> dict:
   if attention_bias != mlp_bias:
     raise ConversionError(f"config.json: attention_bias={attention_bias} with mlp_bias={mlp_bias} is not "
                           "supported (ablax has biases on every dense layer or on none)")
-  d_model, num_heads = _get(hf_config, "hidden_size"), _get(hf_config, "num_attention_heads")
-  return {"family": "decoder", "num_layers": _get(hf_config, "num_hidden_layers"), "d_model": d_model,
+  d_model, num_heads = config_value(hf_config, "hidden_size"), config_value(hf_config, "num_attention_heads")
+  return {"family": "decoder", "num_layers": config_value(hf_config, "num_hidden_layers"), "d_model": d_model,
           "num_heads": num_heads, "num_kv_heads": hf_config.get("num_key_value_heads") or num_heads,
           "head_dim": hf_config.get("head_dim") or d_model // num_heads,
-          "mlp_dim": _get(hf_config, "intermediate_size"), "activation": "swiglu", "norm": "rmsnorm",
-          "norm_position": "pre", "norm_eps": _get(hf_config, "rms_norm_eps", 1e-6), "position": "rope",
-          "max_len": _get(hf_config, "max_position_embeddings", 2048), "rope_theta": _rope_theta(hf_config),
+          "mlp_dim": config_value(hf_config, "intermediate_size"), "activation": "swiglu", "norm": "rmsnorm",
+          "norm_position": "pre", "norm_eps": config_value(hf_config, "rms_norm_eps", 1e-6), "position": "rope",
+          "max_len": config_value(hf_config, "max_position_embeddings", 2048), "rope_theta": _rope_theta(hf_config),
           "tie_embeddings": bool(hf_config.get("tie_word_embeddings", False)), "use_bias": bool(attention_bias)}
 
 
 def vocab_size(hf_config: dict) -> int:
-  return _get(hf_config, "vocab_size")
+  return config_value(hf_config, "vocab_size")
 
 
 def to_ablax(hf_config: dict, tensors, cfg: ModelConfig) -> dict:

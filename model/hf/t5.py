@@ -13,7 +13,7 @@ torch Linear stores weights [out, in]; ablax stores [in, ...out], so every matri
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf.common import ConversionError
+from model.hf.common import ConversionError, config_value
 
 MODEL_TYPES = ("t5",)
 # (gated, Hugging Face dense_act_fn) -> ablax activation
@@ -23,12 +23,6 @@ EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tok
 # Block 0 of the decoder's cross-attention has no position bias; some old checkpoints still carry one.
 UNUSED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
-
-def _get(hf_config: dict, key: str, default=None):
-  value = hf_config.get(key, default)
-  if value is None:
-    raise ConversionError(f"config.json: '{key}' is required for model_type t5")
-  return value
 
 
 def _activation(hf_config: dict) -> str:
@@ -50,23 +44,23 @@ def scaled_and_tied(hf_config: dict) -> bool:
 
 def model_section(hf_config: dict) -> dict:
   """ablax config.model keys of a T5 config.json."""
-  layers = _get(hf_config, "num_layers", 6)
+  layers = config_value(hf_config, "num_layers", 6)
   if hf_config.get("num_decoder_layers") not in (None, layers):
     raise ConversionError(f"config.json: num_decoder_layers={hf_config['num_decoder_layers']} differs from "
                           f"num_layers={layers}; ablax's encoder and decoder have the same depth")
   tied = scaled_and_tied(hf_config)
-  return {"family": "encoder_decoder", "num_layers": layers, "d_model": _get(hf_config, "d_model", 512),
-          "num_heads": _get(hf_config, "num_heads", 8), "num_kv_heads": 0, "head_dim": _get(hf_config, "d_kv", 64),
-          "mlp_dim": _get(hf_config, "d_ff", 2048), "activation": _activation(hf_config), "norm": "rmsnorm",
-          "norm_position": "pre", "norm_eps": _get(hf_config, "layer_norm_epsilon", 1e-6), "position": "relative",
-          "relative_buckets": _get(hf_config, "relative_attention_num_buckets", 32),
-          "relative_max_distance": _get(hf_config, "relative_attention_max_distance", 128),
+  return {"family": "encoder_decoder", "num_layers": layers, "d_model": config_value(hf_config, "d_model", 512),
+          "num_heads": config_value(hf_config, "num_heads", 8), "num_kv_heads": 0, "head_dim": config_value(hf_config, "d_kv", 64),
+          "mlp_dim": config_value(hf_config, "d_ff", 2048), "activation": _activation(hf_config), "norm": "rmsnorm",
+          "norm_position": "pre", "norm_eps": config_value(hf_config, "layer_norm_epsilon", 1e-6), "position": "relative",
+          "relative_buckets": config_value(hf_config, "relative_attention_num_buckets", 32),
+          "relative_max_distance": config_value(hf_config, "relative_attention_max_distance", 128),
           "max_len": hf_config.get("n_positions") or 512, "scale_attention": False, "use_bias": False,
           "tie_embeddings": tied, "scale_tied_logits": tied}
 
 
 def vocab_size(hf_config: dict) -> int:
-  return _get(hf_config, "vocab_size", 32128)
+  return config_value(hf_config, "vocab_size", 32128)
 
 
 def _attention(tensors, prefix: str, d: int, h: int, k: int) -> dict:
