@@ -322,10 +322,16 @@ def plot(workdir: str, ablation, summary: dict, curves: dict) -> None:
   primary = ablation.metrics[0]
   names = [v for v in summary if summary[v][primary][0] is not None]
   fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 4))
-  ax.bar(range(len(names)), [summary[v][primary][0] for v in names],
-         yerr=[summary[v][primary][1] for v in names], capsize=4)
+  means = np.array([summary[v][primary][0] for v in names])
+  stds = np.array([summary[v][primary][1] for v in names])
+  bars = ax.bar(range(len(names)), means, yerr=stds, capsize=4)
+  ax.bar_label(bars, labels=[f"{m:.4g}" for m in means], fontsize=7, padding=2)
+  if len(names):  # zoom on the differences: the axis starts near the smallest bar, not at 0
+    low, high = float((means - stds).min()), float((means + stds).max())
+    margin = max(high - low, 1e-3 * abs(high)) * 0.6
+    ax.set_ylim(max(low - margin, 0.0) if low >= 0 else low - margin, high + margin)
   ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-  ax.set(ylabel=primary, title=f"{primary} (mean ± std over seeds)")
+  ax.set(ylabel=primary, title=f"{primary} (mean ± std over seeds; axis not from 0)")
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "bars.png"), dpi=120)
   plt.close(fig)
