@@ -10,7 +10,7 @@ are skipped. torch Linear stores weights [out, in]; ablax stores [in, ...out], s
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf.common import ConversionError, config_value
+from model.hf.common import ConversionError, check_settings, choice, config_value
 
 MODEL_TYPES = ("bert",)
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -22,17 +22,12 @@ UNUSED_HEADS = ("cls.seq_relationship.weight", "cls.seq_relationship.bias")     
 def model_section(hf_config: dict) -> dict:
   """ablax config.model keys of a BERT config.json."""
   unsupported = {"position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False}
-  for key, expected in unsupported.items():
-    if hf_config.get(key, expected) != expected:
-      raise ConversionError(f"config.json: {key}={hf_config[key]!r} is not supported (ablax needs {expected!r})")
-  activation = hf_config.get("hidden_act", "gelu")
-  if activation not in ACTIVATIONS:
-    raise ConversionError(f"config.json: hidden_act {activation!r} is not supported "
-                          f"(supported: {', '.join(ACTIVATIONS)})")
+  check_settings(hf_config, unsupported)
+  activation = choice(hf_config, "hidden_act", "gelu", ACTIVATIONS)
   return {"family": "encoder", "num_layers": config_value(hf_config, "num_hidden_layers"),
           "d_model": config_value(hf_config, "hidden_size"), "num_heads": config_value(hf_config, "num_attention_heads"),
           "num_kv_heads": 0, "head_dim": 0, "mlp_dim": config_value(hf_config, "intermediate_size"),
-          "activation": ACTIVATIONS[activation], "norm": "layernorm", "norm_position": "post",
+          "activation": activation, "norm": "layernorm", "norm_position": "post",
           "norm_eps": config_value(hf_config, "layer_norm_eps", 1e-12), "position": "learned",
           "max_len": config_value(hf_config, "max_position_embeddings"), "use_bias": True, "embed_norm": True,
           "head_transform": True, "head_bias": True,

@@ -41,6 +41,21 @@ def config_value(hf_config: dict, key: str, default=None):
   return value
 
 
+def check_settings(hf_config: dict, required: dict) -> None:
+  """ConversionError naming the first config.json key whose value ablax cannot express (absent = fine)."""
+  for key, expected in required.items():
+    if hf_config.get(key, expected) != expected:
+      raise ConversionError(f"config.json: {key}={hf_config[key]!r} is not supported (ablax needs {expected!r})")
+
+
+def choice(hf_config: dict, key: str, default: str, supported: dict):
+  """supported[hf_config[key]] (key absent: `default`); a ConversionError listing what is supported."""
+  value = hf_config.get(key, default)
+  if value not in supported:
+    raise ConversionError(f"config.json: {key} {value!r} is not supported (supported: {', '.join(supported)})")
+  return supported[value]
+
+
 class Tensors:
   """The tensors of a checkpoint by name; each one is taken exactly once, with the shape the config implies."""
 

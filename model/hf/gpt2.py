@@ -6,7 +6,7 @@ HF's Conv1D stores weights [in, out] (ablax's layout, no transpose); c_attn fuse
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf.common import PLAIN_DECODER, ConversionError, config_value
+from model.hf.common import PLAIN_DECODER, ConversionError, check_settings, choice, config_value
 
 MODEL_TYPES = ("gpt2",)
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -17,17 +17,12 @@ BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older versi
 def model_section(hf_config: dict) -> dict:
   """ablax config.model keys of a GPT-2 config.json."""
   unsupported = {"scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False, "scale_attn_weights": True}
-  for key, expected in unsupported.items():
-    if hf_config.get(key, expected) != expected:
-      raise ConversionError(f"config.json: {key}={hf_config[key]!r} is not supported (ablax needs {expected})")
-  activation = hf_config.get("activation_function", "gelu_new")
-  if activation not in ACTIVATIONS:
-    raise ConversionError(f"config.json: activation_function {activation!r} is not supported "
-                          f"(supported: {', '.join(ACTIVATIONS)})")
+  check_settings(hf_config, unsupported)
+  activation = choice(hf_config, "activation_function", "gelu_new", ACTIVATIONS)
   d_model = config_value(hf_config, "n_embd")
   return {"family": "decoder", "num_layers": config_value(hf_config, "n_layer"), "d_model": d_model,
           "num_heads": config_value(hf_config, "n_head"), "num_kv_heads": 0, "head_dim": 0,
-          "mlp_dim": hf_config.get("n_inner") or 4 * d_model, "activation": ACTIVATIONS[activation],
+          "mlp_dim": hf_config.get("n_inner") or 4 * d_model, "activation": activation,
           "norm": "layernorm", "norm_position": "pre", "norm_eps": config_value(hf_config, "layer_norm_epsilon", 1e-5),
           "position": "learned", "max_len": config_value(hf_config, "n_positions"), "tie_embeddings": True,
           "use_bias": True}
