@@ -8,18 +8,15 @@ trained.
   python -m train.ablate --config=configs/ablations/positions.py --workdir=runs/ablate_positions
 """
 
-import ml_collections
+from configs.ablations import heads
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.entrypoint = "pretrain"
-  c.config = "configs/shakespeare_char.py"
+  c = heads.get_config()  # the same experiment: char tinyshakespeare, nanoGPT's CPU model, 600 steps
   c.overrides = ("train.steps=600", "train.eval_every=200", "train.checkpoint_every=600", "train.eval_batches=10",
                  "train.num_samples=0", "model.max_len=512")
+  c.grid = {}
   c.variants = tuple((name, (f"model.position={name}",)) for name in ("sinusoidal", "learned", "rope", "alibi", "none"))
-  c.seeds = (0, 1, 2)
   c.eval_lengths = (64, 128, 256, 512)
   c.metrics = ("perplexity@64", "perplexity@128", "perplexity@256", "perplexity@512", "eval/loss")
-  c.parallel = 2
   return c
