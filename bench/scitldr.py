@@ -17,7 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.decode import beam_search  # noqa: E402
-from train.checkpoint import load_trained  # noqa: E402
+from train.runs import load_run  # noqa: E402
 from train.scores import corpus_scores  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "scitldr_a")
@@ -56,7 +56,8 @@ def main():
                   "--config.train.eval_batches=10", f"--config.train.checkpoint_every={args.steps}"],
                  check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   train_s = time.time() - start
-  _, model, params, tokenizer, _ = load_trained(workdir)
+  loaded = load_run(workdir)
+  model, params, tokenizer = loaded.run.model, loaded.params, loaded.run.tokenizer
   start = time.time()
   predictions = []
   for i in range(0, len(dev), 16):

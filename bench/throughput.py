@@ -3,7 +3,7 @@
   python bench/throughput.py --config=configs/shakespeare_char.py [--config.a.b=v ...] [--steps=20]
       [--warmup=3] [--vocab_size=N] [--json_out=PATH]
 
-Builds the model, optimizer, sharded state and jitted train step exactly as train/loop.py does, times
+Builds the Run (model, optimizer, sharded state) and jitted train step exactly as train/loop.py does, times
 `--steps` steps after `--warmup` (the first compiles), and divides the model FLOP/s (PaLM formula,
 `ModelConfig.flops_per_token`) by a matmul peak measured in this process.
 """
@@ -23,13 +23,12 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from model.config import ModelConfig  # noqa: E402
-from model.transformer import build_model  # noqa: E402
+from data.batch import rows  # noqa: E402
 from train import mesh as mesh_lib  # noqa: E402
-from train import state as state_lib  # noqa: E402
+from train import runs  # noqa: E402
 from train.cli import run_reporting_errors  # noqa: E402
 from train.loop import check_train_config  # noqa: E402
-from train.step import lm_loss, train_step  # noqa: E402
+from train.step import token_loss, train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -63,14 +62,10 @@ def matmul_peak_flops(dtype) -> float:
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int, sharding) -> dict:
-  """Random tokens as one packed-free batch of the loader's keys, placed with the batch sharding."""
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
-           "segment_ids": np.ones((batch_size, seq_len), np.int32),
-           "weights": np.ones((batch_size, seq_len), np.float32)}
-  return {k: jax.device_put(np.ascontiguousarray(v), sharding) for k, v in batch.items()}
+  """Random tokens as one unpacked batch (one segment per row), placed with the batch sharding."""
+  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+  batch = rows(tokens[:, :-1], seq_len, targets=tokens[:, 1:], weights=np.ones((batch_size, seq_len), np.float32))
+  return {k: jax.device_put(v, sharding) for k, v in batch.items()}
 
 
 def benchmark(config, steps: int, warmup: int, vocab_size: int) -> dict:
@@ -80,15 +75,13 @@ def benchmark(config, steps: int, warmup: int, vocab_size: int) -> dict:
   check_train_config(config, mesh)
   if not vocab_size:
     vocab_size = 65 + 3 if config.data.tokenizer == "char" else config.data.vocab_size
-  model_cfg = ModelConfig.from_config(config.model, vocab_size)
-  model = build_model(model_cfg)
-  tx = state_lib.make_optimizer(train)
-  rules = tuple(tuple(rule) for rule in config.mesh.rules)
-  state, state_shardings = state_lib.init_state(model, tx, train.seed, mesh, rules, train.seq_len)
+  run = runs.pretraining(config, mesh, vocab_size)
+  model, model_cfg = run.model, run.model.cfg
+  state = run.init_state()
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_fn = jax.jit(functools.partial(train_step, loss_fn=lm_loss(model), tx=tx, grad_accum=train.grad_accum),
-                     in_shardings=(state_shardings, batch_sharding),
-                     out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+  train_fn = jax.jit(functools.partial(train_step, loss_fn=token_loss(model), tx=run.tx, grad_accum=train.grad_accum),
+                     in_shardings=(run.shardings, batch_sharding),
+                     out_shardings=(run.shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
   batch = synthetic_batch(train.batch_size, train.seq_len, vocab_size, train.seed, batch_sharding)
   # The peak is measured before and after the steps: a large gap means another process shared the cores.
   peak_f32_before = matmul_peak_flops(jnp.float32)

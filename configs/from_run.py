@@ -1,4 +1,4 @@
-"""The config of an existing run (e.g. one imported with `python -m model.hf import`), to continue it:
+"""The config of an existing run (e.g. one imported with `python -m train.hf import`), to continue it:
 
   python -m train.pretrain --config=configs/from_run.py:runs/llama --workdir=runs/llama --config.train.steps=200
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.batch import rows
+from model.families import family
 from model.transformer import init_cache
 
 
@@ -104,7 +106,7 @@ def encode(params, inputs_BxS, positions_BxS, segment_ids_BxS, *, model):
 def encoder_context(model, params, prompts: list[list[int]]):
   """(context, decoder prompts): encoder-decoders read the prompts with the encoder and start the
   decoder from token 0 (T5's start token is the pad id); decoder-only models keep their prompts."""
-  if model.cfg.family != "encoder_decoder":
+  if not family(model.cfg).seq2seq:
     return None, prompts
   inputs_BxS, positions_BxS, segment_ids_BxS, _ = left_pad(prompts)
   return encode(params, inputs_BxS, positions_BxS, segment_ids_BxS, model=model), [[0] for _ in prompts]
@@ -115,15 +117,8 @@ def left_pad(prompts: list[list[int]]):
   lengths_B = np.array([len(p) for p in prompts], np.int32)
   if lengths_B.min() == 0:
     raise ValueError("every prompt needs at least one token (start with bos)")
-  width = int(lengths_B.max())
-  tokens_BxP = np.zeros((len(prompts), width), np.int32)
-  positions_BxP = np.zeros((len(prompts), width), np.int32)
-  segment_ids_BxP = np.zeros((len(prompts), width), np.int32)
-  for row, prompt in enumerate(prompts):
-    tokens_BxP[row, width - len(prompt):] = prompt
-    positions_BxP[row, width - len(prompt):] = np.arange(len(prompt))
-    segment_ids_BxP[row, width - len(prompt):] = 1
-  return tokens_BxP, positions_BxP, segment_ids_BxP, lengths_B
+  batch = rows(prompts, int(lengths_B.max()), left=True)
+  return batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], lengths_B
 
 
 def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),

@@ -1,4 +1,4 @@
-"""Building blocks: parameter helper with logical axes, token embedding, norms, MLPs.
+"""Building blocks: parameter helper with logical axes, token embedding, norms, MLPs, the output head.
 
 Shape legend (all of model/): B batch, L query length, S key length, D d_model, H query heads,
 G key/value heads, R = H // G heads per group, K head dim, F mlp width, V vocab.
@@ -93,3 +93,38 @@ class Mlp(nn.Module):
     else:
       h_BxLxF = activate(cfg.activation, self.dense("wi", x_BxLxD, (d, f), up, normal(0.02), "bld,df->blf"))
     return self.dense("wo", h_BxLxF, (f, d), ("mlp", "embed"), residual_init(cfg), "blf,fd->bld")
+
+
+class Head(nn.Module):
+  """Final hidden states [B, L, D] -> float32 logits [B, L, V]: BERT's transform (dense, activation, norm), then
+  the tied embedding (T5 v1.0 rescales first) or an output matrix, then an optional vocabulary bias."""
+  cfg: ModelConfig
+  embed: Embed
+
+  def setup(self):
+    nn.share_scope(self, self.parent)  # its parameters keep the stack's paths (checkpoints, Hugging Face maps)
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    if cfg.head_transform:
+      w_DxD = param(self, "head_transform", normal(0.02), (cfg.d_model, cfg.d_model), ("embed", None),
+                    cfg.weight_dtype)
+      x_BxLxD = jnp.einsum("bld,de->ble", x_BxLxD, w_DxD.astype(cfg.compute_dtype))
+      if cfg.use_bias:
+        x_BxLxD += param(self, "head_transform_bias", nn.initializers.zeros, (cfg.d_model,), (None,),
+                         cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
+      x_BxLxD = Norm(cfg, name="head_norm")(activate(cfg.activation, x_BxLxD))
+    if cfg.tie_embeddings:
+      if cfg.scale_tied_logits:
+        x_BxLxD *= cfg.d_model ** -0.5
+      logits_BxLxV = self.embed.attend(x_BxLxD)
+    else:
+      head_DxV = param(self, "lm_head", normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                       cfg.weight_dtype)
+      logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(cfg.compute_dtype))
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    if cfg.head_bias:
+      logits_BxLxV += param(self, "head_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",),
+                            cfg.weight_dtype).astype(jnp.float32)[None, None]
+    return logits_BxLxV

@@ -1,29 +1,32 @@
 """Transformer blocks and the three families: decoder-only (GPT / Llama), encoder (BERT), encoder-decoder (T5).
 
-Shape letters as in model/layers.py. Inputs follow the batch format of data/: token ids, positions
+Shape letters as in model/layers.py. Inputs follow the batch format of data/batch.py: token ids, positions
 (restarting at 0 in every packed segment) and segment ids (0 = padding; attention never crosses segments).
+A stack reads embed -> blocks -> head; `forward` and `features` take a whole batch.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from data.batch import Batch
 from model.attention import Attention, attention_mask, relative_bias, sinusoidal_embedding
 from model.config import ModelConfig
-from model.layers import Embed, Mlp, Norm, activate, normal, param
+from model.layers import Embed, Head, Mlp, Norm, normal, param
 
 
 class Block(nn.Module):
   """Attention, optional cross-attention, then MLP: residual branches with pre- or post-normalisation."""
   cfg: ModelConfig
   cross: bool = False  # attend an encoder's output (encoder-decoder)
+  deterministic: bool = True  # no dropout (an attribute, not an argument: nn.remat needs no static arguments)
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None,
-               context_BxSxD=None, context_mask_BxLxS=None, bias_BxHxLxS=None):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache=None, context_BxSxD=None, context_mask_BxLxS=None,
+               bias_BxHxLxS=None):
     """Returns (x_BxLxD, this layer's updated cache or None); `cache` and the self-attention's
     `bias_BxHxLxS` as in Attention."""
-    cfg = self.cfg
+    cfg, deterministic = self.cfg, self.deterministic
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     pre = cfg.norm_position == "pre"
 
@@ -71,24 +74,34 @@ class Transformer(nn.Module):
     token, at positions 0..N-1 (the tokens' positions shift by N); the outputs cover the L tokens only.
     `return_hidden` returns the final hidden states [B, L, D] instead of logits (classification heads).
     """
-    cfg = self.cfg
     batch, length = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones((batch, length), jnp.int32)
-    embed = self.shared_embed or Embed(cfg, name="embed")
-    x_BxLxD = embed(tokens_BxL)
-    num_prefix = 0
-    if prefix_NxD is not None:
-      num_prefix = prefix_NxD.shape[0]
-      prefix_BxNxD = jnp.broadcast_to(prefix_NxD.astype(x_BxLxD.dtype), (batch, num_prefix, cfg.d_model))
-      x_BxLxD = jnp.concatenate([prefix_BxNxD, x_BxLxD], axis=1)
+    num_prefix = 0 if prefix_NxD is None else prefix_NxD.shape[0]
+    if num_prefix:  # the prefix joins the segment of each row's first token, at positions 0..N-1
       positions_BxL = jnp.concatenate([jnp.broadcast_to(jnp.arange(num_prefix), (batch, num_prefix)),
                                        positions_BxL + num_prefix], axis=1)
-      segment_ids_BxL = jnp.concatenate([jnp.repeat(segment_ids_BxL[:, :1], num_prefix, axis=1),
-                                         segment_ids_BxL], axis=1)
-      length += num_prefix
+      segment_ids_BxL = jnp.concatenate([jnp.repeat(segment_ids_BxL[:, :1], num_prefix, axis=1), segment_ids_BxL],
+                                        axis=1)
+    embed = self.shared_embed or Embed(self.cfg, name="embed")
+    x_BxLxD = self.embed_tokens(embed, tokens_BxL, positions_BxL, prefix_NxD, deterministic)
+    x_BxLxD, cache = self.blocks(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic, cache, context_BxSxD,
+                                 context_segment_ids_BxS)
+    x_BxLxD = x_BxLxD[:, num_prefix:]
+    if return_hidden:
+      return x_BxLxD
+    logits_BxLxV = Head(self.cfg, embed)(x_BxLxD)
+    return logits_BxLxV if cache is None else (logits_BxLxV, cache)
+
+  def embed_tokens(self, embed, tokens_BxL, positions_BxL, prefix_NxD, deterministic):
+    """Token embeddings (after the prompt-tuning prefix, if any) plus the position scheme's, normed and dropped."""
+    cfg = self.cfg
+    x_BxLxD = embed(tokens_BxL)
+    if prefix_NxD is not None:
+      prefix_BxNxD = jnp.broadcast_to(prefix_NxD.astype(x_BxLxD.dtype), (x_BxLxD.shape[0], *prefix_NxD.shape))
+      x_BxLxD = jnp.concatenate([prefix_BxNxD, x_BxLxD], axis=1)
     if cfg.position == "learned":
       table_LxD = param(self, "position_embedding", normal(0.02), (cfg.max_len, cfg.d_model),
                         ("length", "embed"), cfg.weight_dtype)
@@ -100,8 +113,12 @@ class Transformer(nn.Module):
       x_BxLxD += sinusoidal_embedding(positions_BxL, cfg.d_model).astype(cfg.compute_dtype)
     if cfg.embed_norm:  # BERT normalises the embedding sum
       x_BxLxD = Norm(cfg, name="embed_norm")(x_BxLxD)
-    x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+    return nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
 
+  def blocks(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic, cache, context_BxSxD,
+             context_segment_ids_BxS):
+    """The layers, with their masks and T5's relative bias; returns (x_BxLxD, updated cache or None)."""
+    cfg = self.cfg
     context_mask_BxLxS = None
     if self.cross:
       context_mask_BxLxS = attention_mask(segment_ids_BxL, context_segment_ids_BxS, causal=False)
@@ -109,7 +126,7 @@ class Transformer(nn.Module):
       mask_BxLxS = attention_mask(segment_ids_BxL, segment_ids_BxL, causal=self.causal)
     else:
       end = cache["end"]
-      cache = dict(cache, end=end + length,
+      cache = dict(cache, end=end + x_BxLxD.shape[1],
                    segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, end)),
                    positions=jax.lax.dynamic_update_slice(cache["positions"], positions_BxL, (0, end)))
       mask_BxLxS = attention_mask(segment_ids_BxL, cache["segment_ids"], causal=True, q_offset=end)
@@ -120,43 +137,26 @@ class Transformer(nn.Module):
       key_positions_BxS = positions_BxL if cache is None else cache["positions"]
       bias_BxHxLxS = relative_bias(table_NxH, positions_BxL, key_positions_BxS, not self.causal,
                                    cfg.relative_max_distance)
-    block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+    block = nn.remat(Block) if cfg.remat else Block
     new_layers = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else dict(cache["layers"][i], end=end, positions=cache["positions"])
-      x_BxLxD, layer_cache = block(cfg, self.cross, name=f"layer_{i}")(
-          x_BxLxD, positions_BxL, mask_BxLxS, deterministic, layer_cache, context_BxSxD, context_mask_BxLxS,
-          bias_BxHxLxS)
+      x_BxLxD, layer_cache = block(cfg, self.cross, deterministic, name=f"layer_{i}")(
+          x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, context_BxSxD, context_mask_BxLxS, bias_BxHxLxS)
       new_layers.append(layer_cache)
     if cfg.norm_position == "pre":
       x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD[:, num_prefix:]
-    if return_hidden:
-      return x_BxLxD
+    return x_BxLxD, None if cache is None else dict(cache, layers=tuple(new_layers))
 
-    if cfg.head_transform:  # BERT's masked-LM head: dense, activation, norm, then the output projection
-      w_DxD = param(self, "head_transform", normal(0.02), (cfg.d_model, cfg.d_model), ("embed", None),
-                    cfg.weight_dtype)
-      x_BxLxD = jnp.einsum("bld,de->ble", x_BxLxD, w_DxD.astype(cfg.compute_dtype))
-      if cfg.use_bias:
-        x_BxLxD += param(self, "head_transform_bias", nn.initializers.zeros, (cfg.d_model,), (None,),
-                         cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
-      x_BxLxD = Norm(cfg, name="head_norm")(activate(cfg.activation, x_BxLxD))
-    if cfg.tie_embeddings:
-      if cfg.scale_tied_logits:  # T5 rescales before reusing the embedding table
-        x_BxLxD *= cfg.d_model ** -0.5
-      logits_BxLxV = embed.attend(x_BxLxD)
-    else:
-      head_DxV = param(self, "lm_head", normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                       cfg.weight_dtype)
-      logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(cfg.compute_dtype))
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    if cfg.head_bias:
-      logits_BxLxV += param(self, "head_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",),
-                            cfg.weight_dtype).astype(jnp.float32)[None, None]
-    if cache is None:
-      return logits_BxLxV
-    return logits_BxLxV, dict(cache, layers=tuple(new_layers))
+  def forward(self, batch: Batch, deterministic: bool = True, prefix_NxD=None):
+    """Logits [B, L, V] of a batch, for its targets_BxL."""
+    return self(batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], deterministic,
+                prefix_NxD=prefix_NxD)
+
+  def features(self, batch: Batch, deterministic: bool = True, prefix_NxD=None):
+    """Final hidden states [B, L, D] of a batch's inputs (what a classification head pools)."""
+    return self(batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], deterministic,
+                prefix_NxD=prefix_NxD, return_hidden=True)
 
 
 class Decoder(Transformer):
@@ -197,6 +197,15 @@ class EncoderDecoder(nn.Module):
     return self.decode(decoder_inputs_BxL, encoded_BxSxD, segment_ids_BxS, decoder_positions_BxL,
                        decoder_segment_ids_BxL, deterministic)
 
+  def forward(self, batch: Batch, deterministic: bool = True):
+    """Logits [B, L, V] of a batch's decoder stream, for its decoder_targets_BxL."""
+    return self(batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], batch["decoder_inputs_BxL"],
+                batch["decoder_positions_BxL"], batch["decoder_segment_ids_BxL"], deterministic)
+
+  def features(self, batch: Batch, deterministic: bool = True):
+    """The encoder's hidden states [B, S, D] of a batch's inputs (what a classification head pools)."""
+    return self.encode(batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], deterministic)
+
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty key/value cache of `max_len` slots for `batch` rows (slots with segment id 0 are empty)."""
@@ -206,16 +215,3 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   return {"end": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
           "positions": jnp.zeros((batch, max_len), jnp.int32),
           "layers": tuple(layer() for _ in range(cfg.num_layers))}
-
-
-def init_params(model: nn.Module, rng, length: int = 1) -> dict:
-  """Freshly initialised parameters (boxed with their logical axes) of any family."""
-  tokens_1xL = jnp.zeros((1, length), jnp.int32)
-  if model.cfg.family == "encoder_decoder":
-    return model.init(rng, tokens_1xL, None, None, tokens_1xL)["params"]
-  return model.init(rng, tokens_1xL)["params"]
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-  """The module for `cfg.family`."""
-  return {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDecoder}[cfg.family](cfg)

@@ -1,4 +1,4 @@
-"""Tests of data/: sources, tokenizers, packing, the resumable loader, prepare_lm_data."""
+"""Tests of data/: sources, tokenizers, packing, the batch constructor, the resumable loader, prepare_lm_data."""
 
 import json
 import os
@@ -8,7 +8,8 @@ import types
 import numpy as np
 import pytest
 
-from data.pipeline import Loader, pack_documents, prepare_lm_data
+from data.packing import pack_documents
+from data.pipeline import Loader, prepare_lm_data
 from data.sources import DataError, read_documents, resolve_paths, split_documents
 from data.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_tokenizer
 
@@ -169,25 +170,25 @@ def test_pack_documents_by_hand():
   # Stream: [1 5 6 7][1 8][1 9 10 11 12], 11 tokens -> (11 - 1) // 3 = 3 rows, each reading 4 tokens.
   rows = pack_documents([[5, 6, 7], [8], [9, 10, 11, 12]], seq_len=3, bos_id=1)
   expected = {
-      "inputs": [[1, 5, 6], [7, 1, 8], [1, 9, 10]],
-      "targets": [[5, 6, 7], [1, 8, 1], [9, 10, 11]],
-      "segment_ids": [[1, 1, 1], [1, 2, 2], [1, 1, 1]],
-      "positions": [[0, 1, 2], [0, 0, 1], [0, 1, 2]],
-      "weights": [[1, 1, 1], [0, 1, 0], [1, 1, 1]],
+      "inputs_BxL": [[1, 5, 6], [7, 1, 8], [1, 9, 10]],
+      "targets_BxL": [[5, 6, 7], [1, 8, 1], [9, 10, 11]],
+      "segment_ids_BxL": [[1, 1, 1], [1, 2, 2], [1, 1, 1]],
+      "positions_BxL": [[0, 1, 2], [0, 0, 1], [0, 1, 2]],
+      "weights_BxL": [[1, 1, 1], [0, 1, 0], [1, 1, 1]],
   }
   assert sorted(rows) == sorted(expected)
   for key, value in expected.items():
-    assert rows[key].dtype == (np.float32 if key == "weights" else np.int32), key
+    assert rows[key].dtype == (np.float32 if key == "weights_BxL" else np.int32), key
     np.testing.assert_array_equal(rows[key], np.array(value), err_msg=key)
 
 
 def test_pack_documents_with_eos_by_hand():
   # Stream: [1 5 6 2][1 8 2], 7 tokens -> 2 rows of 3; eos (2) is a target, the next bos (1) is not.
   rows = pack_documents([[5, 6], [8]], seq_len=3, bos_id=1, eos_id=2)
-  np.testing.assert_array_equal(rows["inputs"], [[1, 5, 6], [2, 1, 8]])
-  np.testing.assert_array_equal(rows["targets"], [[5, 6, 2], [1, 8, 2]])
-  np.testing.assert_array_equal(rows["weights"], [[1, 1, 1], [0, 1, 1]])
-  np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1], [1, 2, 2]])
+  np.testing.assert_array_equal(rows["inputs_BxL"], [[1, 5, 6], [2, 1, 8]])
+  np.testing.assert_array_equal(rows["targets_BxL"], [[5, 6, 2], [1, 8, 2]])
+  np.testing.assert_array_equal(rows["weights_BxL"], [[1, 1, 1], [0, 1, 1]])
+  np.testing.assert_array_equal(rows["segment_ids_BxL"], [[1, 1, 1], [1, 2, 2]])
 
 
 def test_pack_documents_covers_every_target():
@@ -195,9 +196,9 @@ def test_pack_documents_covers_every_target():
   rows = pack_documents(docs, seq_len=4, bos_id=1)
   stream = [t for d in docs for t in [1] + d]
   n = (len(stream) - 1) // 4
-  assert rows["inputs"].shape == (n, 4)
-  np.testing.assert_array_equal(rows["targets"].ravel(), stream[1:4 * n + 1])
-  np.testing.assert_array_equal(rows["weights"] == 0, rows["targets"] == 1)  # only a next bos is masked
+  assert rows["inputs_BxL"].shape == (n, 4)
+  np.testing.assert_array_equal(rows["targets_BxL"].ravel(), stream[1:4 * n + 1])
+  np.testing.assert_array_equal(rows["weights_BxL"] == 0, rows["targets_BxL"] == 1)  # only a next bos is masked
 
 
 def test_pack_documents_too_short():
@@ -211,7 +212,7 @@ def test_pack_documents_too_short():
 def make_rows(n: int, seq_len: int = 3) -> dict[str, np.ndarray]:
   """Rows whose inputs identify them: row r is [r, r, r]."""
   ids = np.repeat(np.arange(n, dtype=np.int32)[:, None], seq_len, axis=1)
-  return {"inputs": ids, "targets": ids + 100}
+  return {"inputs_BxL": ids, "targets_BxL": ids + 100}
 
 
 def take(loader: Loader, k: int) -> list[dict[str, np.ndarray]]:
@@ -219,7 +220,7 @@ def take(loader: Loader, k: int) -> list[dict[str, np.ndarray]]:
 
 
 def row_ids(batches) -> list[int]:
-  return [int(r) for b in batches for r in b["inputs"][:, 0]]
+  return [int(r) for b in batches for r in b["inputs_BxL"][:, 0]]
 
 
 def test_loader_determinism():
@@ -227,8 +228,8 @@ def test_loader_determinism():
   a, b, c = (row_ids(take(Loader(rows, 4, seed=s), 6)) for s in (7, 7, 8))
   assert a == b and a != c
   batch = next(Loader(rows, 4, seed=7))
-  assert batch["inputs"].shape == (4, 3) and batch["inputs"].dtype == np.int32
-  np.testing.assert_array_equal(batch["targets"], batch["inputs"] + 100)
+  assert batch["inputs_BxL"].shape == (4, 3) and batch["inputs_BxL"].dtype == np.int32
+  np.testing.assert_array_equal(batch["targets_BxL"], batch["inputs_BxL"] + 100)
 
 
 def test_loader_visits_every_row_once_per_epoch():
@@ -269,9 +270,9 @@ def test_loader_process_slices():
   global_batches = take(Loader(rows, 6, seed=5), 4)
   parts = [take(Loader(rows, 6, seed=5, process_index=p, process_count=3), 4) for p in range(3)]
   for step, batch in enumerate(global_batches):
-    assert parts[0][step]["inputs"].shape == (2, 3)
-    joined = np.concatenate([parts[p][step]["inputs"] for p in range(3)])
-    np.testing.assert_array_equal(joined, batch["inputs"])
+    assert parts[0][step]["inputs_BxL"].shape == (2, 3)
+    joined = np.concatenate([parts[p][step]["inputs_BxL"] for p in range(3)])
+    np.testing.assert_array_equal(joined, batch["inputs_BxL"])
   with pytest.raises(DataError):
     Loader(rows, 5, seed=0, process_count=2)
 
@@ -363,7 +364,8 @@ def test_builtin_python_stdlib():
 def data_config(train_path: str, **overrides):
   """The data section of a config, as a plain attribute object."""
   c = dict(train_path=train_path, val_path="", text_field="text", max_bytes=0, val_fraction=0.25,
-           tokenizer="sentencepiece", vocab_size=500, spm_model_type="bpe", tokenizer_train_chars=1_000_000)
+           tokenizer="sentencepiece", vocab_size=500, spm_model_type="bpe", tokenizer_train_chars=1_000_000,
+           seed=0, target_len=0)
   c.update(overrides)
   return types.SimpleNamespace(**c)
 
@@ -376,8 +378,8 @@ def test_prepare_lm_data(tmp_path, corpus, monkeypatch):
   config = data_config(str(data_dir))
   tok, train, val = prepare_lm_data(config, seq_len=32, workdir=str(workdir))
   assert os.path.isfile(workdir / "tokenizer.model") and tok.vocab_size == 500
-  assert train["inputs"].shape[1] == 32 and train["inputs"].shape[0] > 3 * val["inputs"].shape[0] > 0
-  assert tok.decode(train["inputs"][0]) == corpus[0][:len(tok.decode(train["inputs"][0]))]
+  assert train["inputs_BxL"].shape[1] == 32 and train["inputs_BxL"].shape[0] > 3 * val["inputs_BxL"].shape[0] > 0
+  assert tok.decode(train["inputs_BxL"][0]) == corpus[0][:len(tok.decode(train["inputs_BxL"][0]))]
   monkeypatch.setattr("data.pipeline.train_tokenizer", None)  # the second call must load, not train
   tok2, train2, val2 = prepare_lm_data(config, seq_len=32, workdir=str(workdir))
   assert tok2.encode(HELD_OUT[0]) == tok.encode(HELD_OUT[0])
@@ -393,7 +395,7 @@ def test_prepare_lm_data_char_and_errors(tmp_path):
   path = tmp_path / "tiny.txt"
   path.write_text("to be or not to be, that is the question\n" * 20)
   tok, train, val = prepare_lm_data(data_config(str(path), tokenizer="char", val_fraction=0.1), 16, None)
-  assert isinstance(tok, CharTokenizer) and train["inputs"].shape[1] == 16 and len(val["inputs"]) > 0
+  assert isinstance(tok, CharTokenizer) and train["inputs_BxL"].shape[1] == 16 and len(val["inputs_BxL"]) > 0
   with pytest.raises(DataError) as excinfo:
     prepare_lm_data(data_config(str(path), tokenizer="char", val_fraction=0.0), 16, None)
   assert_one_line_error(excinfo, "validation split is empty")

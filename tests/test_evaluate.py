@@ -15,11 +15,10 @@ import pytest
 from data.sources import split_documents
 from data.tokenizer import CharTokenizer
 from model.config import ModelConfig
-from model.transformer import build_model
-from test_train import REPO, TEXT, tiny_config
-from train.checkpoint import load_trained
+from model.families import build_model
+from test_train import REPO, TEXT, load_parts, tiny_config
 from train.evaluate import _output_path, evaluate_documents, sliding_windows
-from train.loop import train_and_evaluate
+from train.pretrain import train_and_evaluate
 
 UNICODE = "Le café à Zürich: 日本語の本, naïve. "  # 1-, 2- and 3-byte characters
 
@@ -41,7 +40,7 @@ def trained_run(tmp_path_factory):
   workdir = str(tmp_path / "run")
   config = tiny_config(tmp_path, steps=3, eval_every=3, checkpoint_every=3)
   train_and_evaluate(config, workdir)
-  return workdir, str(tmp_path / "corpus.txt"), load_trained(workdir)[1:4]
+  return workdir, str(tmp_path / "corpus.txt"), load_parts(workdir)[1:4]
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

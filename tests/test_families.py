@@ -12,12 +12,13 @@ import optax
 import pytest
 
 from configs import base
+from data.batch import rows
 from model.config import ConfigError, ModelConfig
-from model.transformer import build_model, init_params
+from model.families import build_model, init_params
 from train import mesh as mesh_lib
-from train import state as state_lib
-from train.loop import train_and_evaluate
-from train.step import pretraining_loss, train_step
+from train import runs
+from train.pretrain import train_and_evaluate
+from train.step import token_loss, train_step
 
 TEXT = "".join(f"line {i}: the {w} fox jumps over {i % 7} lazy dogs.\n"
                for i, w in enumerate(["quick", "slow", "red", "brown"] * 40))
@@ -60,16 +61,13 @@ def test_encoder_decoder_decoder_is_causal_and_reads_the_encoder(position):
 def _batch(family):
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 37, (4, 16)).astype(np.int32)
-  ones, positions = np.ones((4, 16), np.int32), np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16))
-  batch = {"inputs": tokens, "positions": positions, "segment_ids": ones, "targets": np.roll(tokens, -1, 1),
-           "weights": np.ones((4, 16), np.float32)}
+  batch = rows(tokens, 16, targets=np.roll(tokens, -1, 1), weights=np.ones((4, 16), np.float32))
   if family == "encoder":  # masked LM: predict the original token under a mask token (id 2)
     chosen = rng.random((4, 16)) < 0.3
-    batch.update(inputs=np.where(chosen, 2, tokens), targets=tokens, weights=chosen.astype(np.float32))
+    batch.update(inputs_BxL=np.where(chosen, 2, tokens), targets_BxL=tokens, weights_BxL=chosen.astype(np.float32))
   if family == "encoder_decoder":
-    batch.update(decoder_inputs=np.concatenate([np.zeros((4, 1), np.int32), tokens[:, :-1]], 1),
-                 decoder_targets=tokens, decoder_positions=positions, decoder_segment_ids=ones,
-                 decoder_weights=np.ones((4, 16), np.float32))
+    decoder_inputs = np.concatenate([np.zeros((4, 1), np.int32), tokens[:, :-1]], 1)
+    batch.update(rows(decoder_inputs, 16, targets=tokens, weights=np.ones((4, 16), np.float32), prefix="decoder_"))
   return batch
 
 
@@ -80,8 +78,8 @@ def test_each_family_overfits_one_batch(family):
   config.mesh.update(data=1, fsdp=1, tensor=1)
   mesh = mesh_lib.make_mesh(config.mesh)
   tx = optax.adam(3e-3)
-  state, _ = state_lib.init_state(model, tx, 0, mesh, tuple(tuple(r) for r in config.mesh.rules), 16)
-  step = jax.jit(functools.partial(train_step, loss_fn=pretraining_loss(model), tx=tx))
+  state = runs.for_model(model, tx, mesh, mesh_lib.config_rules(config.mesh), 16).init_state()
+  step = jax.jit(functools.partial(train_step, loss_fn=token_loss(model), tx=tx))
   batch = _batch(family)
   for _ in range(250):
     state, metrics = step(state, batch)
@@ -159,7 +157,7 @@ def test_families_fine_tune_on_classification(tmp_path, family, objective, metho
 def test_encoder_decoder_fine_tunes_on_seq2seq_and_generates(tmp_path):
   from configs.finetune import common
   from model.decode import Sampling, generate_text
-  from train.checkpoint import load_trained
+  from test_train import load_parts
   from train.finetune import finetune
   pairs = [{"prompt": f"copy {w}", "response": w} for w in ["fox", "dog", "red", "slow"] * 20]
   config = common.get_config()
@@ -172,7 +170,7 @@ def test_encoder_decoder_fine_tunes_on_seq2seq_and_generates(tmp_path):
   config.mesh.update(data=1, fsdp=1, tensor=1)
   last = finetune(config, str(tmp_path / "ft"))
   assert last["eval/accuracy"] > 0.9, last  # next-token accuracy on the responses
-  _, model, params, tokenizer, _ = load_trained(str(tmp_path / "ft"))
+  _, model, params, tokenizer, _ = load_parts(str(tmp_path / "ft"))
   out = generate_text(model, params, tokenizer, ["copy fox", "copy slow"], max_new_tokens=8,
                       sampling=Sampling(temperature=0.0))
   assert out == ["fox", "slow"]

@@ -22,12 +22,11 @@ from flax import traverse_util
 from configs.finetune import common
 from data.tokenizer import load_tokenizer
 from model.config import ConfigError
-from test_train import REPO, logged, tiny_config
+from test_train import REPO, load_parts, logged, tiny_config
 from train import finetune as finetune_lib
 from train import peft
 from train import tasks
-from train.checkpoint import load_trained
-from train.loop import train_and_evaluate
+from train.pretrain import train_and_evaluate
 
 POSITIVE = ["good", "great", "nice", "fine", "superb", "happy"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "ugly", "dull"]
@@ -93,7 +92,7 @@ def run(config, workdir):
 
   def spy(*args, **kwargs):
     state, last = fit(*args, **kwargs)
-    seen.update(state=state, frozen=kwargs["frozen"])
+    seen.update(state=state, frozen=args[2].frozen)  # fit(config, workdir, run, ...)
     return state, last
 
   with mock.patch.object(finetune_lib, "fit", spy):
@@ -121,11 +120,11 @@ def trained(setup):
 @pytest.fixture(scope="module")
 def base_model(setup):
   """(model, pretrained params, a batch of rows from the sentiment task)."""
-  config, model, params, tokenizer, _ = load_trained(setup["base"])
+  config, model, params, tokenizer, _ = load_parts(setup["base"])
   ft = ft_config(setup)
   ft.model.update(dict(config.model))
   rows, _, _ = tasks.build_rows(ft, tokenizer)
-  batch = {k: v[:4] for k, v in rows.items() if k != "labels"}
+  batch = {k: v[:4] for k, v in rows.items() if k != "labels_B"}
   return model, params, batch
 
 
@@ -135,7 +134,7 @@ def flat(tree) -> dict:
 
 def logits(model, params, batch, **extra):
   """Model logits, jitted (tracing happens inside any active nn.intercept_methods)."""
-  apply = lambda p: model.apply({"params": p}, batch["inputs"], batch["positions"], batch["segment_ids"], **extra)
+  apply = lambda p: model.apply({"params": p}, batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], **extra)
   return np.asarray(jax.jit(apply)(params))
 
 
@@ -295,19 +294,19 @@ def test_instruct_loss_is_on_response_tokens_only(setup, method):
   with open(setup["instruct"]) as f:
     records = [json.loads(line) for line in f]
   _, rows, labels = tasks.build_rows(config, tokenizer)
-  assert labels is None and set(np.unique(rows["weights"])) == {0.0, 1.0}
-  assert (len(rows["inputs"]) == len(records)) == (method == "prompt")
+  assert labels is None and set(np.unique(rows["weights_BxL"])) == {0.0, 1.0}
+  assert (len(rows["inputs_BxL"]) == len(records)) == (method == "prompt")
   found = []
-  for r in range(len(rows["inputs"])):
-    segments = rows["segment_ids"][r]
-    assert not rows["weights"][r][segments == 0].any()  # padding
+  for r in range(len(rows["inputs_BxL"])):
+    segments = rows["segment_ids_BxL"][r]
+    assert not rows["weights_BxL"][r][segments == 0].any()  # padding
     for segment in np.unique(segments[segments > 0]):
       cols = np.flatnonzero(segments == segment)
-      weighted = cols[rows["weights"][r, cols] == 1]
+      weighted = cols[rows["weights_BxL"][r, cols] == 1]
       assert np.array_equal(weighted, cols[len(cols) - len(weighted):])  # the response is the segment's tail
-      targets = rows["targets"][r]
+      targets = rows["targets_BxL"][r]
       assert targets[weighted[-1]] == tokenizer.eos_id and tokenizer.eos_id not in targets[weighted[:-1]]
-      assert rows["inputs"][r, cols[0]] == tokenizer.bos_id
+      assert rows["inputs_BxL"][r, cols[0]] == tokenizer.bos_id
       found.append({"prompt": tokenizer.decode(targets[cols[:len(cols) - len(weighted)]]),
                     "response": tokenizer.decode(targets[weighted[:-1]])})
   assert found == records
@@ -318,7 +317,7 @@ def test_adapter_checkpoint_plus_base_reloads_to_the_same_logits(setup, trained,
   model, pretrained, batch = base_model
   method = peft.Method(config.peft, model.cfg)
   in_memory, _ = method.effective(peft.combine(state.params["base"], frozen["base"]), state.params["adapters"])
-  _, reloaded_model, merged, _, step = load_trained(workdir)
+  _, reloaded_model, merged, _, step = load_parts(workdir)
   assert step == config.train.steps and reloaded_model.cfg == model.cfg
   expected = logits(model, jax.device_get(in_memory), batch)
   np.testing.assert_allclose(logits(model, merged, batch), expected, atol=1e-6, rtol=0)

@@ -9,7 +9,8 @@ import pytest
 from data.tokenizer import CharTokenizer
 from model.config import ModelConfig
 from model.decode import Sampling, beam_search, choose, filter_logits, generate, generate_text, top_p_mask
-from model.transformer import Decoder, build_model, init_cache, init_params
+from model.families import build_model, init_params
+from model.transformer import Decoder, init_cache
 
 POSITIONS = ["sinusoidal", "learned", "rope", "alibi", "relative", "none"]
 

@@ -24,14 +24,13 @@ from configs.finetune import common as ft_common  # noqa: E402
 from data.sources import DataError  # noqa: E402
 from data.tokenizer import train_tokenizer  # noqa: E402
 from model.decode import Sampling, generate  # noqa: E402
-from model.hf.__main__ import export_hf, import_hf  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.hf import common as hf_common  # noqa: E402
 from model.hf.common import ConversionError  # noqa: E402
-from test_train import REPO, TEXT  # noqa: E402
+from test_train import REPO, TEXT, load_parts  # noqa: E402
 from train import finetune as finetune_lib  # noqa: E402
-from train.checkpoint import load_trained  # noqa: E402
-from train.loop import train_and_evaluate  # noqa: E402
+from train.hf import export_hf, import_hf  # noqa: E402
+from train.pretrain import train_and_evaluate  # noqa: E402
 
 ARCHS = ("gpt2", "llama")
 TOLERANCE = 1e-4
@@ -117,7 +116,7 @@ def _flat(params):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers(setup, arch):
-  _, model, params, _, step = load_trained(setup[arch]["workdir"], require_tokenizer=False)
+  _, model, params, _, step = load_parts(setup[arch]["workdir"], require_tokenizer=False)
   diff = _max_diff(model, params, setup[arch]["model"])
   MEASURED[arch] = diff
   assert step == 0
@@ -126,7 +125,7 @@ def test_logits_match_transformers(setup, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_decoding_matches_transformers(setup, arch):
-  _, model, params, _, _ = load_trained(setup[arch]["workdir"], require_tokenizer=False)
+  _, model, params, _, _ = load_parts(setup[arch]["workdir"], require_tokenizer=False)
   prompts = [[5, 17, 9, 33, 2, 41, 8], [12, 60, 7]]
   ours = generate(model, params, prompts, max_new_tokens=20, sampling=Sampling(temperature=0.0))
   width = max(map(len, prompts))
@@ -153,8 +152,8 @@ def test_export_import_round_trip_is_exact(setup, arch):
   for name, tensor in run["model"].state_dict().items():
     assert torch.equal(hf_model.state_dict()[name], tensor), name
   import_hf(out, again, _train_config(root))
-  before = _flat(load_trained(run["workdir"], require_tokenizer=False)[2])
-  after = _flat(load_trained(again, require_tokenizer=False)[2])
+  before = _flat(load_parts(run["workdir"], require_tokenizer=False)[2])
+  after = _flat(load_parts(again, require_tokenizer=False)[2])
   assert before.keys() == after.keys()
   for key in before:
     assert np.array_equal(before[key], after[key]), key
@@ -167,8 +166,8 @@ def test_continued_pretraining_exports_exactly(setup):
   shutil.copytree(setup["llama"]["workdir"], workdir)
   last = train_and_evaluate(from_run.get_config(workdir), workdir)
   assert last["step"] == 2 and np.isfinite(last["train/loss"])
-  imported = _flat(load_trained(setup["llama"]["workdir"])[2])
-  _, model, params, _, step = load_trained(workdir)
+  imported = _flat(load_parts(setup["llama"]["workdir"])[2])
+  _, model, params, _, step = load_parts(workdir)
   trained = _flat(params)
   moved = max(float(np.abs(trained[k] - imported[k]).max()) for k in trained)
   assert step == 2 and 0 < moved < 0.01, moved  # a few small AdamW steps away from the import, not a fresh init
@@ -179,7 +178,7 @@ def test_continued_pretraining_exports_exactly(setup):
   diff = _max_diff(model, params, hf_model)
   assert diff <= TOLERANCE, f"llama (trained): max |logits ablax - transformers| = {diff:.3e}"
   import_hf(out, str(root / "reimport_continued"), _train_config(root))
-  again = _flat(load_trained(str(root / "reimport_continued"))[2])
+  again = _flat(load_parts(str(root / "reimport_continued"))[2])
   assert all(np.array_equal(trained[k], again[k]) for k in trained)
 
 
@@ -195,7 +194,7 @@ def test_lora_finetuning_of_an_imported_run(setup):
   workdir = str(setup["root"] / "lora")
   last = finetune_lib.finetune(config, workdir)
   assert last["step"] == 2 and np.isfinite(last["train/loss"])
-  _, model, merged, tokenizer, _ = load_trained(workdir)
+  _, model, merged, tokenizer, _ = load_parts(workdir)
   assert model.cfg.activation == "swiglu" and tokenizer.vocab_size == model.cfg.vocab_size
 
 
@@ -215,7 +214,7 @@ def test_generate_cli_on_an_imported_run(setup):
 
 def test_a_run_without_tokenizer_says_so(setup):
   with pytest.raises(DataError, match="no tokenizer"):
-    load_trained(setup["gpt2"]["workdir"])
+    load_parts(setup["gpt2"]["workdir"])
 
 
 def _broken_copy(setup, tmp_path, edit):
@@ -253,7 +252,7 @@ def test_cli_errors_are_one_line(setup, tmp_path):
     import_hf(str(pickled), str(tmp_path / "run"))
   with pytest.raises(ConversionError, match="already exists and is not empty"):
     import_hf(setup["gpt2"]["hf_dir"], setup["gpt2"]["workdir"])
-  result = _cli("model.hf", "import", f"--hf_dir={pickled}", f"--workdir={tmp_path / 'run'}")
+  result = _cli("train.hf", "import", f"--hf_dir={pickled}", f"--workdir={tmp_path / 'run'}")
   assert result.returncode == 1
   assert result.stderr.strip() == (f"error: {pickled / 'pytorch_model.bin'}: only pickle weights found; "
                                    "convert to safetensors")

@@ -1,6 +1,6 @@
 """Hugging Face parity for BERT (BertForMaskedLM) and T5 (T5ForConditionalGeneration, v1.0 ReLU with a tied
 and scaled head, v1.1 gated GELU with an untied head): tiny randomly initialised transformers models saved with
-save_pretrained and imported with `python -m model.hf import`'s function give the same logits on padded
+save_pretrained and imported with `python -m train.hf import`'s function give the same logits on padded
 batches, T5 the same greedy continuations; export -> import is bit-exact and loads in transformers without
 missing or unexpected weights; a wrong checkpoint names the tensor.
 """
@@ -21,10 +21,10 @@ transformers = pytest.importorskip("transformers")
 from configs import base  # noqa: E402
 from model.decode import Sampling, generate  # noqa: E402
 from model.hf import common  # noqa: E402
-from model.hf.__main__ import export_hf, import_hf  # noqa: E402
 from model.hf.common import ConversionError  # noqa: E402
 from test_hf import _flat  # noqa: E402
-from train.checkpoint import load_trained  # noqa: E402
+from test_train import load_parts  # noqa: E402
+from train.hf import export_hf, import_hf  # noqa: E402
 
 ARCHS = ("bert", "t5_v1_0", "t5_v1_1")
 TOLERANCE = 1e-4
@@ -112,7 +112,7 @@ def _max_diff(model, params, hf_model):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers(setup, arch):
-  _, model, params, _, step = load_trained(setup[arch]["workdir"], require_tokenizer=False)
+  _, model, params, _, step = load_parts(setup[arch]["workdir"], require_tokenizer=False)
   assert step == 0
   for name, value in _flat(params).items():  # the comparison is not between near-zero weights
     assert np.abs(value).max() > 0.05, name
@@ -123,7 +123,7 @@ def test_logits_match_transformers(setup, arch):
 
 @pytest.mark.parametrize("arch", ["t5_v1_0", "t5_v1_1"])
 def test_t5_greedy_decoding_matches_transformers(setup, arch):
-  _, model, params, _, _ = load_trained(setup[arch]["workdir"], require_tokenizer=False)
+  _, model, params, _, _ = load_parts(setup[arch]["workdir"], require_tokenizer=False)
   prompts = [[5, 17, 9, 33, 2, 41, 8, 70, 11, 3, 64, 90, 23, 7], [12, 60, 7]]
   ours = generate(model, params, prompts, max_new_tokens=20, sampling=Sampling(temperature=0.0))
   width = max(map(len, prompts))
@@ -153,10 +153,10 @@ def test_export_import_round_trip_is_exact(setup, arch):
   for name, tensor in hf_model.state_dict().items():
     if name not in folded:  # BERT's token type 0 lives in the position table: checked by the logits below
       assert torch.equal(original[name], tensor), name
-  np.testing.assert_allclose(_max_diff(*load_trained(run["workdir"], require_tokenizer=False)[1:3], hf_model),
+  np.testing.assert_allclose(_max_diff(*load_parts(run["workdir"], require_tokenizer=False)[1:3], hf_model),
                              0.0, atol=TOLERANCE)
   _, _, _, params = common.import_params(out)
-  before = _flat(load_trained(run["workdir"], require_tokenizer=False)[2])
+  before = _flat(load_parts(run["workdir"], require_tokenizer=False)[2])
   after = _flat(params)
   assert before.keys() == after.keys()
   for key in before:
@@ -223,7 +223,7 @@ def test_known_unused_and_tied_copies_are_accepted(setup, tmp_path):
 
 
 def test_models_t5_cannot_express_are_not_exported(setup):
-  _, model, params, _, _ = load_trained(setup["t5_v1_0"]["workdir"], require_tokenizer=False)
+  _, model, params, _, _ = load_parts(setup["t5_v1_0"]["workdir"], require_tokenizer=False)
   for changes, key in ((dict(scale_tied_logits=False), "scale_tied_logits"),
                        (dict(scale_attention=True), "scale_attention")):
     with pytest.raises(ConversionError, match=f"t5: config.model.{key}"):

@@ -19,7 +19,8 @@ import pytest
 from model.attention import alibi_slopes, apply_rope, relative_position_bucket, sinusoidal_embedding
 from model.config import POSITIONS, ConfigError, ModelConfig
 from model.layers import Embed
-from model.transformer import Decoder, build_model
+from model.families import build_model
+from model.transformer import Decoder
 
 BASE = ModelConfig(vocab_size=37, num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
                    mlp_dim=64, max_len=16)

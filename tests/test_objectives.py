@@ -1,4 +1,4 @@
-"""Tests of data/objectives.py and read_records: instruction rows, classification rows, labels, records."""
+"""Tests of data/finetuning.py and read_records: instruction rows, classification rows, labels, records."""
 
 import json
 import os
@@ -7,13 +7,13 @@ import random
 import numpy as np
 import pytest
 
-from data.objectives import (classify_rows, encode_labels, instruct_rows, label_vocabulary, render,
-                             split_records)
+from data.finetuning import (classify_rows, encode_labels, instruct_rows, label_vocabulary, render,
+                              split_records)
 from data.sources import DataError, read_records
 from data.tokenizer import CharTokenizer
 
 SST2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sst2")
-KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
+KEYS = ("inputs_BxL", "targets_BxL", "positions_BxL", "segment_ids_BxL", "weights_BxL")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def assert_rows(rows, expected):
   """Every array of `rows` equals `expected` (a dict of nested lists), with the batch dtypes."""
   assert set(rows) == set(expected)
   for key, want in expected.items():
-    dtype = np.float32 if key == "weights" else np.int32
+    dtype = np.float32 if key == "weights_BxL" else np.int32
     assert rows[key].dtype == dtype, key
     np.testing.assert_array_equal(rows[key], np.array(want, dtype), err_msg=key)
 
@@ -48,11 +48,11 @@ def test_instruct_rows_packed_by_hand(tok):
   # Streams: [1 3 4 5 2], [1 6 7 8 2], [1 9 10 2] -> 4 + 4 tokens fill row 0 exactly; the third starts row 1.
   rows = instruct_rows(tok, PAIRS, seq_len=8)
   assert_rows(rows, {
-      "inputs":      [[1, 3, 4, 5, 1, 6, 7, 8], [1, 9, 10, 0, 0, 0, 0, 0]],
-      "targets":     [[3, 4, 5, 2, 6, 7, 8, 2], [9, 10, 2, 0, 0, 0, 0, 0]],
-      "weights":     [[0, 0, 1, 1, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0, 0, 0]],
-      "segment_ids": [[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 0, 0, 0, 0, 0]],
-      "positions":   [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 0, 0, 0, 0, 0]],
+      "inputs_BxL":      [[1, 3, 4, 5, 1, 6, 7, 8], [1, 9, 10, 0, 0, 0, 0, 0]],
+      "targets_BxL":     [[3, 4, 5, 2, 6, 7, 8, 2], [9, 10, 2, 0, 0, 0, 0, 0]],
+      "weights_BxL":     [[0, 0, 1, 1, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0, 0, 0]],
+      "segment_ids_BxL": [[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 0, 0, 0, 0, 0]],
+      "positions_BxL":   [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 0, 0, 0, 0, 0]],
   })
 
 
@@ -61,45 +61,45 @@ def test_instruct_rows_example_never_spans_rows(tok):
   # and the third (3 tokens) fits after it.
   rows = instruct_rows(tok, PAIRS, seq_len=7)
   assert_rows(rows, {
-      "inputs":      [[1, 3, 4, 5, 0, 0, 0], [1, 6, 7, 8, 1, 9, 10]],
-      "targets":     [[3, 4, 5, 2, 0, 0, 0], [6, 7, 8, 2, 9, 10, 2]],
-      "weights":     [[0, 0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 1, 1]],
-      "segment_ids": [[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 2, 2, 2]],
-      "positions":   [[0, 1, 2, 3, 0, 0, 0], [0, 1, 2, 3, 0, 1, 2]],
+      "inputs_BxL":      [[1, 3, 4, 5, 0, 0, 0], [1, 6, 7, 8, 1, 9, 10]],
+      "targets_BxL":     [[3, 4, 5, 2, 0, 0, 0], [6, 7, 8, 2, 9, 10, 2]],
+      "weights_BxL":     [[0, 0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 1, 1]],
+      "segment_ids_BxL": [[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 2, 2, 2]],
+      "positions_BxL":   [[0, 1, 2, 3, 0, 0, 0], [0, 1, 2, 3, 0, 1, 2]],
   })
 
 
 def test_instruct_rows_unpacked_by_hand(tok):
   rows = instruct_rows(tok, PAIRS, seq_len=5, pack=False)
   assert_rows(rows, {
-      "inputs":      [[1, 3, 4, 5, 0], [1, 6, 7, 8, 0], [1, 9, 10, 0, 0]],
-      "targets":     [[3, 4, 5, 2, 0], [6, 7, 8, 2, 0], [9, 10, 2, 0, 0]],
-      "weights":     [[0, 0, 1, 1, 0], [0, 1, 1, 1, 0], [0, 1, 1, 0, 0]],
-      "segment_ids": [[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]],
-      "positions":   [[0, 1, 2, 3, 0], [0, 1, 2, 3, 0], [0, 1, 2, 0, 0]],
+      "inputs_BxL":      [[1, 3, 4, 5, 0], [1, 6, 7, 8, 0], [1, 9, 10, 0, 0]],
+      "targets_BxL":     [[3, 4, 5, 2, 0], [6, 7, 8, 2, 0], [9, 10, 2, 0, 0]],
+      "weights_BxL":     [[0, 0, 1, 1, 0], [0, 1, 1, 1, 0], [0, 1, 1, 0, 0]],
+      "segment_ids_BxL": [[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]],
+      "positions_BxL":   [[0, 1, 2, 3, 0], [0, 1, 2, 3, 0], [0, 1, 2, 0, 0]],
   })
 
 
 def test_instruct_rows_truncation_keeps_the_response(tok):
   # [1 | 3 4 5 6 | 7 8 | 2] is 8 tokens, seq_len + 1 = 5: the prompt loses "abc", keeps "d".
   rows = instruct_rows(tok, [("abcd", "ef")], seq_len=4)
-  assert_rows(rows, {"inputs": [[1, 6, 7, 8]], "targets": [[6, 7, 8, 2]], "weights": [[0, 1, 1, 1]],
-                     "segment_ids": [[1, 1, 1, 1]], "positions": [[0, 1, 2, 3]]})
+  assert_rows(rows, {"inputs_BxL": [[1, 6, 7, 8]], "targets_BxL": [[6, 7, 8, 2]], "weights_BxL": [[0, 1, 1, 1]],
+                     "segment_ids_BxL": [[1, 1, 1, 1]], "positions_BxL": [[0, 1, 2, 3]]})
   # The response alone is too long: bos + the start of the response, no prompt, no eos; all weighted.
   rows = instruct_rows(tok, [("ab", "cdef"), ("a", "b")], seq_len=3, pack=False)
-  assert_rows(rows, {"inputs": [[1, 5, 6], [1, 3, 4]], "targets": [[5, 6, 7], [3, 4, 2]],
-                     "weights": [[1, 1, 1], [0, 1, 1]], "segment_ids": [[1, 1, 1], [1, 1, 1]],
-                     "positions": [[0, 1, 2], [0, 1, 2]]})
+  assert_rows(rows, {"inputs_BxL": [[1, 5, 6], [1, 3, 4]], "targets_BxL": [[5, 6, 7], [3, 4, 2]],
+                     "weights_BxL": [[1, 1, 1], [0, 1, 1]], "segment_ids_BxL": [[1, 1, 1], [1, 1, 1]],
+                     "positions_BxL": [[0, 1, 2], [0, 1, 2]]})
 
 
 def segments(rows):
   """(row, inputs, targets, weights, positions) of every segment, in row-major order."""
   found = []
-  for r, seg_L in enumerate(rows["segment_ids"]):
+  for r, seg_L in enumerate(rows["segment_ids_BxL"]):
     for s in range(1, seg_L.max() + 1):
       cols = np.flatnonzero(seg_L == s)
       assert np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols))), "a segment is not contiguous"
-      found.append((r, *(rows[k][r, cols] for k in ("inputs", "targets", "weights", "positions"))))
+      found.append((r, *(rows[k][r, cols] for k in ("inputs_BxL", "targets_BxL", "weights_BxL", "positions_BxL"))))
   return found
 
 
@@ -110,7 +110,7 @@ def test_instruct_rows_random_examples(tok, pack):
   text = lambda n: "".join(rng.choice("abcdefgh") for _ in range(n))
   pairs = [(text(rng.randint(0, 12)), text(rng.randint(1, 9))) for _ in range(40)]  # all fit in a row
   rows = instruct_rows(tok, pairs, seq_len=seq_len, pack=pack)
-  assert all(rows[k].shape == rows["inputs"].shape for k in KEYS) and rows["inputs"].shape[1] == seq_len
+  assert all(rows[k].shape == rows["inputs_BxL"].shape for k in KEYS) and rows["inputs_BxL"].shape[1] == seq_len
   found = segments(rows)
   assert len(found) == len(pairs)  # each example is exactly one segment: none spans two rows
   for (prompt, response), (r, inputs, targets, weights, positions) in zip(pairs, found):
@@ -119,7 +119,7 @@ def test_instruct_rows_random_examples(tok, pack):
     assert list(weights) == [0.0] * len(prompt) + [1.0] * (len(response) + 1)
     assert list(positions) == list(range(len(prompt) + len(response) + 1))
   # Padding: after the segments of a row, every array is zero.
-  pad_NxL = rows["segment_ids"] == 0
+  pad_NxL = rows["segment_ids_BxL"] == 0
   assert all(np.all(rows[k][pad_NxL] == 0) for k in KEYS)
   assert np.all(np.diff(pad_NxL.astype(int), axis=1) >= 0)  # padding only at the end of a row
   used_N = (~pad_NxL).sum(1)
@@ -143,15 +143,15 @@ def test_instruct_rows_errors(tok):
 def test_classify_rows_by_hand(tok):
   rows = classify_rows(tok, ["ab", "abcdefg", ""], [1, 0, 1], seq_len=5)
   assert_rows(rows, {
-      "inputs":      [[1, 3, 4, 0, 0], [1, 3, 4, 5, 6], [1, 0, 0, 0, 0]],
-      "positions":   [[0, 1, 2, 0, 0], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]],
-      "segment_ids": [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]],
-      "weights":     [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]],
-      "labels":      [1, 0, 1],
+      "inputs_BxL":      [[1, 3, 4, 0, 0], [1, 3, 4, 5, 6], [1, 0, 0, 0, 0]],
+      "positions_BxL":   [[0, 1, 2, 0, 0], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]],
+      "segment_ids_BxL": [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]],
+      "weights_BxL":     [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]],
+      "labels_B":    [1, 0, 1],
   })
-  last_N = rows["segment_ids"].sum(1) - 1
+  last_N = rows["segment_ids_BxL"].sum(1) - 1
   np.testing.assert_array_equal(last_N, [2, 4, 0])
-  np.testing.assert_array_equal(rows["inputs"][np.arange(3), last_N], [4, 6, 1])  # "b", "d" (cut), bos
+  np.testing.assert_array_equal(rows["inputs_BxL"][np.arange(3), last_N], [4, 6, 1])  # "b", "d" (cut), bos
   with pytest.raises(DataError) as excinfo:
     classify_rows(tok, ["ab", "cd"], [1], seq_len=5)
   assert_one_line_error(excinfo, "2 texts", "1 labels")

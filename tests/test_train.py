@@ -13,14 +13,15 @@ import optax
 import pytest
 
 from configs import base
-from data.pipeline import pack_documents
+from data.packing import pack_documents
 from data.tokenizer import CharTokenizer
 from model.config import ConfigError, ModelConfig
-from model.transformer import build_model
+from model.families import build_model
 from train import mesh as mesh_lib
+from train import runs
 from train import state as state_lib
-from train.loop import train_and_evaluate
-from train.step import lm_loss, train_step
+from train.pretrain import train_and_evaluate
+from train.step import token_loss, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "".join(f"line {i}: the {w} fox jumps over {i % 7} lazy dogs.\n"
@@ -40,6 +41,12 @@ def tiny_config(tmp_path, **train_overrides):
   config.mesh.update(data=1, fsdp=1, tensor=1)
   config.train.update(**train_overrides)
   return config
+
+
+def load_parts(workdir, step=None, require_tokenizer=True):
+  """(config, model, merged params, tokenizer, step) of a run, through train.runs.load_run."""
+  loaded = runs.load_run(workdir, step, require_tokenizer=require_tokenizer)
+  return loaded.run.config, loaded.run.model, loaded.params, loaded.run.tokenizer, loaded.step
 
 
 def logged(workdir, key="train/loss"):
@@ -102,8 +109,7 @@ def _single_device_state(model, train_overrides, seq_len=16, tx=None):
   config.mesh.update(data=1, fsdp=1, tensor=1)
   mesh = mesh_lib.make_mesh(config.mesh)
   tx = tx or state_lib.make_optimizer(config.train)
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  state, _ = state_lib.init_state(model, tx, 0, mesh, rules, seq_len)
+  state = runs.for_model(model, tx, mesh, mesh_lib.config_rules(config.mesh), seq_len).init_state()
   return state, tx
 
 
@@ -111,7 +117,7 @@ def test_tiny_model_overfits_one_batch():
   model, batch = _tiny_model_and_batch()
   state, tx = _single_device_state(model, dict(learning_rate=3e-3, warmup_steps=10, steps=300,
                                                weight_decay=0.0))
-  step = jax.jit(functools.partial(train_step, loss_fn=lm_loss(model), tx=tx))
+  step = jax.jit(functools.partial(train_step, loss_fn=token_loss(model), tx=tx))
   for _ in range(300):
     state, metrics = step(state, batch)
   first_loss = np.log(model.cfg.vocab_size)
@@ -125,7 +131,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   for accum in (1, 4):
     # Plain SGD, so the parameter change is the gradient itself (Adam's first step is ~sign(grad)).
     state, tx = _single_device_state(model, {}, tx=optax.sgd(1.0))
-    state, metrics = jax.jit(functools.partial(train_step, loss_fn=lm_loss(model), tx=tx, grad_accum=accum))(state, batch)
+    state, metrics = jax.jit(functools.partial(train_step, loss_fn=token_loss(model), tx=tx, grad_accum=accum))(state, batch)
     results.append((state.params, metrics))
   (params_1, metrics_1), (params_4, metrics_4) = results
   np.testing.assert_allclose(metrics_1["loss_sum"], metrics_4["loss_sum"], rtol=1e-5)

@@ -21,12 +21,18 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
+from data import finetuning
+from data.batch import rows
 from data.pipeline import read_splits
-from data.sources import DataError, read_documents
+from data.sources import DataError, read_documents, read_records
 from model.config import ConfigError
-from train.checkpoint import load_trained, read_run_config
+from train import mesh as mesh_lib
+from train import tasks
+from train.checkpoint import read_run_config
 from train.cli import fail, parse_flags, run_reporting_errors
-from train.step import weighted_cross_entropy
+from train.loop import evaluate
+from train.runs import load_run
+from train.step import eval_step, weighted_cross_entropy
 
 TOOL = "train.evaluate"  # marks our JSON files: only those are ever overwritten
 RUN_VALIDATION = "run:validation"
@@ -44,10 +50,10 @@ def sliding_windows(num_targets: int, window: int, stride: int):
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _row_nats_B(params, inputs_BxL, positions_BxL, segment_ids_BxL, targets_BxL, weights_BxL, *, model):
+def _row_nats_B(params, batch, *, model):
   """Weighted sum of the target tokens' negative log-likelihoods, per row."""
-  logits_BxLxV = model.apply({"params": params}, inputs_BxL, positions_BxL, segment_ids_BxL)
-  return jax.vmap(weighted_cross_entropy)(logits_BxLxV, targets_BxL, weights_BxL)[0]
+  logits_BxLxV = model.apply({"params": params}, batch, method="forward")
+  return jax.vmap(weighted_cross_entropy)(logits_BxLxV, batch["targets_BxL"], batch["weights_BxL"])[0]
 
 
 def evaluate_documents(model, params, tokenizer, texts, *, window: int, stride: int, batch_size: int,
@@ -67,18 +73,12 @@ def evaluate_documents(model, params, tokenizer, texts, *, window: int, stride: 
   bar = tqdm.tqdm(total=len(spans), desc="eval", unit="window", dynamic_ncols=True, mininterval=1.0,
                   disable=not progress)
   for first in range(0, len(spans), batch_size):
-    batch = {k: np.zeros((batch_size, window), dtype) for k, dtype in (
-        ("inputs", np.int32), ("positions", np.int32), ("segment_ids", np.int32), ("targets", np.int32),
-        ("weights", np.float32))}  # padding: segment 0, weight 0
-    for row, (doc, begin, end, scored) in enumerate(spans[first:first + batch_size]):
-      n = end - begin
-      batch["inputs"][row, :n] = streams[doc][begin:end]
-      batch["targets"][row, :n] = streams[doc][begin + 1:end + 1]
-      batch["positions"][row, :n] = np.arange(n)
-      batch["segment_ids"][row, :n] = 1
-      batch["weights"][row, scored - begin:n] = 1.0
-    nats_B = _row_nats_B(params, batch["inputs"], batch["positions"], batch["segment_ids"], batch["targets"],
-                         batch["weights"], model=model)
+    windows = spans[first:first + batch_size]
+    windows += [(0, 0, 0, 0)] * (batch_size - len(windows))  # empty rows (all padding) keep the compiled shape
+    batch = rows([streams[doc][begin:end] for doc, begin, end, _ in windows], window,
+                 targets=[streams[doc][begin + 1:end + 1] for doc, begin, end, _ in windows],
+                 weights=[[0.0] * (scored - begin) + [1.0] * (end - scored) for _, begin, end, scored in windows])
+    nats_B = _row_nats_B(params, batch, model=model)
     if pending is not None:  # fetch the previous batch only after dispatching this one
       total_nats += float(np.sum(np.asarray(pending[0], np.float64)))
       bar.update(pending[1])
@@ -92,6 +92,24 @@ def evaluate_documents(model, params, tokenizer, texts, *, window: int, stride: 
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
           "bits_per_byte": total_nats / math.log(2) / max(num_bytes, 1),
           "tokens": num_tokens, "bytes": num_bytes, "documents": len(streams)}
+
+
+def evaluate_classifier(workdir: str, data: str, *, step: int | None = None, batch_size: int = 32,
+                        max_records: int = 0) -> dict:
+  """Loss, accuracy and macro-F1 of a classification run on a JSONL file with the run's text/label fields."""
+  loaded = load_run(workdir, step)
+  run, config = loaded.run, loaded.run.config
+  if run.labels is None:
+    raise ConfigError(f"{workdir}: not a classification run (config.task={config.task!r})")
+  records = read_records(data, [config.data.text_field, config.data.label_field], max_records)
+  eval_rows = finetuning.classify_rows(
+      run.tokenizer, [str(r[config.data.text_field]) for r in records],
+      finetuning.encode_labels([str(r[config.data.label_field]) for r in records], run.labels), config.train.seq_len)
+  eval_fn = jax.jit(functools.partial(eval_step, loss_fn=tasks.make_loss("classify", run)))
+  metrics = evaluate(eval_fn, loaded.state.params, run.frozen, eval_rows, batch_size, len(records),
+                     mesh_lib.batch_sharding(run.mesh))
+  return {"loss": metrics["eval/loss"], "accuracy": metrics["eval/accuracy"], "macro_f1": metrics["eval/macro_f1"],
+          "examples": len(records), "step": loaded.step}
 
 
 def _first_bytes(texts: list[str], max_bytes: int) -> list[str]:
@@ -148,10 +166,11 @@ def run(workdir: str, data: str, *, field: str = "text", step: int | None = None
   (its own text and label fields); every other run by loss, perplexity and bits per byte.
   """
   if read_run_config(workdir).get("task") == "classify":
-    from train.finetune import evaluate_classifier  # finetune imports train.checkpoint, as this module does
     result = evaluate_classifier(workdir, data, step=step, batch_size=batch_size)
     return _write(result, workdir, data, output, "classify", {}, ("loss", "accuracy", "macro_f1"), ("examples",))
-  config, model, params, tokenizer, step = load_trained(workdir, step)
+  loaded = load_run(workdir, step)
+  config, model, params, tokenizer, step = (loaded.run.config, loaded.run.model, loaded.params, loaded.run.tokenizer,
+                                            loaded.step)
   seq_len = config.train.seq_len if seq_len is None else seq_len
   stride = max(1, seq_len // 2) if stride is None else stride or seq_len
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):

@@ -14,8 +14,8 @@ from absl import app, flags
 
 from model.config import ConfigError
 from model.decode import Sampling, generate_text
-from train.checkpoint import load_trained
 from train.cli import parse_flags, run_reporting_errors
+from train.runs import load_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to load the checkpoint and tokenizer from.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (\\n for a newline).")
@@ -43,7 +43,8 @@ def read_prompts() -> list[str]:
 
 def run() -> None:
   prompts = read_prompts()
-  _, model, params, tokenizer, step = load_trained(_WORKDIR.value, _STEP.value)
+  loaded = load_run(_WORKDIR.value, _STEP.value)
+  model, params, tokenizer, step = loaded.run.model, loaded.params, loaded.run.tokenizer, loaded.step
   sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _REPETITION_PENALTY.value)
   rows = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
   streaming = len(rows) == 1

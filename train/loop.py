@@ -1,31 +1,26 @@
-"""fit(): the training loop shared by the entrypoints, and train_and_evaluate(config, workdir) for pretraining.
+"""fit(): the training loop shared by the entrypoints, for any Run (train/runs.py) and loss.
 
-Data -> sharded init (or exact resume from the last checkpoint) -> jitted steps with periodic
-evaluation, metrics (metrics.jsonl, TensorBoard, tqdm) and checkpoints -> samples at the end.
+Sharded init (or exact resume from the last checkpoint) -> jitted steps with periodic evaluation, metrics
+(metrics.jsonl, TensorBoard, tqdm) and checkpoints. Offers `check_train_config`, `summarize`, `eval_batches`,
+`evaluate` and `fit`.
 """
 
 import functools
 import math
-import os
 import time
 
 import jax
 import numpy as np
 import tqdm
 
-from data.pipeline import Loader, prepare_lm_data
-from model import decode
-from model.config import ConfigError, ModelConfig
-from model.transformer import build_model
+from data import batch as batch_lib
+from data.pipeline import Loader
+from model.config import ConfigError
 from train import mesh as mesh_lib
 from train import state as state_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricWriter
-from train.step import eval_step, pretraining_loss, train_step
-from train.workdir import prepare_workdir
-
-
-OBJECTIVES = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
+from train.step import eval_step, train_step
 
 
 def check_train_config(config, mesh) -> None:
@@ -65,102 +60,56 @@ def summarize(sums: dict, prefix: str) -> dict:
   return metrics
 
 
-def eval_batches(rows: dict, batch_size: int, max_batches: int):
+def eval_batches(rows: batch_lib.Batch, batch_size: int, max_batches: int):
   """The first max_batches batches of `rows` in order, each row once; the last batch is filled up with
   copies of row 0 whose weights are 0, so every batch has the compiled shape and no row counts twice."""
-  num_rows = min(len(next(iter(rows.values()))), batch_size * max_batches)
+  num_rows = min(batch_lib.num_rows(rows), batch_size * max_batches)
   per_process = batch_size // jax.process_count()
   for start in range(0, num_rows, batch_size):
     index = np.arange(start, start + batch_size)
     valid = index < num_rows
-    batch = {k: v[np.where(valid, index, 0)] for k, v in rows.items()}
-    for key in [k for k in batch if k.endswith("weights")]:  # weights, decoder_weights
+    batch = batch_lib.take(rows, np.where(valid, index, 0))
+    for key in set(batch_lib.WEIGHT_KEYS) & set(batch):
       batch[key] = batch[key] * valid[:, None]
-    local = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-    yield {k: v[local] for k, v in batch.items()}
+    yield batch_lib.take(batch, slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process))
 
 
-def evaluate(eval_fn, params, frozen, val_rows, config, sharding) -> dict:
-  """Eval metrics over the first eval_batches validation batches (fixed order, the same every time)."""
+def evaluate(eval_fn, params, frozen, rows, batch_size: int, max_batches: int, sharding) -> dict:
+  """Eval metrics over the first max_batches batches of `rows` (fixed order, the same every time)."""
   totals = None
-  for batch in eval_batches(val_rows, config.train.batch_size, config.train.eval_batches):
+  for batch in eval_batches(rows, batch_size, max_batches):
     sums = eval_fn(params, _to_device(batch, sharding), frozen)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   return summarize(jax.device_get(totals), "eval")
 
 
-def write_samples(model, params, tokenizer, config, workdir) -> list:
-  """Samples a few continuations of config.train.sample_prompt with the KV-cache decoder; prints and saves them."""
-  train = config.train
-  if train.num_samples <= 0:
-    return []
-  sampling = decode.Sampling(temperature=train.sample_temperature, top_k=train.sample_top_k)
-  max_new_tokens = train.sample_tokens
-  if model.cfg.position == "learned":  # the learned table has max_len rows
-    max_new_tokens = min(max_new_tokens, model.cfg.max_len - 1 - len(tokenizer.encode(train.sample_prompt)))
-  continuations = decode.generate_text(model, jax.device_get(params), tokenizer,
-                                       [train.sample_prompt] * train.num_samples,
-                                       max_new_tokens=max_new_tokens, sampling=sampling, seed=train.seed)
-  texts = [train.sample_prompt + text for text in continuations]
-  with open(os.path.join(workdir, "samples.txt"), "w") as f:
-    for i, text in enumerate(texts):
-      f.write(f"--- sample {i}\n{text}\n")
-  for i, text in enumerate(texts):
-    print(f"--- sample {i}\n{text}")
-  return texts
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Pretrains (or resumes) the run in `workdir`; returns the last metrics logged."""
-  mesh = mesh_lib.make_mesh(config.mesh)
-  check_train_config(config, mesh)
-  objective = OBJECTIVES.get(config.model.family)
-  if config.objective != objective:
-    raise ConfigError(f"config.objective: {config.objective!r} does not pretrain a {config.model.family} "
-                      f"(config.model.family); expected {objective!r}")
-  prepare_workdir(config, workdir)
-  train = config.train
-  tokenizer, train_rows, val_rows = prepare_lm_data(config.data, train.seq_len, workdir, config.objective)
-  model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size))
-  tx = state_lib.make_optimizer(train)
-  rules = tuple(tuple(rule) for rule in config.mesh.rules)
-  state, state_shardings = state_lib.init_state(model, tx, train.seed, mesh, rules, train.seq_len)
-  print(f"ablax: vocab {tokenizer.vocab_size}, {len(train_rows['inputs'])} train rows x {train.seq_len} tokens")
-  state, last = fit(config, workdir, mesh=mesh, state=state, state_shardings=state_shardings, frozen={},
-                    frozen_shardings={}, loss_fn=pretraining_loss(model), tx=tx, train_rows=train_rows,
-                    val_rows=val_rows)
-  if jax.process_index() == 0 and model.cfg.family == "decoder":
-    write_samples(model, state.params, tokenizer, config, workdir)
-  return last
-
-
-def fit(config, workdir: str, *, mesh, state, state_shardings, frozen, frozen_shardings, loss_fn, tx,
-        train_rows, val_rows):
+def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
   """The training loop shared by the entrypoints: resume, jitted steps, eval, metrics, checkpoints.
 
-  Returns (final state, last metrics logged). `frozen` parameters are inputs of every step, never saved.
+  Returns (final state, last metrics logged). The run's `frozen` parameters are inputs of every step, never saved.
   """
-  train = config.train
+  train, mesh, frozen = config.train, run.mesh, run.frozen
   loader = Loader(train_rows, train.batch_size, seed=train.seed,
                   process_index=jax.process_index(), process_count=jax.process_count())
   checkpointer = Checkpointer(workdir, train.keep_checkpoints)
   start_step = checkpointer.latest_step()
-  if start_step is not None:
-    state, data_state = checkpointer.restore(start_step, state, state_shardings)
+  if start_step is None:
+    state, start_step = run.init_state(), 0
+  else:
+    state, data_state = checkpointer.restore(start_step, run.abstract_state())
     if data_state:  # an imported step-0 checkpoint has no data position
       loader.set_state(data_state)
-  start_step = start_step or 0
   trainable = sum(x.size for x in jax.tree.leaves(state.params))
   total = trainable + sum(x.size for x in jax.tree.leaves(frozen))
   print(f"ablax: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%), "
         f"mesh {dict(mesh.shape)}, step {start_step}/{train.steps}")
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx, grad_accum=train.grad_accum),
-                     in_shardings=(state_shardings, batch_sharding, frozen_shardings),
-                     out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+  train_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=run.tx, grad_accum=train.grad_accum),
+                     in_shardings=(run.shardings, batch_sharding, run.frozen_shardings),
+                     out_shardings=(run.shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
-                    in_shardings=(state_shardings.params, batch_sharding, frozen_shardings))
+                    in_shardings=(run.shardings.params, batch_sharding, run.frozen_shardings))
   schedule = state_lib.learning_rate_schedule(train)
 
   writer = MetricWriter(workdir, resume_step=start_step)
@@ -194,7 +143,8 @@ def fit(config, workdir: str, *, mesh, state, state_shardings, frozen, frozen_sh
                   "train/learning_rate": float(schedule(done_step - 1)),
                   "train/tokens_per_sec": interval["steps"] * tokens_per_step / max(elapsed, 1e-9)}
           if done_step % train.eval_every == 0 or done_step == train.steps:
-            last.update(evaluate(eval_fn, state.params, frozen, val_rows, config, batch_sharding))
+            last.update(evaluate(eval_fn, state.params, frozen, val_rows, train.batch_size, train.eval_batches,
+                                 batch_sharding))
           writer.write(last)
           progress.set_postfix(loss=f"{last['train/loss']:.3f}",
                                tok_s=f"{last['train/tokens_per_sec']:.0f}", refresh=False)

@@ -39,21 +39,33 @@ def _fit(spec: P, shape, mesh: Mesh) -> P:
   return P(*fitted)
 
 
-def tree_shardings(boxed_tree, mesh: Mesh, rules):
-  """NamedShardings for a tree whose leaves are nn.LogicallyPartitioned (abstract or concrete)."""
-  logical_specs = nn.get_partition_spec(boxed_tree)
-  shapes = nn.meta.unbox(boxed_tree)
-
+def logical_shardings(axes_tree, shapes_tree, mesh: Mesh, rules):
+  """NamedShardings from a tree of PartitionSpecs of logical axis names and a tree of the leaves' shapes."""
   def to_sharding(logical_spec, leaf):
     mesh_spec = nn.logical_to_mesh_axes(tuple(logical_spec), rules)
     return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh))
 
-  return jax.tree.map(to_sharding, logical_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(to_sharding, axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, P))
+
+
+def tree_shardings(boxed_tree, mesh: Mesh, rules):
+  """NamedShardings for a tree whose leaves are nn.LogicallyPartitioned (abstract or concrete)."""
+  return logical_shardings(nn.get_partition_spec(boxed_tree), nn.meta.unbox(boxed_tree), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Rows of a [B, L] batch split over the data-parallel axes."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def one_device_mesh() -> Mesh:
+  """A 1x1x1 mesh on the first device (loading a run to generate, evaluate or export)."""
+  return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def config_rules(mesh_cfg) -> tuple:
+  """config.mesh.rules as the tuple of (logical axis, mesh axes) pairs flax expects."""
+  return tuple(tuple(rule) for rule in mesh_cfg.rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

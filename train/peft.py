@@ -12,13 +12,16 @@ parameters are built from both (`effective`):
 `split` / `combine` move leaves between the trainable tree (optimizer, gradients) and the frozen one.
 """
 
+import math
 import re
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 
 from model.config import ConfigError
+from model.families import family
 
 METHODS = ("full", "freeze", "lora", "ia3", "prompt")
 
@@ -61,7 +64,7 @@ class Method:
           raise ConfigError(f"config.peft.{key}: bad regex {pattern!r} ({e})") from None
     if self.name == "lora" and peft_cfg.lora_rank <= 0:
       raise ConfigError(f"config.peft.lora_rank: expected a positive integer, got {peft_cfg.lora_rank}")
-    if self.name in ("ia3", "prompt") and model_cfg.family == "encoder_decoder":
+    if self.name in ("ia3", "prompt") and family(model_cfg).seq2seq:
       raise ConfigError(f"config.peft.method: {self.name} is implemented for decoder and encoder models only")
     if self.name == "prompt" and peft_cfg.num_prompt_tokens <= 0:
       raise ConfigError(f"config.peft.num_prompt_tokens: expected a positive integer, "
@@ -76,8 +79,9 @@ class Method:
     return False
 
   def lora_paths(self, base: dict) -> list[str]:
+    """The kernels LoRA adapts; `base` holds parameters or their logical axes (a PartitionSpec per leaf)."""
     flat = {path_str(k): v for k, v in traverse_util.flatten_dict(base).items()}
-    paths = [p for p, v in flat.items() if v.ndim >= 2 and not p.endswith("embedding")
+    paths = [p for p, v in flat.items() if len(getattr(v, "shape", v)) >= 2 and not p.endswith("embedding")
              and any(re.search(t, p) for t in self.cfg.lora_targets)]
     if not paths:
       raise ConfigError(f"config.peft.lora_targets: {list(self.cfg.lora_targets)} match no kernel")
@@ -91,7 +95,7 @@ class Method:
       adapters = {}
       for i, path in enumerate(self.lora_paths(base)):
         shape, n_in = flat[path].shape, _input_ndim(path)
-        fan_in = int(jnp.prod(jnp.asarray(shape[:n_in])))
+        fan_in = math.prod(shape[:n_in])
         a = jax.random.normal(jax.random.fold_in(rng, i), (*shape[:n_in], cfg.lora_rank)) / jnp.sqrt(fan_in)
         adapters[path.replace("/", ".")] = {"a": a, "b": jnp.zeros((cfg.lora_rank, *shape[n_in:]))}
       return adapters
@@ -101,6 +105,23 @@ class Method:
               for i in range(self.model_cfg.num_layers)}
     if self.name == "prompt":
       return {"prompt": 0.02 * jax.random.normal(rng, (cfg.num_prompt_tokens, d))}
+    return {}
+
+  def adapter_axes(self, base_axes: dict) -> dict:
+    """Logical axis names (PartitionSpecs) of init_adapters' tree, from the base parameters' names: LoRA's A
+    keeps its kernel's input axes, B its output axes; IA3 scales keys / values [G, K] and MLP units [F]."""
+    if self.name == "lora":
+      flat = {path_str(k): v for k, v in traverse_util.flatten_dict(base_axes).items()}
+      adapters = {}
+      for path in self.lora_paths(base_axes):
+        names, n_in = tuple(flat[path]), _input_ndim(path)
+        adapters[path.replace("/", ".")] = {"a": P(*names[:n_in], None), "b": P(None, *names[n_in:])}
+      return adapters
+    if self.name == "ia3":
+      return {f"layer_{i}": {"key": P("kv_heads", "kv"), "value": P("kv_heads", "kv"), "mlp": P("mlp")}
+              for i in range(self.model_cfg.num_layers)}
+    if self.name == "prompt":
+      return {"prompt": P(None, "embed")}
     return {}
 
   def effective(self, base: dict, adapters: dict, rng=None, deterministic: bool = True):

@@ -1,26 +1,78 @@
-"""Pretraining entrypoint.
+"""Pretraining entrypoint: train_and_evaluate(config, workdir) and the command line.
 
   python -m train.pretrain --config=configs/quickstart.py --workdir=runs/quickstart [--config.a.b=v ...]
 
-Running the same command again resumes from the last checkpoint in the workdir.
+Data -> a Run (train/runs.py) -> the shared loop (train/loop.py) -> samples at the end (decoders). Running the
+same command again resumes from the last checkpoint in the workdir.
 """
 
+import os
+
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from data.pipeline import prepare_lm_data
+from model import decode
+from model.config import ConfigError
+from model.families import FAMILIES
+from train import mesh as mesh_lib
+from train import runs
 from train.cli import parse_flags, run_reporting_errors
-from train.loop import train_and_evaluate
+from train.loop import check_train_config, fit
+from train.step import token_loss
+from train.workdir import prepare_workdir
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def write_samples(model, params, tokenizer, config, workdir) -> list:
+  """Samples a few continuations of config.train.sample_prompt with the KV-cache decoder; prints and saves them."""
+  train = config.train
+  if train.num_samples <= 0:
+    return []
+  sampling = decode.Sampling(temperature=train.sample_temperature, top_k=train.sample_top_k)
+  max_new_tokens = train.sample_tokens
+  if model.cfg.position == "learned":  # the learned table has max_len rows
+    max_new_tokens = min(max_new_tokens, model.cfg.max_len - 1 - len(tokenizer.encode(train.sample_prompt)))
+  continuations = decode.generate_text(model, jax.device_get(params), tokenizer,
+                                       [train.sample_prompt] * train.num_samples,
+                                       max_new_tokens=max_new_tokens, sampling=sampling, seed=train.seed)
+  texts = [train.sample_prompt + text for text in continuations]
+  with open(os.path.join(workdir, "samples.txt"), "w") as f:
+    for i, text in enumerate(texts):
+      f.write(f"--- sample {i}\n{text}\n")
+  for i, text in enumerate(texts):
+    print(f"--- sample {i}\n{text}")
+  return texts
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Pretrains (or resumes) the run in `workdir`; returns the last metrics logged."""
+  mesh = mesh_lib.make_mesh(config.mesh)
+  check_train_config(config, mesh)
+  family = FAMILIES.get(config.model.family)
+  if family is None:
+    raise ConfigError(f"config.model.family: expected one of {', '.join(FAMILIES)}, got {config.model.family!r}")
+  if config.objective != family.objective:
+    raise ConfigError(f"config.objective: {config.objective!r} does not pretrain a {config.model.family} "
+                      f"(config.model.family); expected {family.objective!r}")
+  prepare_workdir(config, workdir)
+  train = config.train
+  tokenizer, train_rows, val_rows = prepare_lm_data(config.data, train.seq_len, workdir, config.objective)
+  run = runs.pretraining(config, mesh, tokenizer.vocab_size, tokenizer)
+  print(f"ablax: vocab {tokenizer.vocab_size}, {len(train_rows['inputs_BxL'])} train rows x {train.seq_len} tokens")
+  state, last = fit(config, workdir, run, token_loss(run.model), train_rows, val_rows)
+  if jax.process_index() == 0 and family.objective == "causal_lm":
+    write_samples(run.model, state.params, tokenizer, config, workdir)
+  return last
 
 
 def main(argv):
   del argv
-  run_reporting_errors(train_and_evaluate, _CONFIG.value, _WORKDIR.value)
+  run_reporting_errors(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only here: tests and other entrypoints import this module
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=parse_flags)

@@ -1,14 +1,12 @@
-"""TrainState, the optimizer (AdamW + warmup/cosine + clipping) and sharded state initialisation."""
+"""TrainState, the optimizer (AdamW + warmup/cosine + clipping), a fresh state and the shardings of a state."""
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from model.transformer import init_params
 from train import mesh as mesh_lib
 
 
@@ -41,22 +39,16 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   return adamw
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, mesh, rules, seq_len: int):
-  """Initialises the TrainState directly into its shardings; returns (state, state_shardings)."""
-  def boxed_state(rng):
-    params = init_params(model, jax.random.fold_in(rng, 1), seq_len)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(nn.meta.unbox(params)), rng=rng)
+def fresh_state(params, tx: optax.GradientTransformation, rng) -> TrainState:
+  """Step 0: `params` with a new optimizer state."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
-  rng = jax.random.PRNGKey(seed)
-  abstract = jax.eval_shape(boxed_state, rng)
-  param_shardings = mesh_lib.tree_shardings(abstract.params, mesh, rules)
-  shardings = TrainState(step=mesh_lib.replicated(mesh), params=param_shardings,
-                         opt_state=opt_state_shardings(tx, abstract.opt_state, param_shardings, mesh),
-                         rng=mesh_lib.replicated(mesh))
-  unboxed = lambda r: nn.meta.unbox(boxed_state(r))
-  state = jax.jit(unboxed, out_shardings=shardings)(rng)
-  return state, shardings
+
+def state_shardings(abstract_state: TrainState, param_shardings, tx, mesh) -> TrainState:
+  """Shardings of a whole TrainState from those of its parameters."""
+  replicated = mesh_lib.replicated(mesh)
+  return TrainState(step=replicated, params=param_shardings, rng=replicated,
+                    opt_state=opt_state_shardings(tx, abstract_state.opt_state, param_shardings, mesh))
 
 
 def opt_state_shardings(tx, abstract_opt_state, param_shardings, mesh):

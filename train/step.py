@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from model.families import family
 from train.state import TrainState
 
 
@@ -23,36 +24,19 @@ def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
           jnp.sum(correct_BxL * weights_BxL))
 
 
-def lm_loss(model, effective_params=None):
-  """Next-token loss of a language model; `effective_params(params, frozen, rng, deterministic)` builds the
-  model's parameters from the trainable and frozen parts (default: params alone) and extra apply kwargs."""
+def token_loss(model, model_params=None):
+  """Cross entropy of the model's `forward` logits against the batch's targets that its family names: next
+  tokens (decoder), masked tokens (encoder) or the decoder's stream (encoder-decoder). `model_params(params,
+  frozen, rng, deterministic)` builds the model's parameters and extra kwargs (default: params alone)."""
+  targets_key, weights_key = family(model.cfg).targets
+
   def loss_fn(params, frozen, batch, rng, deterministic):
-    full, extra = (effective_params(params, frozen, rng, deterministic) if effective_params
-                   else (params, {}))
-    logits_BxLxV = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                               deterministic=deterministic, rngs={"dropout": rng}, **extra)
-    loss_sum, weight_sum, correct_sum = weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+    full, extra = model_params(params, frozen, rng, deterministic) if model_params else (params, {})
+    logits_BxLxV = model.apply({"params": full}, batch, deterministic, rngs={"dropout": rng}, method="forward",
+                               **extra)
+    loss_sum, weight_sum, correct_sum = weighted_cross_entropy(logits_BxLxV, batch[targets_key], batch[weights_key])
     return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
   return loss_fn
-
-
-def seq2seq_loss(model, effective_params=None):
-  """Decoder next-token loss of an encoder-decoder (inputs to the encoder, decoder_* to the decoder);
-  `effective_params` as in lm_loss."""
-  def loss_fn(params, frozen, batch, rng, deterministic):
-    full, _ = (effective_params(params, frozen, rng, deterministic) if effective_params else (params, {}))
-    logits_BxLxV = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                               batch["decoder_inputs"], batch["decoder_positions"], batch["decoder_segment_ids"],
-                               deterministic=deterministic, rngs={"dropout": rng})
-    loss_sum, weight_sum, correct_sum = weighted_cross_entropy(logits_BxLxV, batch["decoder_targets"],
-                                                               batch["decoder_weights"])
-    return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
-  return loss_fn
-
-
-def pretraining_loss(model):
-  """The loss of `model`'s family: next-token (decoder), masked-token (encoder) or seq2seq."""
-  return seq2seq_loss(model) if model.cfg.family == "encoder_decoder" else lm_loss(model)
 
 
 def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum: int = 1):

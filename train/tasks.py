@@ -1,9 +1,9 @@
-"""Fine-tuning tasks (`config.task`): their data rows and loss functions.
+"""Fine-tuning tasks (`config.task`): their data rows, the classification head and the loss functions.
 
   lm        continued pretraining on text (packed causal-LM rows)
   instruct  prompt/response pairs from JSONL, loss on response tokens (and eos) only; an encoder-decoder
             reads the prompt with its encoder and generates the response with its decoder
-  classify  text/label pairs from JSONL; a linear head on a pooled hidden state (see POOLING)
+  classify  text/label pairs from JSONL; a linear head on a pooled hidden state (the family's `pooling`)
 A loss function has the signature train/step.py expects and returns sums (the host divides).
 """
 
@@ -11,14 +11,18 @@ import string
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from data import objectives
-from data.pipeline import pack_documents
-from data.sources import read_documents, read_records, split_documents
+from data import finetuning
+from data.packing import pack_documents
+from data.pipeline import read_splits
+from data.sources import read_records
 from model.config import ConfigError
-from train.step import lm_loss, seq2seq_loss
+from model.families import FAMILIES, family
+from train.step import token_loss
 
 TASKS = ("lm", "instruct", "classify")
+HEAD_AXES = {"kernel": P("embed", None), "bias": P(None)}  # logical axes of init_head's tree
 
 
 def build_rows(config, tokenizer):
@@ -27,11 +31,8 @@ def build_rows(config, tokenizer):
   if task not in TASKS:
     raise ConfigError(f"config.task: expected one of {', '.join(TASKS)}, got {task!r}")
   if task == "lm":
-    train = read_documents(data.train_path, data.text_field, data.max_bytes)
-    val = read_documents(data.val_path, data.text_field) if data.val_path else None
-    if val is None:
-      train, val = split_documents(train, data.val_fraction)
     pack = lambda docs: pack_documents(tokenizer.encode_batch(docs), seq_len, tokenizer.bos_id, tokenizer.eos_id)
+    train, val = read_splits(data)
     return pack(train), pack(val), None
 
   fields = ([data.text_field, data.label_field] if task == "classify" else
@@ -39,22 +40,20 @@ def build_rows(config, tokenizer):
   train = read_records(data.train_path, fields, data.max_records)
   val = read_records(data.val_path, fields, data.max_records) if data.val_path else None
   if val is None:
-    train, val = objectives.split_records(train, data.val_fraction)
-  if task == "instruct" and config.model.family == "encoder_decoder":  # the prompt to the encoder
-    rows = lambda records: objectives.seq2seq_rows(
-        tokenizer, [(objectives.render(data.prompt_template, r), str(r[data.response_field])) for r in records],
-        seq_len, data.target_len or seq_len)
+    train, val = finetuning.split_records(train, data.val_fraction)
+  pairs = lambda records: [(finetuning.render(data.prompt_template, r), str(r[data.response_field]))
+                           for r in records]
+  if task == "instruct" and FAMILIES[config.model.family].seq2seq:  # the prompt to the encoder
+    rows = lambda records: finetuning.seq2seq_rows(tokenizer, pairs(records), seq_len, data.target_len or seq_len)
     return rows(train), rows(val), None
   if task == "instruct":
     pack = config.peft.method != "prompt"  # a prompt-tuning prefix belongs to exactly one example per row
-    rows = lambda records: objectives.instruct_rows(
-        tokenizer, [(objectives.render(data.prompt_template, r), str(r[data.response_field])) for r in records],
-        seq_len, pack=pack)
+    rows = lambda records: finetuning.instruct_rows(tokenizer, pairs(records), seq_len, pack=pack)
     return rows(train), rows(val), None
-  labels = objectives.label_vocabulary([r[data.label_field] for r in train])
-  rows = lambda records: objectives.classify_rows(
+  labels = finetuning.label_vocabulary([r[data.label_field] for r in train])
+  rows = lambda records: finetuning.classify_rows(
       tokenizer, [str(r[data.text_field]) for r in records],
-      objectives.encode_labels([r[data.label_field] for r in records], labels), seq_len)
+      finetuning.encode_labels([r[data.label_field] for r in records], labels), seq_len)
   return rows(train), rows(val), labels
 
 
@@ -64,9 +63,6 @@ def _template_fields(template: str) -> list[str]:
 
 def init_head(rng, d_model: int, num_classes: int) -> dict:
   return {"kernel": 0.02 * jax.random.normal(rng, (d_model, num_classes)), "bias": jnp.zeros((num_classes,))}
-
-
-POOLING = {"decoder": "last", "encoder": "first", "encoder_decoder": "mean"}
 
 
 def pool(hidden_BxLxD, segment_ids_BxL, pooling: str):
@@ -82,20 +78,15 @@ def pool(hidden_BxLxD, segment_ids_BxL, pooling: str):
   return jnp.sum(hidden_BxLxD * mask_BxLx1, axis=1) / jnp.maximum(jnp.sum(mask_BxLx1, axis=1), 1)
 
 
-def classify_loss(model, effective_params, num_classes: int):
-  """Cross entropy of a linear head on a pooled hidden state (POOLING per family; an encoder-decoder
-  classifies from its encoder)."""
+def classify_loss(model, model_params, num_classes: int):
+  """Cross entropy of a linear head on the pooled `features` of the model (an encoder-decoder's encoder)."""
   def loss_fn(params, frozen, batch, rng, deterministic):
-    full, extra = effective_params(params, frozen, rng, deterministic)
-    if model.cfg.family == "encoder_decoder":
-      hidden_BxLxD = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                                 deterministic, rngs={"dropout": rng}, method="encode")
-    else:
-      hidden_BxLxD = model.apply({"params": full}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                                 deterministic=deterministic, rngs={"dropout": rng}, return_hidden=True, **extra)
-    pooled_BxD = pool(hidden_BxLxD, batch["segment_ids"], POOLING[model.cfg.family])
+    full, extra = model_params(params, frozen, rng, deterministic)
+    hidden_BxLxD = model.apply({"params": full}, batch, deterministic, rngs={"dropout": rng}, method="features",
+                               **extra)
+    pooled_BxD = pool(hidden_BxLxD, batch["segment_ids_BxL"], family(model.cfg).pooling)
     logits_BxC = pooled_BxD @ params["head"]["kernel"] + params["head"]["bias"][None]
-    labels_B, example_weight_B = batch["labels"], jnp.max(batch["weights"], axis=1)  # 0 on filler rows
+    labels_B, example_weight_B = batch["labels_B"], jnp.max(batch["weights_BxL"], axis=1)  # 0 on filler rows
     loss_B = jax.nn.logsumexp(logits_BxC, axis=-1) - jnp.take_along_axis(logits_BxC, labels_B[:, None], 1)[:, 0]
     predicted_B = jnp.argmax(logits_BxC, axis=-1)
     confusion_CxC = (jax.nn.one_hot(labels_B, num_classes) * example_weight_B[:, None]).T @ jax.nn.one_hot(
@@ -105,11 +96,10 @@ def classify_loss(model, effective_params, num_classes: int):
   return loss_fn
 
 
-def make_loss(task: str, model, effective_params, num_classes: int = 0):
+def make_loss(task: str, run):
+  """The loss of `task` for a fine-tuning Run (train/runs.py)."""
   if task == "classify":
-    return classify_loss(model, effective_params, num_classes)
-  if model.cfg.family == "encoder_decoder":
-    return seq2seq_loss(model, effective_params)
-  if model.cfg.family == "encoder":
+    return classify_loss(run.model, run.model_params, len(run.labels))
+  if not family(run.model.cfg).generates:
     raise ConfigError(f"config.task: {task!r} needs a decoder; an encoder fine-tunes on 'classify'")
-  return lm_loss(model, effective_params)
+  return token_loss(run.model, run.model_params)

@@ -23,7 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.prompt_template = "{prompt}"  # instruct: str.format template over the record's fields
     config.data.response_field = "response"   # instruct: JSONL field of the target text
     config.data.max_records = 0               # read at most this many JSONL records per split (0 = all)
-    config.data.target_len = 0                # instruct on an encoder-decoder: decoder length (0 = seq_len)
   config.data.train_path = ""
   config.train.update(steps=500, batch_size=32, seq_len=128, learning_rate=1e-4, min_learning_rate=1e-5,
                       warmup_steps=50, weight_decay=0.0, eval_every=100, eval_batches=1000,

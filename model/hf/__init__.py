@@ -1,7 +1,5 @@
-"""Hugging Face interop: import HF checkpoints (safetensors) into ablax workdirs and export them back.
+"""Hugging Face interop: tensor-name and layout maps between HF checkpoints (safetensors) and ablax parameters.
 
-  python -m model.hf import --hf_dir=PATH --workdir=DIR
-  python -m model.hf export --workdir=DIR --out=PATH [--step=N]
-
-model/hf/common.py holds the shared machinery and the interface every architecture module implements.
+model/hf/common.py holds the shared machinery and the interface every architecture module implements; the
+command line that reads and writes runs is train/hf.py (`python -m train.hf import|export`).
 """

@@ -1,176 +1,18 @@
-"""Objectives: turn documents or records into rows of the batch format (DESIGN.md, "Data flow").
+"""Pretraining objectives: tokenized documents -> rows of the batch format (data/batch.py).
 
-Fine-tuning: `render` (a str.format template over a record), `instruct_rows` (prompt -> response rows with
-the loss on the response only, packed or one example per row), `classify_rows` (text rows plus an int label
-per row), `label_vocabulary` / `encode_labels` (label values <-> class ids) and `split_records` (train / val).
-Pretraining: `masked_lm_rows` (BERT: packed rows, 15% of tokens chosen, 80/10/10 mask/random/keep, optional
-whole-word masking), `span_corruption_rows` (T5: one chunk per row, noise spans -> sentinels in the encoder,
-sentinel + span in the decoder), `reconstruct_span_corruption`, `MASK_TOKEN` and `sentinel_tokens`.
-Names carry shapes: N rows, L = seq_len, T = stream tokens, I / J = encoder / decoder length.
+Offers `objective_rows` (the rows of causal_lm, masked_lm or span_corruption), `special_tokens_for` (the tokens
+an objective reserves in the tokenizer), `masked_lm_rows` (BERT: packed rows, 15% of tokens chosen, 80/10/10
+mask/random/keep, optional whole-word masking), `span_corruption_rows` (T5: one chunk per row, noise spans ->
+sentinels in the encoder, sentinel + span in the decoder), `reconstruct_span_corruption`, `MASK_TOKEN` and
+`sentinel_tokens`. Names carry shapes: N rows, L = seq_len, T = stream tokens, I / J = encoder / decoder length.
 """
 
 import numpy as np
 
-from data.sources import DataError, split_documents
+from data.batch import Batch
+from data.packing import document_stream, pack_documents, segments_and_positions
+from data.sources import DataError
 from data.tokenizer import Tokenizer
-
-
-def render(template: str, record: dict) -> str:
-  """`template.format_map(record)`; a placeholder naming a field the record lacks is a DataError."""
-  try:
-    return template.format_map(record)
-  except KeyError as e:
-    fields = ", ".join(map(str, record)) or "none"
-    raise DataError(f"template field '{e.args[0]}' not in record (fields: {fields})") from None
-  except (IndexError, ValueError, AttributeError) as e:  # "{}", "{0}", a bad format spec, "{x.y}"
-    raise DataError(f"template {template[:60]!r}: {e} (use {{field}}, and {{{{ }}}} for a literal brace)") from None
-
-
-def _instruct_stream(tokenizer: Tokenizer, prompt_ids: list[int], response_ids: list[int],
-                     seq_len: int) -> tuple[list[int], int]:
-  """([bos] + prompt + response + [eos] cut to seq_len + 1 tokens, number of prompt tokens kept)."""
-  excess = 1 + len(prompt_ids) + len(response_ids) + 1 - (seq_len + 1)
-  if excess > 0:
-    # Drop the start of the prompt first (the end of a prompt is nearest the answer); if even the
-    # response does not fit, keep bos and the response's first part (the eos is lost).
-    prompt_ids = prompt_ids[min(excess, len(prompt_ids)):]
-  stream = ([tokenizer.bos_id] + list(prompt_ids) + list(response_ids) + [tokenizer.eos_id])[:seq_len + 1]
-  return stream, len(prompt_ids)
-
-
-def instruct_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: int,
-                  pack: bool = True) -> dict[str, np.ndarray]:
-  """Rows of (prompt, response) examples, loss only on response tokens and eos; arrays [N, seq_len].
-
-  Each example is [bos] + prompt + response + [eos]: inputs = stream[:-1], targets = stream[1:], weight 1
-  where the target is a response token or the eos. An example over seq_len + 1 tokens loses the start of its
-  prompt; if the response alone is too long, the stream is [bos] + the response's first seq_len tokens.
-  pack=True puts whole examples greedily, in order, into rows (never across two rows), each its own segment
-  (ids 1, 2, ...; positions from 0); pack=False gives one example per row. Padding is 0 everywhere.
-  """
-  if not pairs:
-    raise DataError("instruction data: no (prompt, response) pairs")
-  if seq_len < 1:
-    raise DataError(f"seq_len {seq_len}: expected a positive length")
-  prompts_ids = tokenizer.encode_batch([p for p, _ in pairs])
-  responses_ids = tokenizer.encode_batch([r for _, r in pairs])
-
-  # Row and column where each example starts.
-  examples, row_E, col_E = [], [], []
-  row, used = -1, seq_len  # no row open yet
-  for prompt_ids, response_ids in zip(prompts_ids, responses_ids):
-    stream, num_prompt = _instruct_stream(tokenizer, prompt_ids, response_ids, seq_len)
-    length = len(stream) - 1  # tokens the example takes in a row
-    if not pack or used + length > seq_len:
-      row, used = row + 1, 0
-    examples.append((stream, num_prompt))
-    row_E.append(row)
-    col_E.append(used)
-    used += length
-
-  num_rows = row + 1
-  inputs_NxL = np.zeros((num_rows, seq_len), np.int32)
-  targets_NxL = np.zeros((num_rows, seq_len), np.int32)
-  positions_NxL = np.zeros((num_rows, seq_len), np.int32)
-  segment_ids_NxL = np.zeros((num_rows, seq_len), np.int32)
-  weights_NxL = np.zeros((num_rows, seq_len), np.float32)
-  segment = 0
-  for i, ((stream, num_prompt), r, c) in enumerate(zip(examples, row_E, col_E)):
-    segment = 1 if i == 0 or row_E[i - 1] != r else segment + 1
-    n = len(stream) - 1
-    inputs_NxL[r, c:c + n] = stream[:-1]
-    targets_NxL[r, c:c + n] = stream[1:]
-    positions_NxL[r, c:c + n] = np.arange(n)
-    segment_ids_NxL[r, c:c + n] = segment
-    # Target j is stream[j + 1]; stream[1 : 1 + num_prompt] is the prompt, so targets j >= num_prompt count.
-    weights_NxL[r, c + num_prompt:c + n] = 1.0
-  return {"inputs": inputs_NxL, "targets": targets_NxL, "positions": positions_NxL,
-          "segment_ids": segment_ids_NxL, "weights": weights_NxL}
-
-
-def seq2seq_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], input_len: int,
-                 target_len: int) -> dict[str, np.ndarray]:
-  """Encoder-decoder rows, one example per row: [bos] + prompt to the encoder [N, input_len], the response +
-  eos as decoder targets [N, target_len] (decoder_inputs start with the pad id, T5's start token); both
-  are cut to fit, keeping their start; weights are 1 on every target."""
-  if not pairs:
-    raise DataError("seq2seq data: no (input, target) pairs")
-  n = len(pairs)
-  rows = {k: np.zeros((n, input_len), np.int32) for k in ("inputs", "positions", "segment_ids")}
-  rows.update({k: np.zeros((n, target_len), np.int32) for k in
-               ("decoder_inputs", "decoder_targets", "decoder_positions", "decoder_segment_ids")})
-  rows["decoder_weights"] = np.zeros((n, target_len), np.float32)
-  sources = tokenizer.encode_batch([p for p, _ in pairs])
-  targets = tokenizer.encode_batch([t for _, t in pairs])
-  for i, (source, target) in enumerate(zip(sources, targets)):
-    source = ([tokenizer.bos_id] + source)[:input_len]
-    target = (target + [tokenizer.eos_id])[:target_len]
-    rows["inputs"][i, :len(source)] = source
-    rows["positions"][i, :len(source)] = np.arange(len(source))
-    rows["segment_ids"][i, :len(source)] = 1
-    rows["decoder_targets"][i, :len(target)] = target
-    rows["decoder_inputs"][i, :len(target)] = [tokenizer.pad_id] + target[:-1]
-    rows["decoder_positions"][i, :len(target)] = np.arange(len(target))
-    rows["decoder_segment_ids"][i, :len(target)] = 1
-    rows["decoder_weights"][i, :len(target)] = 1.0
-  return rows
-
-
-def classify_rows(tokenizer: Tokenizer, texts: list[str], labels: list[int],
-                  seq_len: int) -> dict[str, np.ndarray]:
-  """One text per row: [bos] + ids cut to seq_len, right-padded; arrays [N, seq_len] and labels [N]."""
-  # The model pools the last token of each row: index segment_ids_NxL.sum(1) - 1.
-  if not texts:
-    raise DataError("classification data: no texts")
-  if len(texts) != len(labels):
-    raise DataError(f"classification data: {len(texts)} texts but {len(labels)} labels")
-  if seq_len < 1:
-    raise DataError(f"seq_len {seq_len}: expected a positive length")
-  inputs_NxL = np.full((len(texts), seq_len), tokenizer.pad_id, np.int32)
-  positions_NxL = np.zeros((len(texts), seq_len), np.int32)
-  segment_ids_NxL = np.zeros((len(texts), seq_len), np.int32)
-  for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
-    tokens = ([tokenizer.bos_id] + list(ids))[:seq_len]
-    inputs_NxL[i, :len(tokens)] = tokens
-    positions_NxL[i, :len(tokens)] = np.arange(len(tokens))
-    segment_ids_NxL[i, :len(tokens)] = 1
-  return {"inputs": inputs_NxL, "positions": positions_NxL, "segment_ids": segment_ids_NxL,
-          "weights": segment_ids_NxL.astype(np.float32), "labels": np.asarray(labels, np.int32)}
-
-
-def label_vocabulary(values: list) -> list:
-  """The sorted distinct label values (ints numerically, strings lexically)."""
-  distinct = set(values)
-  if not distinct:
-    raise DataError("labels: no label values")
-  try:
-    return sorted(distinct)
-  except TypeError:
-    kinds = ", ".join(sorted({type(v).__name__ for v in distinct}))
-    raise DataError(f"labels: values of mixed types ({kinds}); make them all ints or all strings") from None
-
-
-def encode_labels(values: list, vocabulary: list) -> np.ndarray:
-  """Class ids int32 [N]: the index of each value in `vocabulary`; an unknown value is a DataError."""
-  index = {v: i for i, v in enumerate(vocabulary)}
-  ids_N = np.empty(len(values), np.int32)
-  for n, v in enumerate(values):
-    if v not in index:
-      shown = ", ".join(map(repr, vocabulary[:20])) + (", ..." if len(vocabulary) > 20 else "")
-      raise DataError(f"label {v!r} (record {n}) is not in the label vocabulary ({shown})")
-    ids_N[n] = index[v]
-  return ids_N
-
-
-def split_records(records: list, val_fraction: float) -> tuple[list, list]:
-  """Deterministic (train, val) split: every n-th record (n = round(1 / val_fraction)) goes to val."""
-  if val_fraction > 0 and len(records) < 2:
-    raise DataError(f"{len(records)} record(s): too few to split off a validation set")
-  # split_documents only splits inside a document when given one; with two or more it takes any items.
-  return split_documents(records, val_fraction)
-
-
-# Pretraining objectives.
 
 MASK_TOKEN = "<mask>"
 
@@ -186,29 +28,9 @@ def _round_at_random(rng: np.random.Generator, x_N: np.ndarray) -> np.ndarray:
   return (floor_N + (rng.random(x_N.shape) < x_N - floor_N)).astype(np.int64)
 
 
-def document_stream(token_lists, bos_id: int):
-  """Every document as [bos] + ids, concatenated: (tokens [T], document index of each token [T])."""
-  lengths_D = np.array([len(ids) + 1 for ids in token_lists], dtype=np.int64)
-  stream_T = np.empty(int(lengths_D.sum()), dtype=np.int32)
-  for start, ids in zip(np.concatenate([[0], np.cumsum(lengths_D)[:-1]]), token_lists):
-    stream_T[start] = bos_id
-    stream_T[start + 1:start + 1 + len(ids)] = ids
-  return stream_T, np.repeat(np.arange(len(token_lists)), lengths_D)
-
-
-def segments_and_positions(doc_NxL):
-  """Segment ids (1, 2, ... per row) and positions (0, 1, ... per segment) of packed rows, where a segment
-  starts at the start of each row and wherever the document changes."""
-  starts_NxL = np.ones_like(doc_NxL, dtype=bool)
-  starts_NxL[:, 1:] = doc_NxL[:, 1:] != doc_NxL[:, :-1]
-  col_NxL = np.broadcast_to(np.arange(doc_NxL.shape[1]), doc_NxL.shape)
-  last_start_NxL = np.maximum.accumulate(np.where(starts_NxL, col_NxL, 0), axis=1)
-  return np.cumsum(starts_NxL, axis=1).astype(np.int32), (col_NxL - last_start_NxL).astype(np.int32)
-
-
 def masked_lm_rows(token_lists: list[list[int]], seq_len: int, *, bos_id: int, eos_id: int, mask_id: int,
                    special_ids, vocab_size: int, seed, mask_rate: float = 0.15,
-                   whole_word_starts=None) -> dict[str, np.ndarray]:
+                   whole_word_starts=None) -> Batch:
   """BERT rows: packed [bos] + ids + [eos] streams with ~mask_rate of the tokens corrupted; arrays [N, L].
 
   Row r is stream[r*L : (r+1)*L] (no shift, no overlap; the tail that does not fill a row is dropped);
@@ -270,11 +92,11 @@ def masked_lm_rows(token_lists: list[list[int]], seq_len: int, *, bos_id: int, e
   inputs_NxL[chosen_NxL] = np.where(action_C < 0.8, mask_id,
                                     np.where(action_C < 0.9, random_C, targets_NxL[chosen_NxL]))
   return {
-      "inputs": inputs_NxL.astype(np.int32),
-      "targets": targets_NxL.astype(np.int32),
-      "positions": positions_NxL,
-      "segment_ids": segment_ids_NxL,
-      "weights": chosen_NxL.astype(np.float32),
+      "inputs_BxL": inputs_NxL.astype(np.int32),
+      "targets_BxL": targets_NxL.astype(np.int32),
+      "positions_BxL": positions_NxL,
+      "segment_ids_BxL": segment_ids_NxL,
+      "weights_BxL": chosen_NxL.astype(np.float32),
   }
 
 
@@ -307,7 +129,7 @@ def _random_segmentation(rng: np.random.Generator, num_rows: int, num_items: int
 
 def span_corruption_rows(token_lists: list[list[int]], *, input_len: int, target_len: int, eos_id: int,
                          pad_id: int, sentinel_ids, seed, noise_density: float = 0.15,
-                         mean_span_length: float = 3.0) -> dict[str, np.ndarray]:
+                         mean_span_length: float = 3.0) -> Batch:
   """T5 rows: one chunk of the ids + [eos] stream per row, noise spans -> sentinels; [N, I] and [N, J] arrays.
 
   The chunk length R is the largest whose encoder input (non-noise tokens, one sentinel per noise span, eos)
@@ -374,14 +196,14 @@ def span_corruption_rows(token_lists: list[list[int]], *, input_len: int, target
   enc_seg_NxI, dec_seg_NxJ = tokens_mask(enc_len + 1, input_len), tokens_mask(dec_len + 1, target_len)
   dec_inputs_NxJ = np.concatenate([np.full((num_rows, 1), pad_id, np.int64), dec_NxJ[:, :-1]], axis=1)
   return {
-      "inputs": enc_NxI.astype(np.int32),
-      "positions": (np.arange(input_len) * enc_seg_NxI).astype(np.int32),
-      "segment_ids": enc_seg_NxI,
-      "decoder_inputs": dec_inputs_NxJ.astype(np.int32),
-      "decoder_targets": dec_NxJ.astype(np.int32),
-      "decoder_positions": (np.arange(target_len) * dec_seg_NxJ).astype(np.int32),
-      "decoder_segment_ids": dec_seg_NxJ,
-      "decoder_weights": dec_seg_NxJ.astype(np.float32),
+      "inputs_BxL": enc_NxI.astype(np.int32),
+      "positions_BxL": (np.arange(input_len) * enc_seg_NxI).astype(np.int32),
+      "segment_ids_BxL": enc_seg_NxI,
+      "decoder_inputs_BxL": dec_inputs_NxJ.astype(np.int32),
+      "decoder_targets_BxL": dec_NxJ.astype(np.int32),
+      "decoder_positions_BxL": (np.arange(target_len) * dec_seg_NxJ).astype(np.int32),
+      "decoder_segment_ids_BxL": dec_seg_NxJ,
+      "decoder_weights_BxL": dec_seg_NxJ.astype(np.float32),
   }
 
 
@@ -405,3 +227,32 @@ def reconstruct_span_corruption(inputs_row, targets_row, sentinel_ids, eos_id: i
   for t in until_last_eos(inputs_row):
     chunk.extend(spans[t] if t in sentinels else [t])
   return chunk
+
+
+def special_tokens_for(objective: str) -> list[str]:
+  """The special tokens `objective` needs reserved in the tokenizer."""
+  tokens = {"causal_lm": [], "masked_lm": [MASK_TOKEN], "span_corruption": sentinel_tokens(100)}
+  if objective not in tokens:
+    raise DataError(f"objective '{objective}': expected one of {', '.join(tokens)}")
+  return tokens[objective]
+
+
+def _span_target_len(data_config, seq_len: int) -> int:
+  """data.target_len, else seq_len / 4 rounded up to a multiple of 8 (T5's 512 -> 128 >= the 114 it needs)."""
+  quarter = max(1, -(-seq_len // 4))
+  return data_config.target_len or -(-quarter // 8) * 8
+
+
+def objective_rows(objective: str, tokenizer: Tokenizer, token_lists: list[list[int]], seq_len: int,
+              data_config, seed: int) -> Batch:
+  """Rows of `objective` from tokenized documents."""
+  if objective == "causal_lm":
+    return pack_documents(token_lists, seq_len, tokenizer.bos_id, tokenizer.eos_id)
+  if objective == "masked_lm":
+    mask_id = tokenizer.token_id(MASK_TOKEN)
+    special_ids = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, mask_id]
+    return masked_lm_rows(token_lists, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                          mask_id=mask_id, special_ids=special_ids, vocab_size=tokenizer.vocab_size, seed=seed)
+  return span_corruption_rows(token_lists, input_len=seq_len, target_len=_span_target_len(data_config, seq_len),
+                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                              sentinel_ids=[tokenizer.token_id(t) for t in sentinel_tokens(100)], seed=seed)

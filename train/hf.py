@@ -1,14 +1,14 @@
-"""Hugging Face checkpoints <-> ablax runs.
+"""Hugging Face checkpoints <-> ablax runs: the import and export entrypoint.
 
-  python -m model.hf import --hf_dir=PATH --workdir=DIR [--config=configs/X.py --config.data.train_path=...]
-  python -m model.hf export --workdir=DIR --out=PATH [--step=N] [--model_type=llama]
+  python -m train.hf import --hf_dir=PATH --workdir=DIR [--config=configs/X.py --config.data.train_path=...]
+  python -m train.hf export --workdir=DIR --out=PATH [--step=N] [--model_type=llama]
 
 Import makes a run at step 0: its model section comes from the checkpoint, the rest (data, train) from
 --config (default configs/base.py). It is an ordinary workdir: train.generate, train.evaluate,
 train.finetune --config.init_from=DIR and continued pretraining (--config=configs/from_run.py:DIR) read it.
 Export writes config.json and model.safetensors (float32) that transformers' AutoModelForCausalLM /
-AutoModel load; a sentencepiece tokenizer travels both ways. This entrypoint writes runs, so it imports
-data/ and train/; the converters (common.py and the architecture modules) import only model/.
+AutoModel load; a sentencepiece tokenizer travels both ways. The converters (model/hf/) map names and layouts
+only; this module reads and writes runs.
 """
 
 import os
@@ -21,11 +21,10 @@ from ml_collections import config_flags
 
 from configs import base
 from data.tokenizer import SPM_FILE, SentencePieceTokenizer
+from model.families import FAMILIES
 from model.hf import common
-from model.transformer import build_model
-from train.checkpoint import load_trained, save_params
 from train.cli import fail, parse_flags, run_reporting_errors
-from train.loop import OBJECTIVES
+from train.runs import load_run, write_initial_checkpoint
 from train.workdir import prepare_workdir
 
 SPM_NAMES = ("tokenizer.model", "spiece.model")  # Llama's and T5's sentencepiece files
@@ -55,8 +54,8 @@ def run_config(section: dict, vocab_size: int, tokenizer: bool, config=None):
   """A full run config: `config` (default configs/base.py) with the checkpoint's model section and vocabulary."""
   config = base.get_config() if config is None else config
   config.model.update(section)
-  config.objective = OBJECTIVES[config.model.family]
-  # No tokenizer: the vocabulary size is recorded for the loaders (train/checkpoint.py run_tokenizer).
+  config.objective = FAMILIES[config.model.family].objective
+  # No tokenizer: the vocabulary size is recorded for the loaders (train/runs.py run_tokenizer).
   config.data.update(tokenizer="sentencepiece" if tokenizer else "none", vocab_size=vocab_size)
   if config.model.position == "learned":
     config.train.seq_len = min(config.train.seq_len, config.model.max_len)
@@ -75,7 +74,7 @@ def import_hf(hf_dir: str, workdir: str, config=None) -> str:
   prepare_workdir(config, workdir)
   if spm_path:
     shutil.copy(spm_path, os.path.join(workdir, SPM_FILE))
-  save_params(workdir, config, build_model(cfg), params)
+  write_initial_checkpoint(workdir, config, params)
   return (f"ablax: {hf_config['model_type']} from {hf_dir} -> {workdir} (step 0, {cfg.num_layers} layers, "
           f"d_model {cfg.d_model}, vocab {cfg.vocab_size}{'' if spm_path else ', no tokenizer'})")
 
@@ -85,14 +84,14 @@ def export_hf(workdir: str, out: str, step: int | None = None, model_type: str |
   if not workdir:
     raise common.ConversionError("--workdir is required")
   _check_new_dir(out, "out")
-  _, model, params, _, step = load_trained(workdir, step, require_tokenizer=False)
-  hf_config, tensors = common.export_tensors(model.cfg, jax.device_get(params), model_type)
+  loaded = load_run(workdir, step, require_tokenizer=False)
+  hf_config, tensors = common.export_tensors(loaded.run.model.cfg, jax.device_get(loaded.params), model_type)
   os.makedirs(out, exist_ok=True)
   common.write_json(hf_config, os.path.join(out, "config.json"))
   common.write_safetensors(tensors, os.path.join(out, "model.safetensors"))
   if os.path.isfile(os.path.join(workdir, SPM_FILE)):
     shutil.copy(os.path.join(workdir, SPM_FILE), os.path.join(out, SPM_FILE))
-  return f"ablax: {workdir} step {step} -> {out} ({hf_config['model_type']}, {len(tensors)} tensors)"
+  return f"ablax: {workdir} step {loaded.step} -> {out} ({hf_config['model_type']}, {len(tensors)} tensors)"
 
 
 def main(argv):
