@@ -4,7 +4,7 @@ setup(
     name="ablax",
     version="0.1.0",
     description="Pretrain, fine-tune and ablate transformer language models in JAX/Flax.",
-    packages=["model", "model.hf", "data", "train", "configs", "configs.finetune", "configs.ablations"],
+    packages=["model", "model.hf", "data", "train", "ablate", "configs", "configs.finetune", "configs.ablations"],
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.0",

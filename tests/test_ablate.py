@@ -9,9 +9,11 @@ import sys
 import ml_collections
 import pytest
 
+import ablate.plan
+import ablate.report
+import ablate.runner
 from model.config import ConfigError
 from test_train import REPO, TEXT
-from train import ablate
 
 TINY_CONFIG = """
 from configs import base
@@ -31,20 +33,20 @@ def get_config():
 def ablation_config(**overrides):
   config = dict(config="experiment.py", variants={"a": ("model.d_model=16",)})
   config.update(overrides)
-  return ablate.load_ablation(ml_collections.ConfigDict(config))
+  return ablate.plan.load_ablation(ml_collections.ConfigDict(config))
 
 
 def test_named_variants_then_grid_product_times_seeds():
   config = ablation_config(overrides=("train.steps=4",), seeds=(0, 1),
                            grid={"heads": ("model.num_heads", (1, 2)), "pos": ("model.position", ("rope", "alibi"))})
-  runs = ablate.expand(config)
+  runs = ablate.plan.expand(config)
   assert [r["name"] for r in runs] == [
       "a_seed0", "a_seed1", "heads=1,pos=rope_seed0", "heads=1,pos=rope_seed1", "heads=1,pos=alibi_seed0",
       "heads=1,pos=alibi_seed1", "heads=2,pos=rope_seed0", "heads=2,pos=rope_seed1", "heads=2,pos=alibi_seed0",
       "heads=2,pos=alibi_seed1"]
   assert runs[0]["overrides"] == ("train.steps=4", "model.d_model=16", "train.seed=0")
   assert runs[5]["overrides"] == ("train.steps=4", "model.num_heads=1", "model.position=alibi", "train.seed=1")
-  command = ablate.commands(runs[5], config, "/abl")[0]
+  command = ablate.runner.commands(runs[5], config, "/abl")[0]
   assert command[1:5] == ["-m", "train.pretrain", "--config=experiment.py", "--workdir=/abl/runs/heads=1,pos=alibi_seed1"]
   assert command[5:] == ["--config.train.steps=4", "--config.model.num_heads=1", "--config.model.position=alibi",
                          "--config.train.seed=1"]
@@ -52,7 +54,7 @@ def test_named_variants_then_grid_product_times_seeds():
 
 def test_tuple_values_are_written_as_python_literals():
   config = ablation_config(variants={}, grid={"t": ("peft.trainable", (("_bias$",), ()))}, seeds=(0,))
-  assert [r["overrides"][0] for r in ablate.expand(config)] == ["peft.trainable=('_bias$',)", "peft.trainable=()"]
+  assert [r["overrides"][0] for r in ablate.plan.expand(config)] == ["peft.trainable=('_bias$',)", "peft.trainable=()"]
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -70,16 +72,17 @@ def test_bad_ablation_configs_name_the_key(overrides, expected):
 def test_mean_and_std_by_hand():
   rows = [{"variant": "a", "x": 1.0, "y": 2.0}, {"variant": "a", "x": 2.0, "y": None},
           {"variant": "a", "x": 6.0, "y": 4.0}, {"variant": "b", "x": 5.0, "y": 1.0}]
-  summary = ablate.summarize(rows, ["x", "y"])
+  summary = ablate.report.summarize(rows, ["x", "y"])
   mean, std, n = summary["a"]["x"]
   assert (mean, n) == (3.0, 3)
   assert std == pytest.approx(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) ** 0.5 / (3 - 1) ** 0.5)
   assert summary["a"]["y"] == (3.0, pytest.approx(2 ** 0.5), 2)
   assert summary["b"]["x"] == (5.0, 0.0, 1)
-  table = ablate.markdown_table(summary, ["x", "y"])  # higher is better for both
+  table = ablate.report.markdown_table(summary, ["x", "y"])  # higher is better for both
   assert "| a | 3.0000 ± 2.6458 (n=3) | **3.0000 ± 1.4142 (n=2)** |" in table
   assert "| b | **5.0000 ± 0.0000 (n=1)** | 1.0000 ± 0.0000 (n=1) |" in table
-  lower = ablate.markdown_table(ablate.summarize(rows, ["min:eval/loss"]) | {}, [])  # no metrics: header only
+  # No metrics: header only.
+  lower = ablate.report.markdown_table(ablate.report.summarize(rows, ["min:eval/loss"]) | {}, [])
   assert lower.count("\n") == 4
 
 
@@ -88,9 +91,9 @@ def test_run_metrics_read_from_the_run_files(tmp_path):
              {"step": 3, "train/loss": 2.2}, {"step": 4, "train/loss": 1.0, "eval/loss": 2.75}]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   (tmp_path / "eval_validation_L64.json").write_text(json.dumps({"perplexity": 7.5}))
-  values, curve = ablate.run_metrics(str(tmp_path), ["eval/loss", "min:eval/loss", "mean:train/loss",
-                                                     "median:train/loss", "perplexity@64", "perplexity@128"],
-                                     "eval/loss")
+  values, curve = ablate.report.run_metrics(str(tmp_path), ["eval/loss", "min:eval/loss", "mean:train/loss",
+                                                            "median:train/loss", "perplexity@64", "perplexity@128"],
+                                            "eval/loss")
   assert values == {"eval/loss": 2.75, "min:eval/loss": 2.5, "mean:train/loss": 2.05,
                     "median:train/loss": statistics.median([3.0, 2.0, 2.2, 1.0]), "perplexity@64": 7.5,
                     "perplexity@128": None}
@@ -106,7 +109,7 @@ def _tiny_ablation(tmp_path, **overrides):
                 seeds=(0, 1), eval_lengths=(8, 32), parallel=2,
                 metrics=("eval/loss", "min:eval/loss", "loss@8", "loss@32"))
   config.update(overrides)
-  return ablate.load_ablation(ml_collections.ConfigDict(config))
+  return ablate.plan.load_ablation(ml_collections.ConfigDict(config))
 
 
 def _read(workdir, name):
@@ -117,20 +120,20 @@ def _read(workdir, name):
 def test_runs_skips_finished_resumes_interrupted_reports_failures(tmp_path):
   workdir = str(tmp_path / "ablation")
   config = _tiny_ablation(tmp_path)
-  runs = {r["name"]: r for r in ablate.expand(config)}
+  runs = {r["name"]: r for r in ablate.plan.expand(config)}
   # An interrupted run: its training command stopped at step 2 (a checkpoint, no status file).
-  interrupted = ablate.commands(runs["rope_seed1"], config, workdir)[0]
+  interrupted = ablate.runner.commands(runs["rope_seed1"], config, workdir)[0]
   subprocess.run(interrupted + ["--config.train.steps=2"], check=True, capture_output=True, cwd=REPO)
 
-  assert ablate.run_ablation(config, workdir) == 2  # broken_seed0 and broken_seed1
+  assert ablate.runner.run_ablation(config, workdir) == 2  # broken_seed0 and broken_seed1
   for name in runs:
-    status = ablate.read_status(workdir, name)["status"]
+    status = ablate.plan.read_status(workdir, name)["status"]
     assert status == ("failed" if name.startswith("broken") else "done"), name
-  assert "num_heads" in ablate.read_status(workdir, "broken_seed0")["last_line"]
+  assert "num_heads" in ablate.plan.read_status(workdir, "broken_seed0")["last_line"]
   with open(os.path.join(workdir, "runs", "rope_seed1", "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps == [1, 2, 3, 4]  # steps 1-2 from the first process, 3-4 resumed
-  rows = list(ablate.collect(workdir)[1])
+  rows = list(ablate.report.collect(workdir)[1])
   rope = {row["seed"]: row for row in rows if row["variant"] == "rope"}
   assert rope[1]["eval/loss"] != rope[0]["eval/loss"]  # seeds differ
   assert all(isinstance(row["loss@32"], float) for row in rows if row["status"] == "done")
@@ -142,7 +145,7 @@ def test_runs_skips_finished_resumes_interrupted_reports_failures(tmp_path):
 
   # Finished runs are skipped: nothing runs again but the failed ones.
   logs = {name: _read(workdir, f"logs/{name}.log") for name in runs}
-  assert ablate.run_ablation(config, workdir) == 2
+  assert ablate.runner.run_ablation(config, workdir) == 2
   for name in runs:
     again = _read(workdir, f"logs/{name}.log")
     assert (again == logs[name]) == (not name.startswith("broken")), name
@@ -151,7 +154,7 @@ def test_runs_skips_finished_resumes_interrupted_reports_failures(tmp_path):
   csv_text = _read(workdir, "results.csv")
   os.remove(os.path.join(workdir, "results.md"))
   os.remove(os.path.join(workdir, "results.csv"))
-  result = subprocess.run([sys.executable, "-m", "train.ablate", "report", workdir], cwd=REPO,
+  result = subprocess.run([sys.executable, "-m", "ablate", "report", workdir], cwd=REPO,
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
   assert _read(workdir, "results.md") == report and _read(workdir, "results.csv") == csv_text
@@ -164,11 +167,11 @@ def test_cli_dry_run_lists_runs_and_runs_nothing(tmp_path):
       "  return ml_collections.ConfigDict(dict(config='configs/quickstart.py', seeds=(0, 1),\n"
       "                                        grid={'heads': ('model.num_heads', (1, 2, 4))}))\n")
   workdir = tmp_path / "ablation"
-  result = subprocess.run([sys.executable, "-m", "train.ablate", f"--config={config_file}", f"--workdir={workdir}",
+  result = subprocess.run([sys.executable, "-m", "ablate", f"--config={config_file}", f"--workdir={workdir}",
                            "--dry_run"], cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
   assert "heads=4_seed1: model.num_heads=4 train.seed=1" in result.stdout and "6 runs" in result.stdout
   assert not workdir.exists()
-  bad = subprocess.run([sys.executable, "-m", "train.ablate", "report", str(tmp_path)], cwd=REPO,
+  bad = subprocess.run([sys.executable, "-m", "ablate", "report", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True)
   assert bad.returncode == 1 and bad.stderr.strip() == f"error: {tmp_path}: no ablation.json; not an ablation workdir"

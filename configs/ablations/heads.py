@@ -3,7 +3,7 @@
 Char-level tinyshakespeare, 4 layers, d_model 128 (nanoGPT's CPU model) with 1, 2, 4, 8 and 16 heads
 (head width 128 / heads), same steps, data and seeds.
 
-  python -m train.ablate --config=configs/ablations/heads.py --workdir=runs/ablate_heads
+  python -m ablate --config=configs/ablations/heads.py --workdir=runs/ablate_heads
 """
 
 import ml_collections

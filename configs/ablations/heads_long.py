@@ -4,7 +4,7 @@ At 600 steps with learned positions (heads.py) every model is still in the regim
 matters; RoPE trains faster (docs/ablations.md), and twice the steps reach the loss range where the heads
 have to carry the context.
 
-  python -m train.ablate --config=configs/ablations/heads_long.py --workdir=runs/ablate_heads_long
+  python -m ablate --config=configs/ablations/heads_long.py --workdir=runs/ablate_heads_long
 """
 
 from configs.ablations import heads

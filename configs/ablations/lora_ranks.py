@@ -5,7 +5,7 @@ SST-2 on the small Wikipedia decoder of docs/finetuning.md (make it first:
 LoRA adapts every dense kernel (query, key, value, out, MLP) with alpha = 2 * rank (a constant update
 scale); each method keeps its own learning rate; 200 steps of 32 sentences, dev accuracy every 50.
 
-  python -m train.ablate --config=configs/ablations/lora_ranks.py --workdir=runs/ablate_lora
+  python -m ablate --config=configs/ablations/lora_ranks.py --workdir=runs/ablate_lora
 """
 
 import ml_collections

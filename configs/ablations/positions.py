@@ -5,7 +5,7 @@ with each positional scheme, then perplexity on the held-out 10% at 64, 128, 256
 (disjoint windows). The learned table has 512 rows so that longer windows run; rows past 63 are never
 trained.
 
-  python -m train.ablate --config=configs/ablations/positions.py --workdir=runs/ablate_positions
+  python -m ablate --config=configs/ablations/positions.py --workdir=runs/ablate_positions
 """
 
 from configs.ablations import heads

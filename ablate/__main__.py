@@ -1,0 +1,43 @@
+"""Ablation command line: run an ablation config (configs/ablations/*.py), or rebuild its report from disk.
+
+  python -m ablate --config=configs/ablations/heads.py --workdir=runs/ablate_heads [--parallel=2]
+  python -m ablate --config=configs/ablations/heads.py --workdir=runs/ablate_heads --dry_run
+  python -m ablate report runs/ablate_heads
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ablate.plan import load_ablation
+from ablate.report import write_report
+from ablate.runner import run_ablation
+from train.cli import fail, parse_flags, run_reporting_errors
+
+
+def main(argv):
+  f = flags.FLAGS
+  if len(argv) == 3 and argv[1] == "report":
+    if not os.path.exists(os.path.join(argv[2], "ablation.json")):
+      fail(f"{argv[2]}: no ablation.json; not an ablation workdir")
+    print(run_reporting_errors(write_report, argv[2]))
+    return
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; usage: --config=FILE --workdir=DIR, or: report DIR")
+  if f.config is None or f.workdir is None:
+    fail("--config and --workdir are required (or: python -m ablate report DIR)")
+  ablation = run_reporting_errors(load_ablation, f.config)
+  failed = run_reporting_errors(run_ablation, ablation, os.path.abspath(f.workdir), f.dry_run, f.parallel)
+  if not f.dry_run:
+    print(open(os.path.join(f.workdir, "results.md")).read())
+  sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Ablation config file (configs/ablations/*.py).")
+  flags.DEFINE_string("workdir", None, "Ablation directory: runs/, logs/, results.csv, results.md, figures.")
+  flags.DEFINE_bool("dry_run", False, "List the runs and their commands; run nothing.")
+  flags.DEFINE_integer("parallel", None, "Runs at a time (default: config.parallel).")
+  app.run(main, flags_parser=parse_flags)

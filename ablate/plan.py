@@ -1,0 +1,111 @@
+"""The ablation plan: its config (`ablation_defaults`, `load_ablation`, metric specs), runs and status files.
+
+An ablation config (configs/ablations/*.py) names the entrypoint (pretrain | finetune) and its config file,
+overrides shared by all runs, named variants and/or a grid, seeds and metrics (see ablation_defaults()).
+`expand` makes its runs, `<variant>_seed<seed>` for every variant and seed; `read_status` tells whether a run
+ended, and how.
+
+Metrics are `[final|min|max|mean|median:]key` over the run's metrics.jsonl (final by default), or
+`key@L`, the value `key` (loss, perplexity, bits_per_byte) of `python -m train.evaluate` at length L.
+"""
+
+import itertools
+import json
+import os
+import statistics
+
+import ml_collections
+
+from model.config import ConfigError
+
+AGGREGATES = {"final": lambda v: v[-1], "min": min, "max": max, "mean": statistics.fmean,
+              "median": statistics.median}
+
+
+def ablation_defaults() -> ml_collections.ConfigDict:
+  """Every key of an ablation config with its default."""
+  c = ml_collections.ConfigDict()
+  c.entrypoint = "pretrain"          # pretrain | finetune (python -m train.<entrypoint>)
+  c.config = ""                      # the experiment's config file, e.g. configs/shakespeare_char.py
+  c.overrides = ()                   # "key=value" for every run, as --config.key=value
+  c.variants = {}                    # name -> tuple of "key=value" overrides; or ((name, overrides), ...) in order
+  c.grid = {}                        # axis name -> (key, (values...)): a variant per combination
+  c.seeds = (0, 1, 2)
+  c.seed_key = "train.seed"
+  c.metrics = ("eval/loss",)         # see the module docstring; the first one is the bar chart's
+  c.curve = "eval/loss"              # metrics.jsonl key plotted against the step
+  c.eval_lengths = ()                # lengths for `key@L` metrics (python -m train.evaluate --seq_len)
+  c.eval_data = "run:validation"     # what train.evaluate scores (default: each run's held-out split)
+  c.eval_stride = 0                  # 0: disjoint windows; else tokens between window starts
+  c.eval_max_bytes = 0               # evaluate at most this many bytes of eval_data (0: all)
+  c.parallel = 1                     # runs at a time, each a subprocess
+  return c
+
+
+def load_ablation(config) -> ml_collections.ConfigDict:
+  """The ablation config filled with defaults; a key that is not an ablation key is a ConfigError."""
+  values = ablation_defaults().to_dict()
+  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  for key in given:
+    if key not in values:
+      raise ConfigError(f"config.{key}: not an ablation key (known: {', '.join(values)})")
+  merged = ml_collections.ConfigDict(dict(values, **given))
+  if merged.entrypoint not in ("pretrain", "finetune"):
+    raise ConfigError(f"config.entrypoint: expected pretrain or finetune, got {merged.entrypoint!r}")
+  if not merged.config:
+    raise ConfigError("config.config: name the experiment's config file, e.g. configs/shakespeare_char.py")
+  if not merged.variants and not merged.grid:
+    raise ConfigError("config.variants / config.grid: the ablation has no variants")
+  for spec in merged.metrics:
+    aggregate, _, length = parse_metric(spec)
+    if aggregate not in AGGREGATES:
+      raise ConfigError(f"config.metrics: {spec!r}: expected one of {', '.join(AGGREGATES)} before ':'")
+    if length is not None and length not in tuple(merged.eval_lengths):
+      raise ConfigError(f"config.metrics: {spec!r} needs {length} in config.eval_lengths "
+                        f"{tuple(merged.eval_lengths)}")
+  return merged
+
+
+def parse_metric(spec: str) -> tuple[str, str, int | None]:
+  """(aggregate, key, evaluation length or None) of a metric spec such as "min:eval/loss" or "loss@256"."""
+  if "@" in spec and spec.rsplit("@", 1)[1].isdigit():
+    key, length = spec.rsplit("@", 1)
+    return "final", key, int(length)
+  aggregate, _, key = spec.rpartition(":")
+  return aggregate or "final", key, None
+
+
+def _format(value) -> str:
+  """A value as --config.key=value reads it."""
+  if isinstance(value, (tuple, list)):
+    return repr(tuple(value))
+  return str(value)
+
+
+def expand(ablation) -> list[dict]:
+  """Runs in order: variants (named, then the grid product) x seeds; each {name, variant, seed, overrides}."""
+  variants = [(name, tuple(overrides)) for name, overrides in dict(ablation.variants).items()]  # pairs keep order
+  axes = [(axis, key, tuple(values)) for axis, (key, values) in dict(ablation.grid).items()]
+  for combination in itertools.product(*[[(axis, key, v) for v in values] for axis, key, values in axes]):
+    if combination:
+      name = ",".join(f"{axis}={_format(v)}" for axis, _, v in combination)
+      variants.append((name, tuple(f"{key}={_format(v)}" for _, key, v in combination)))
+  names = [name for name, _ in variants]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"config.variants / config.grid: duplicate variant names {names}")
+  return [{"name": f"{name}_seed{seed}", "variant": name, "seed": seed,
+           "overrides": (*ablation.overrides, *overrides, f"{ablation.seed_key}={seed}")}
+          for name, overrides in variants for seed in ablation.seeds]
+
+
+def status_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "status", f"{name}.json")
+
+
+def read_status(workdir: str, name: str) -> dict | None:
+  """{"status": done | failed, "wall_s", ...} of a run that ended, None if it never ended."""
+  path = status_path(workdir, name)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

@@ -1,0 +1,92 @@
+"""Runs an ablation: every variant x seed as its own entrypoint subprocess, then the report.
+
+Offers `commands` (a run's training, then evaluation, command), `execute` (one run) and `run_ablation`.
+Run `<variant>_seed<seed>` trains in WORKDIR/runs/<name> (its log in WORKDIR/logs/<name>.log). Re-running
+skips finished runs, resumes interrupted ones (the entrypoints resume from their last checkpoint) and
+retries failed ones; a failing run is reported and the others go on.
+"""
+
+import concurrent.futures
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from ablate.plan import expand, read_status, status_path
+from ablate.report import write_report
+
+
+def commands(run: dict, ablation, workdir: str) -> list[list[str]]:
+  """The training command of a run, then its evaluation command if the ablation evaluates lengths."""
+  run_dir = os.path.join(workdir, "runs", run["name"])
+  train = [sys.executable, "-m", f"train.{ablation.entrypoint}", f"--config={ablation.config}",
+           f"--workdir={run_dir}", *[f"--config.{override}" for override in run["overrides"]]]
+  if not ablation.eval_lengths:
+    return [train]
+  evaluate = [sys.executable, "-m", "train.evaluate", f"--workdir={run_dir}", f"--data={ablation.eval_data}",
+              f"--stride={ablation.eval_stride}", f"--max_bytes={ablation.eval_max_bytes}",
+              *[f"--seq_len={length}" for length in ablation.eval_lengths]]
+  return [train, evaluate]
+
+
+def execute(run: dict, ablation, workdir: str) -> dict:
+  """Runs a run's commands one after the other (output to its log); records and returns its status."""
+  log_path = os.path.join(workdir, "logs", f"{run['name']}.log")
+  start, status = time.time(), {"status": "done"}
+  with open(log_path, "a") as log:
+    for command in commands(run, ablation, workdir):
+      log.write(f"$ {' '.join(command)}\n")
+      log.flush()
+      returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+      if returncode:
+        status = {"status": "failed", "returncode": returncode, "command": " ".join(command)}
+        break
+  with open(log_path) as log:
+    lines = [line.strip() for line in log if line.strip()]
+  status.update(wall_s=round(time.time() - start, 1), last_line=lines[-1] if lines else "")
+  with open(status_path(workdir, run["name"]), "w") as f:
+    json.dump(status, f, indent=2)
+  return status
+
+
+def _duration(seconds: float) -> str:
+  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def run_ablation(ablation, workdir: str, dry_run: bool = False, parallel: int | None = None) -> int:
+  """Runs what is not finished, writes the report; returns the number of failed runs."""
+  runs = expand(ablation)
+  if dry_run:
+    for run in runs:
+      print(f"{run['name']}: {' '.join(run['overrides'])}")
+      for command in commands(run, ablation, workdir):
+        print("  " + " ".join(command[1:]))
+    print(f"{len(runs)} runs")
+    return 0
+  for sub in ("runs", "logs", "status"):
+    os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+  with open(os.path.join(workdir, "ablation.json"), "w") as f:
+    json.dump(ablation.to_dict(), f, indent=2)
+  todo = [run for run in runs if (read_status(workdir, run["name"]) or {}).get("status") != "done"]
+  print(f"{len(runs) - len(todo)} of {len(runs)} runs finished already; running {len(todo)}")
+  start, walls, failed = time.time(), [], []
+  with concurrent.futures.ThreadPoolExecutor(max_workers=parallel or ablation.parallel) as pool:
+    futures = {pool.submit(execute, run, ablation, workdir): run for run in todo}
+    for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+      run, status = futures[future], future.result()
+      walls.append(status["wall_s"])
+      if status["status"] != "done":
+        failed.append(run["name"])
+        print(f"FAILED {run['name']} ({status['command']}): {status['last_line']} "
+              f"[log: {os.path.join(workdir, 'logs', run['name'] + '.log')}]")
+      left = len(todo) - done
+      eta = statistics.fmean(walls) * math.ceil(left / (parallel or ablation.parallel))
+      print(f"[{len(runs) - left}/{len(runs)}] {run['name']} {status['status']} in {_duration(status['wall_s'])}; "
+            f"elapsed {_duration(time.time() - start)}, ETA {_duration(eta)}", flush=True)
+  write_report(workdir)
+  if failed:
+    print(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+  return len(failed)
