@@ -22,9 +22,11 @@ from flax import traverse_util
 from configs.finetune import common
 from data.tokenizer import load_tokenizer
 from model.config import ConfigError
-from test_train import REPO, load_parts, logged, tiny_config
+from test_train import REPO, SEED, load_parts, logged, tiny_config
 from train import finetune as finetune_lib
+from train import mesh as mesh_lib
 from train import peft
+from train import runs
 from train import tasks
 from train.pretrain import train_and_evaluate
 
@@ -80,7 +82,7 @@ def ft_config(setup, method="lora", task="classify", **train_overrides):
   config.peft.update(trainable=(r"_bias$",), num_prompt_tokens=4, **LORA)
   config.train.update(steps=12, batch_size=8, seq_len=24, learning_rate=3e-3, min_learning_rate=3e-4,
                       warmup_steps=2, decay_steps=40, eval_every=1000, eval_batches=8, checkpoint_every=1000,
-                      log_every=1, num_samples=0)
+                      log_every=1, num_samples=0, seed=SEED)
   config.train.update(**train_overrides)
   config.mesh.update(data=1, fsdp=1, tensor=1)
   return config
@@ -162,7 +164,7 @@ def test_frozen_parameters_stay_bit_identical(setup, trained, base_model, method
   for path, value in adapters.items():
     assert not np.array_equal(value, initial[path]), path
   assert not np.array_equal(np.asarray(state.params["head"]["kernel"]),
-                            np.asarray(tasks.init_head(jax.random.fold_in(jax.random.PRNGKey(0), 2),
+                            np.asarray(tasks.init_head(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 2),
                                                        model.cfg.d_model, 2)["kernel"]))
 
 
@@ -356,10 +358,26 @@ def test_sharded_finetune_matches_one_device(setup, trained):
   config, workdir, _, _, _ = trained("lora")
   sharded = ft_config(setup, "lora", steps=6, learning_rate=config.train.learning_rate)  # same schedule
   sharded.mesh.update(data=2, fsdp=2, tensor=2)
-  finetune_lib.finetune(sharded, str(setup["root"] / "sharded"))
+  _, state, frozen = run(sharded, str(setup["root"] / "sharded"))
   one_device = logged(workdir)
   np.testing.assert_allclose(list(logged(str(setup["root"] / "sharded")).values()),
                              [one_device[step] for step in range(1, 7)], atol=1e-5, rtol=0)
+
+  # Restored for generation on the same mesh, every leaf comes back as it was trained, in the same sharding.
+  loaded = runs.load_run(str(setup["root"] / "sharded"), mesh=mesh_lib.make_mesh(sharded.mesh))
+  assert jax.tree.structure((loaded.state, loaded.run.frozen)) == jax.tree.structure((state, frozen))
+  for (path, trained_leaf), (_, loaded_leaf) in zip(*(jax.tree_util.tree_flatten_with_path(t)[0]
+                                                       for t in ((state, frozen), (loaded.state, loaded.run.frozen)))):
+    assert loaded_leaf.sharding.is_equivalent_to(trained_leaf.sharding, trained_leaf.ndim), path
+    np.testing.assert_array_equal(np.asarray(loaded_leaf), np.asarray(trained_leaf), err_msg=str(path))
+  # Adapters and the head are sharded by their logical axes where the dims divide (d_model 32 over fsdp=2,
+  # 4 query / 2 key-value heads over tensor=2), not replicated.
+  adapters = state.params["adapters"]
+  assert set(adapters) == {f"layer_{i}.attention.{k}" for i in range(2) for k in ("query", "value")}
+  for ab in adapters.values():
+    assert tuple(ab["a"].sharding.spec) == ("fsdp", None), ab["a"].sharding
+    assert tuple(ab["b"].sharding.spec) == (None, "tensor", None), ab["b"].sharding
+  assert tuple(state.params["head"]["kernel"].sharding.spec) == ("fsdp", None)
 
 
 def test_config_errors(setup, tmp_path):

@@ -24,6 +24,9 @@ from train.pretrain import train_and_evaluate
 from train.step import token_loss, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The seed of every training run in the tests. ABLAX_TEST_SEED=N runs them with another one: a test that asserts
+# what a short run learned must pass with a few seeds, as it must on other machines (XLA's CPU code differs).
+SEED = int(os.environ.get("ABLAX_TEST_SEED", "0"))
 TEXT = "".join(f"line {i}: the {w} fox jumps over {i % 7} lazy dogs.\n"
                for i, w in enumerate(["quick", "slow", "red", "brown"] * 60))
 
@@ -37,7 +40,7 @@ def tiny_config(tmp_path, **train_overrides):
   config.data.tokenizer = "char"
   config.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, max_len=32, dropout=0.1)
   config.train.update(steps=5, batch_size=8, seq_len=16, warmup_steps=2, decay_steps=10, eval_every=5,
-                      eval_batches=2, checkpoint_every=5, log_every=1, num_samples=0)
+                      eval_batches=2, checkpoint_every=5, log_every=1, num_samples=0, seed=SEED)
   config.mesh.update(data=1, fsdp=1, tensor=1)
   config.train.update(**train_overrides)
   return config
@@ -109,7 +112,7 @@ def _single_device_state(model, train_overrides, seq_len=16, tx=None):
   config.mesh.update(data=1, fsdp=1, tensor=1)
   mesh = mesh_lib.make_mesh(config.mesh)
   tx = tx or state_lib.make_optimizer(config.train)
-  state = runs.for_model(model, tx, mesh, mesh_lib.config_rules(config.mesh), seq_len).init_state()
+  state = runs.for_model(model, tx, mesh, mesh_lib.config_rules(config.mesh), seq_len, seed=SEED).init_state()
   return state, tx
 
 
