@@ -136,7 +136,7 @@ def flat(tree) -> dict:
 
 def logits(model, params, batch, **extra):
   """Model logits, jitted (tracing happens inside any active nn.intercept_methods)."""
-  apply = lambda p: model.apply({"params": p}, batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], **extra)
+  apply = lambda p: model.apply({"params": p}, batch, method="forward", **extra)
   return np.asarray(jax.jit(apply)(params))
 
 

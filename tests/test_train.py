@@ -134,7 +134,8 @@ def test_gradient_accumulation_equals_one_big_batch():
   for accum in (1, 4):
     # Plain SGD, so the parameter change is the gradient itself (Adam's first step is ~sign(grad)).
     state, tx = _single_device_state(model, {}, tx=optax.sgd(1.0))
-    state, metrics = jax.jit(functools.partial(train_step, loss_fn=token_loss(model), tx=tx, grad_accum=accum))(state, batch)
+    step = jax.jit(functools.partial(train_step, loss_fn=token_loss(model), tx=tx, grad_accum=accum))
+    state, metrics = step(state, batch)
     results.append((state.params, metrics))
   (params_1, metrics_1), (params_4, metrics_4) = results
   np.testing.assert_allclose(metrics_1["loss_sum"], metrics_4["loss_sum"], rtol=1e-5)
