@@ -1,4 +1,4 @@
-"""train_step and eval_step: the only jitted functions of training.
+"""train_step and eval_step, the only jitted functions of training, and token_loss, the loss of every family.
 
 A loss function `loss_fn(params, frozen, batch, rng, deterministic) -> sums` returns sums and
 denominators ({"loss_sum", "weight_sum", ...}); the host divides, so metrics of microbatches, devices and
