@@ -22,5 +22,5 @@ setup(
         "ml-dtypes>=0.4",  # bfloat16 safetensors (also a jax dependency)
     ],
     # torch and transformers only build reference models in tests/test_hf.py (tested with transformers 5.24).
-    extras_require={"test": ["pytest>=8.0", "torch==2.13.0", "transformers>=5.0"]},
+    extras_require={"test": ["pytest>=8.0", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0"]},
 )

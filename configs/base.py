@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.val_fraction = 0.1             # share of documents (or of the text, for one document) held out
   data.text_field = "text"            # field holding the text in JSONL records
   data.max_bytes = 0                  # read at most this many bytes of documents (0 = all)
+  data.encoding_errors = "strict"     # bytes that are not UTF-8: strict (an error naming file and byte offset)
+                                      # | replace (U+FFFD) | ignore
   data.tokenizer = "sentencepiece"    # sentencepiece | char
   data.vocab_size = 4096              # sentencepiece vocabulary size (char: the corpus' characters + 3)
   data.spm_model_type = "bpe"         # bpe | unigram
