@@ -19,9 +19,9 @@ from data.tokenizer import (CHAR_FILE, SPM_FILE, CharTokenizer, SentencePieceTok
 def read_splits(data_config) -> tuple[list[str], list[str]]:
   """(train documents, validation documents) of `config.data`: val_path, else val_fraction held out."""
   c = data_config
-  train_docs = read_documents(c.train_path, c.text_field, c.max_bytes)
+  train_docs = read_documents(c.train_path, c.text_field, c.max_bytes, c.encoding_errors)
   if c.val_path:
-    val_docs = read_documents(c.val_path, c.text_field, c.max_bytes)
+    val_docs = read_documents(c.val_path, c.text_field, c.max_bytes, c.encoding_errors)
   else:
     train_docs, val_docs = split_documents(train_docs, c.val_fraction)
   if not val_docs:

@@ -58,6 +58,8 @@ def masked_lm_rows(token_lists: list[list[int]], seq_len: int, *, bos_id: int, e
 
   special_S = np.unique(np.asarray(list(special_ids) + [bos_id, eos_id, mask_id], dtype=np.int64))
   candidate_NxL = ~np.isin(targets_NxL, special_S)
+  if not candidate_NxL.any():
+    raise DataError(f"the corpus has no tokens to mask in its {total} tokens (only bos, eos and special tokens)")
   # Choice units ("words"): each candidate token alone, or runs of candidates that form whole words.
   unit_start_NxL = candidate_NxL.copy()
   if whole_word_starts is not None:

@@ -1,7 +1,7 @@
 """Text sources: resolve path specs to files, read documents, split train / validation.
 
 Offers `DataError`, `resolve_paths`, `read_documents`, `read_records` (JSONL records with required
-fields), `split_documents`.
+fields), `split_documents`; files are UTF-8, other bytes handled as `ENCODING_ERRORS` says.
 """
 
 import glob
@@ -13,6 +13,7 @@ from typing import Sequence
 DIR_EXTENSIONS = (".txt", ".md", ".py", ".jsonl", ".json")
 JSON_EXTENSIONS = (".jsonl", ".json")
 BUILTIN_STDLIB = "builtin:python_stdlib"
+ENCODING_ERRORS = ("strict", "replace", "ignore")  # config.data.encoding_errors
 # Folders of the standard library left out of the built-in corpus (tests, third-party, legacy tools).
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
 
@@ -61,33 +62,77 @@ def resolve_paths(path_spec: str) -> list[str]:
   return files
 
 
-def _json_objects(path: str):
+def _check_encoding_errors(encoding_errors: str) -> None:
+  """DataError naming data.encoding_errors unless it is one of ENCODING_ERRORS."""
+  if encoding_errors not in ENCODING_ERRORS:
+    raise DataError(f"data.encoding_errors {encoding_errors!r}: expected one of {', '.join(ENCODING_ERRORS)}")
+
+
+def _open_text(path: str, encoding_errors: str):
+  """`path` open for reading as UTF-8 text (universal newlines), other bytes handled per `encoding_errors`."""
+  _check_encoding_errors(encoding_errors)
+  try:
+    return open(path, encoding="utf-8", errors=encoding_errors)
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _not_utf8(path: str) -> DataError:
+  """The DataError naming the first byte of `path` that is not UTF-8 (a text stream knows no byte offsets)."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    return DataError(f"{path}: byte {e.start} (line {line}) is not UTF-8 (0x{raw[e.start]:02x}); fix the file "
+                     f"or set data.encoding_errors to replace or ignore")
+  return DataError(f"{path}: not UTF-8; fix the file or set data.encoding_errors to replace or ignore")
+
+
+def _read_text(path: str, encoding_errors: str) -> str:
+  """The text of `path`; strict: a DataError naming the first byte that is not UTF-8."""
+  with _open_text(path, encoding_errors) as f:
+    try:
+      return f.read()
+    except UnicodeDecodeError:
+      raise _not_utf8(path) from None
+
+
+def _json_objects(path: str, encoding_errors: str):
   """Yield ("file:line", object) for each non-blank line of a JSONL file; DataError on a bad line."""
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-      yield where, obj
+  with _open_text(path, encoding_errors) as f:
+    try:
+      for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        where = f"{path}:{lineno}"
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+          raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
+        except ValueError as e:  # an integer of more than 4300 digits
+          raise DataError(f"{where}: invalid JSON ({str(e).split(':')[0]})") from None
+        if not isinstance(obj, dict):
+          raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
+    except UnicodeDecodeError:
+      raise _not_utf8(path) from None
 
 
 def _check_field(where: str, obj: dict, field: str) -> None:
   """DataError naming the line and the fields it has when `obj` lacks `field`."""
   if field not in obj:
-    fields = ", ".join(map(str, obj)) or "none"
+    fields = ", ".join(k if k.isprintable() else repr(k) for k in obj) or "none"  # a key may hold a newline
     raise DataError(f"{where}: no field '{field}' (fields: {fields})")
 
 
-def _read_json_lines(path: str, text_field: str) -> list[str]:
+def _read_json_lines(path: str, text_field: str, encoding_errors: str) -> list[str]:
   """Documents from a file with one JSON object per non-blank line, taking `text_field`."""
   docs = []
-  for where, obj in _json_objects(path):
+  for where, obj in _json_objects(path, encoding_errors):
     _check_field(where, obj, text_field)
     if not isinstance(obj[text_field], str):
       raise DataError(f"{where}: field '{text_field}' should be a string, got {type(obj[text_field]).__name__}")
@@ -95,16 +140,17 @@ def _read_json_lines(path: str, text_field: str) -> list[str]:
   return docs
 
 
-def read_documents(path_spec: str, text_field: str = "text", max_bytes: int = 0) -> list[str]:
+def read_documents(path_spec: str, text_field: str = "text", max_bytes: int = 0,
+                   encoding_errors: str = "strict") -> list[str]:
   """Documents from the files of `path_spec`: a text file is one document, a JSONL line is one."""
+  _check_encoding_errors(encoding_errors)
   files = resolve_paths(path_spec)
   docs, total = [], 0
   for path in files:
     if path.endswith(JSON_EXTENSIONS):
-      file_docs = _read_json_lines(path, text_field)
+      file_docs = _read_json_lines(path, text_field, encoding_errors)
     else:
-      with open(path, encoding="utf-8", errors="replace") as f:
-        file_docs = [f.read()]
+      file_docs = [_read_text(path, encoding_errors)]
     for doc in file_docs:
       if max_bytes > 0 and total >= max_bytes:
         break
@@ -118,15 +164,17 @@ def read_documents(path_spec: str, text_field: str = "text", max_bytes: int = 0)
   return docs
 
 
-def read_records(path_spec: str, fields: Sequence[str], max_records: int = 0) -> list[dict]:
+def read_records(path_spec: str, fields: Sequence[str], max_records: int = 0,
+                 encoding_errors: str = "strict") -> list[dict]:
   """JSON objects (values as parsed) from the .jsonl/.json files of `path_spec`, each holding `fields`."""
   # Other files a directory holds (SOURCE.md, .tsv) are skipped; max_records > 0 stops after that many.
+  _check_encoding_errors(encoding_errors)
   files = [f for f in resolve_paths(path_spec) if f.endswith(JSON_EXTENSIONS)]
   if not files:
     raise DataError(f"data path '{path_spec}': no {' or '.join(JSON_EXTENSIONS)} files")
   records = []
   for path in files:
-    for where, obj in _json_objects(path):
+    for where, obj in _json_objects(path, encoding_errors):
       for field in fields:
         _check_field(where, obj, field)
       records.append(obj)

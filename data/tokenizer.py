@@ -1,7 +1,8 @@
 """Tokenizers: train, save, load; text <-> ids.
 
 Offers `Tokenizer` (the interface), `SentencePieceTokenizer`, `CharTokenizer`, `train_tokenizer`,
-`load_tokenizer`. A workdir holds `tokenizer.model` (sentencepiece) or `tokenizer.json` (char).
+`load_sentencepiece` (a model file, checked) and `load_tokenizer`. A workdir holds `tokenizer.model`
+(sentencepiece) or `tokenizer.json` (char).
 """
 
 import io
@@ -153,10 +154,10 @@ def _train_sentencepiece(texts, vocab_size, model_type, max_chars, seed, special
         # Keep text as is so decode(encode(s)) == s: code indentation, repeated spaces, leading space.
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
-        input_sentence_size=len(lines), shuffle_input_sentence=False,
+        input_sentence_size=0, shuffle_input_sentence=False,  # 0: all (a count of 100 or fewer is refused)
         max_sentence_length=4 * MAX_LINE_CHARS, num_threads=2, minloglevel=2)
   except RuntimeError as e:
-    reason = str(e).splitlines()[0].split("] ")[-1]  # drop sentencepiece's source location
+    reason = str(e).splitlines()[0].split("] ")[-1] or str(e).strip()  # drop sentencepiece's source location
     raise DataError(f"tokenizer: sentencepiece {model_type} with vocab_size {vocab_size} "
                     f"failed on {len(lines)} lines: {reason}") from None
   return SentencePieceTokenizer(model.getvalue())
@@ -173,19 +174,36 @@ def train_tokenizer(texts: list[str], kind: str, vocab_size: int, model_type: st
   raise DataError(f"tokenizer '{kind}': expected 'sentencepiece' or 'char'")
 
 
+def load_sentencepiece(path: str) -> SentencePieceTokenizer:
+  """The sentencepiece model in file `path`; a DataError naming it when it is empty, truncated or corrupt."""
+  try:
+    with open(path, "rb") as f:
+      tokenizer = SentencePieceTokenizer(f.read())
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+  except RuntimeError:  # sentencepiece's message only names its own source line
+    raise DataError(f"{path}: not a sentencepiece model (truncated or corrupt); delete it or use a fresh "
+                    "workdir to train a new tokenizer") from None
+  if tokenizer.vocab_size == 0:  # an empty file parses as a model without pieces
+    raise DataError(f"{path}: not a sentencepiece model (no pieces); delete it or use a fresh workdir "
+                    "to train a new tokenizer")
+  return tokenizer
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
   """The tokenizer saved in `directory` (tokenizer.model or tokenizer.json)."""
   spm_path, char_path = os.path.join(directory, SPM_FILE), os.path.join(directory, CHAR_FILE)
   if os.path.isfile(spm_path):
-    with open(spm_path, "rb") as f:
-      return SentencePieceTokenizer(f.read())
+    return load_sentencepiece(spm_path)
   if os.path.isfile(char_path):
     try:
       with open(char_path, encoding="utf-8") as f:
         spec = json.load(f)
-      if spec.get("kind") != "char" or not isinstance(spec.get("chars"), str):
-        raise ValueError("expected {\"kind\": \"char\", \"chars\": ...}")
-    except ValueError as e:
-      raise DataError(f"{char_path}: not a char tokenizer ({e})") from None
+      tokens = spec.get("special_tokens", []) if isinstance(spec, dict) else None
+      if (not isinstance(spec, dict) or spec.get("kind") != "char" or not isinstance(spec.get("chars"), str)
+          or not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens)):
+        raise ValueError("expected {\"kind\": \"char\", \"chars\": \"...\", \"special_tokens\": [...]}")
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+      raise DataError(f"{char_path}: not a char tokenizer ({str(e).splitlines()[0]})") from None
     return CharTokenizer(spec["chars"], spec.get("special_tokens", ()))
   raise DataError(f"workdir '{directory}': no {SPM_FILE} or {CHAR_FILE}")

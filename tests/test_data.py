@@ -365,7 +365,7 @@ def data_config(train_path: str, **overrides):
   """The data section of a config, as a plain attribute object."""
   c = dict(train_path=train_path, val_path="", text_field="text", max_bytes=0, val_fraction=0.25,
            tokenizer="sentencepiece", vocab_size=500, spm_model_type="bpe", tokenizer_train_chars=1_000_000,
-           seed=0, target_len=0)
+           seed=0, target_len=0, encoding_errors="strict")
   c.update(overrides)
   return types.SimpleNamespace(**c)
 

@@ -218,7 +218,7 @@ def data_config(train_path: str, **overrides):
   """A char-tokenizer data section, as a plain attribute object."""
   c = dict(train_path=train_path, val_path="", text_field="text", max_bytes=0, val_fraction=0.1,
            tokenizer="char", vocab_size=0, spm_model_type="bpe", tokenizer_train_chars=1_000_000, seed=0,
-           target_len=0)
+           target_len=0, encoding_errors="strict")
   c.update(overrides)
   return types.SimpleNamespace(**c)
 

@@ -37,8 +37,8 @@ def build_rows(config, tokenizer):
 
   fields = ([data.text_field, data.label_field] if task == "classify" else
             sorted(set(_template_fields(data.prompt_template)) | {data.response_field}))
-  train = read_records(data.train_path, fields, data.max_records)
-  val = read_records(data.val_path, fields, data.max_records) if data.val_path else None
+  train = read_records(data.train_path, fields, data.max_records, data.encoding_errors)
+  val = read_records(data.val_path, fields, data.max_records, data.encoding_errors) if data.val_path else None
   if val is None:
     train, val = finetuning.split_records(train, data.val_fraction)
   pairs = lambda records: [(finetuning.render(data.prompt_template, r), str(r[data.response_field]))

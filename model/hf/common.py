@@ -17,6 +17,7 @@ import os
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from model.config import ModelConfig
@@ -98,6 +99,8 @@ def _load_safetensors(path: str) -> dict:
     return load_file(path)
   except TypeError:  # "data type 'bfloat16' not understood"
     pass
+  except SafetensorError as e:
+    raise ConversionError(f"{path}: not a safetensors file, truncated or corrupt ({e})") from None
   with open(path, "rb") as f:
     header_len = int.from_bytes(f.read(8), "little")
     header = json.loads(f.read(header_len))
@@ -115,6 +118,31 @@ def _load_safetensors(path: str) -> dict:
   return arrays
 
 
+def _weight_map(index_path: str) -> dict:
+  """{tensor name: shard file name} of a sharded checkpoint's index file."""
+  try:
+    with open(index_path, encoding="utf-8") as f:
+      index = json.load(f)
+  except ValueError as e:
+    raise ConversionError(f"{index_path}: not valid JSON ({e})") from None
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+    raise ConversionError(f"{index_path}: expected a \"weight_map\" of tensor names to shard file names")
+  return weight_map
+
+
+def _shard_path(hf_dir: str, index_path: str, shard: str) -> str:
+  """The file of `shard` in hf_dir; ConversionError if the name leads outside hf_dir or the file is missing."""
+  path = os.path.join(hf_dir, shard)
+  root = os.path.realpath(hf_dir)
+  # realpath resolves "..", an absolute name and symlinks, so a shard cannot read a file outside the directory.
+  if os.path.isabs(shard) or os.path.commonpath([root, os.path.realpath(path)]) != root:
+    raise ConversionError(f"{index_path}: shard '{shard}' is outside the model directory")
+  if not os.path.isfile(path):
+    raise ConversionError(f"{index_path}: shard '{shard}' is missing")
+  return path
+
+
 def read_hf_dir(hf_dir: str) -> tuple[dict, Tensors]:
   """(config.json contents, Tensors) of a Hugging Face model directory; only safetensors weights are read."""
   config_path = os.path.join(hf_dir, "config.json")
@@ -125,18 +153,16 @@ def read_hf_dir(hf_dir: str) -> tuple[dict, Tensors]:
       hf_config = json.load(f)
   except ValueError as e:
     raise ConversionError(f"{config_path}: not valid JSON ({e})") from None
+  if not isinstance(hf_config, dict):
+    raise ConversionError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
   index_path = os.path.join(hf_dir, SAFETENSORS_INDEX)
   single = os.path.join(hf_dir, "model.safetensors")
   if os.path.isfile(single):
     return hf_config, Tensors(_load_safetensors(single), single)
   if os.path.isfile(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f).get("weight_map", {})
     arrays, files = {}, {}
-    for shard in sorted(set(weight_map.values())):
-      path = os.path.join(hf_dir, shard)
-      if not os.path.isfile(path):
-        raise ConversionError(f"{index_path}: shard '{shard}' is missing")
+    for shard in sorted(set(_weight_map(index_path).values())):
+      path = _shard_path(hf_dir, index_path, shard)
       for name, array in _load_safetensors(path).items():
         arrays[name], files[name] = array, path
     return hf_config, Tensors(arrays, hf_dir, files)
