@@ -61,7 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.learning_rate = 1e-3          # peak learning rate
   train.min_learning_rate = 1e-4      # learning rate at the end of the cosine decay
   train.warmup_steps = 100            # linear warmup from 0
-  train.decay_steps = 0               # cosine decay length including warmup (0 = steps)
+  train.decay_steps = 0               # cosine decay length including warmup (0 = the steps of the run's first start:
+                                      # extending a run keeps its schedule; set it to decay over a new length)
   train.b1 = 0.9                      # AdamW beta1
   train.b2 = 0.95                     # AdamW beta2
   train.eps = 1e-8                    # AdamW epsilon
@@ -71,7 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_every = 200              # steps between evaluations (and at the last step)
   train.eval_batches = 20             # validation batches per evaluation (fixed, the same every time)
   train.checkpoint_every = 500        # steps between checkpoints (and at the last step)
-  train.keep_checkpoints = 3          # checkpoints kept on disk
+  train.keep_checkpoints = 3          # checkpoints kept on disk (steps a fine-tuning run is built on are kept too)
+  train.restore_step = -1             # resume from this checkpoint (-1 = the latest readable one); later ones are
+                                      # moved aside to checkpoints/replaced-<step>, never deleted
+  train.nonfinite = "stop"            # a NaN/inf loss or gradient: stop (before any save) | skip (the update, counted)
   train.log_every = 10                # steps between metric lines in metrics.jsonl
   train.num_samples = 3               # continuations printed at the end
   train.sample_tokens = 200           # tokens per continuation
@@ -96,4 +100,17 @@ def get_config() -> ml_collections.ConfigDict:
       ("length", None),
   )
   config.lock()  # a typo in a derived config or on the command line is an error, not a new key
+  return config
+
+
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config.json with the defaults above for the keys added since it was written (locked)."""
+  def merged(defaults: dict, values: dict) -> dict:
+    out = dict(defaults)
+    for key, value in values.items():
+      both = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+      out[key] = merged(defaults[key], value) if both else value
+    return out
+  config = ml_collections.ConfigDict(merged(get_config().to_dict(), saved))
+  config.lock()
   return config

@@ -10,9 +10,9 @@ import os
 
 import ml_collections
 
+from configs import base
+
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
   with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.lock()
-  return config
+    return base.with_defaults(json.load(f))

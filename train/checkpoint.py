@@ -1,48 +1,163 @@
-"""Orbax CheckpointManager around the TrainState and the loader position (JSON); a run's config.json and steps."""
+"""Checkpoints: orbax around the TrainState and the loader position (JSON), kept whole through kills, full disks
+and corrupt files; a run's config.json and steps.
 
+Offers `Checkpointer` (save with rotation that spares pinned steps, restore with fallback to the previous
+readable step), `pin` (keep a step for a fine-tuning run built on it), `pinned_steps`, `read_run_config` and
+`resolve_step`.
+"""
+
+import glob
+import hashlib
 import json
 import os
+import shutil
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from configs import base
+from data.sources import DataError
+from train.cli import RunError
+
+PINS = "pins"  # WORKDIR/pins/<hash>.json: {"step": s, "by": fine-tuning workdir}, steps rotation must keep
 
 class Checkpointer:
-  """Saves {state, data} under WORKDIR/checkpoints/<step>; restores into an abstract state's shardings."""
+  """Saves {state, data} under WORKDIR/checkpoints/<step>; restores into an abstract state's shardings.
 
-  def __init__(self, workdir: str, keep: int):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
-    self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                         options=options, item_names=("state", "data"))
+  Orbax writes a step into a temporary directory and renames it when complete, so a killed save leaves the
+  previous steps whole; the temporary directories a kill leaves are removed when a writer opens the workdir.
+  """
 
-  def latest_step(self):
-    return self.manager.latest_step()
+  def __init__(self, workdir: str, keep: int, writer: bool = False):
+    self.workdir, self.keep = os.path.abspath(workdir), keep
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    if writer and jax.process_index() == 0:
+      for stale in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+        print(f"ablax: removing {stale}, a save that was interrupted")
+        shutil.rmtree(stale, ignore_errors=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: dict) -> None:
+    """Writes `step` (once), then deletes the oldest steps beyond `keep` that no fine-tuning run pins."""
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)))
-    self.manager.wait_until_finished()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      data=ocp.args.JsonSave(data_state)))
+      self.manager.wait_until_finished()
+    except Exception as e:  # orbax wraps the OSError of a full disk in its own errors
+      previous = [s for s in self.steps() if s < step]
+      raise RunError(f"{self.directory}: saving step {step} failed ({_reason(e)}); the checkpoints up to step "
+                     f"{previous[-1] if previous else '-'} and metrics.jsonl are intact: free the space and run "
+                     "the same command to resume") from None
+    pinned = pinned_steps(self.workdir)
+    for old in self.steps()[:-self.keep]:
+      if old not in pinned:
+        self.manager.delete(old)
 
   def restore(self, step: int, abstract_state):
     """Returns (state, data_state) of `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # a missing file, torn JSON, another model's tree: orbax raises many kinds
+      raise RunError(f"{self.directory}/{step}: unreadable ({_reason(e)})") from None
     return restored.state, restored.data
+
+  def resume(self, abstract_state, restore_step: int = -1):
+    """(state, data_state, step) of the latest readable checkpoint, or of `restore_step` when >= 0; None if there
+    is none. Unreadable steps after the one restored are moved aside to checkpoints/corrupt-<step>; with
+    `restore_step`, the later steps are moved aside to checkpoints/replaced-<step> (kept, never deleted)."""
+    steps = self.steps()
+    if restore_step >= 0:
+      if restore_step not in steps:
+        raise RunError(f"config.train.restore_step={restore_step}: {self.directory} has steps {steps}")
+      state, data_state = self.restore(restore_step, abstract_state)
+      for later in (s for s in steps if s > restore_step):
+        self._move_aside(later, "replaced")
+      return state, data_state, restore_step
+    failed = []
+    for step in reversed(steps):
+      try:
+        state, data_state = self.restore(step, abstract_state)
+      except RunError as e:
+        failed.append((step, e))
+        continue
+      for bad, error in failed:
+        print(f"ablax: {error}; moved to {self._move_aside(bad, 'corrupt')}; resuming from step {step}")
+      return state, data_state, step
+    if failed:  # nothing readable: keep every file as it is and say why
+      raise RunError(f"no checkpoint in {self.directory} is readable; the latest: {failed[0][1]}")
+    return None
+
+  def _move_aside(self, step: int, why: str) -> str:
+    target = os.path.join(self.directory, f"{why}-{step}")
+    suffix = 0
+    while os.path.exists(target + (f".{suffix}" if suffix else "")):
+      suffix += 1
+    target += f".{suffix}" if suffix else ""
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
 
   def close(self) -> None:
     self.manager.close()
 
 
+def _reason(error: BaseException) -> str:
+  """The innermost cause of an exception, as one line."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def pin(base_workdir: str, step: int, by: str) -> bool:
+  """Asks the run in `base_workdir` to keep `step` for the run in `by`; False if its directory is not writable."""
+  path = os.path.join(base_workdir, PINS, hashlib.sha256(os.path.abspath(by).encode()).hexdigest()[:16] + ".json")
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"step": step, "by": os.path.abspath(by)}, f)
+    os.replace(path + ".tmp", path)
+  except OSError:
+    return False
+  return True
+
+
+def pinned_steps(workdir: str) -> set[int]:
+  """The steps of `workdir` that fine-tuning runs still on disk are built on."""
+  steps = set()
+  for path in glob.glob(os.path.join(workdir, PINS, "*.json")):
+    try:
+      with open(path) as f:
+        record = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if os.path.isdir(record.get("by", "")):
+      steps.add(int(record["step"]))
+  return steps
+
+
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json of a run directory."""
+  """The config.json of a run directory, with the defaults of configs/base.py for keys added since it was written."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{config_path}: no such file; the workdir must be a run directory")
-  with open(config_path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(config_path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+  except ValueError as e:
+    raise DataError(f"{config_path}: not a run's config ({e})") from None
+  return base.with_defaults(saved)
 
 
 def resolve_step(workdir: str, step: int | None) -> int:

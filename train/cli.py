@@ -1,4 +1,6 @@
-"""Shared command-line plumbing: user errors become one line on stderr and exit status 1."""
+"""Shared command-line plumbing: user errors become one line on stderr and exit status 1; a preempted run
+(SIGTERM, after its checkpoint) exits 0. Offers `RunError`, `Preempted`, `fail`, `parse_flags` and
+`run_reporting_errors`."""
 
 import re
 import sys
@@ -8,7 +10,16 @@ from absl import flags, logging
 from data.sources import DataError
 from model.config import ConfigError
 
-USER_ERRORS = (ConfigError, DataError, FloatingPointError, FileNotFoundError)
+
+class RunError(RuntimeError):
+  """A run's files could not be written or read (a full disk, a corrupt checkpoint); the message is one line."""
+
+
+class Preempted(Exception):
+  """The run saved a checkpoint and stopped on SIGTERM; the same command resumes it."""
+
+
+USER_ERRORS = (ConfigError, DataError, RunError, FloatingPointError, FileNotFoundError)
 
 
 def fail(message: str):
@@ -53,3 +64,6 @@ def run_reporting_errors(fn, *args, **kwargs):
     return fn(*args, **kwargs)
   except USER_ERRORS as e:
     fail(str(e))
+  except Preempted as e:
+    print(f"ablax: {e}", file=sys.stderr)
+    sys.exit(0)

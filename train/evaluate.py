@@ -33,6 +33,7 @@ from train.cli import fail, parse_flags, run_reporting_errors
 from train.loop import evaluate
 from train.runs import load_run
 from train.step import eval_step, weighted_cross_entropy
+from train.workdir import write_atomic
 
 TOOL = "train.evaluate"  # marks our JSON files: only those are ever overwritten
 RUN_VALIDATION = "run:validation"
@@ -101,7 +102,8 @@ def evaluate_classifier(workdir: str, data: str, *, step: int | None = None, bat
   run, config = loaded.run, loaded.run.config
   if run.labels is None:
     raise ConfigError(f"{workdir}: not a classification run (config.task={config.task!r})")
-  records = read_records(data, [config.data.text_field, config.data.label_field], max_records)
+  records = read_records(data, [config.data.text_field, config.data.label_field], max_records,
+                         config.data.encoding_errors)
   eval_rows = finetuning.classify_rows(
       run.tokenizer, [str(r[config.data.text_field]) for r in records],
       finetuning.encode_labels([str(r[config.data.label_field]) for r in records], run.labels), config.train.seq_len)
@@ -184,7 +186,7 @@ def run(workdir: str, data: str, *, field: str = "text", step: int | None = None
   if data == RUN_VALIDATION:
     texts = _first_bytes(read_splits(config.data)[1], max_bytes)
   else:
-    texts = _first_bytes(read_documents(data, field, max_bytes), max_bytes)
+    texts = _first_bytes(read_documents(data, field, max_bytes, config.data.encoding_errors), max_bytes)
   result = evaluate_documents(model, params, tokenizer, texts, window=seq_len, stride=stride,
                               batch_size=batch_size)
   result["step"] = step
@@ -198,8 +200,7 @@ def _write(result: dict, workdir: str, data: str, output, suffix: str, settings:
                 data=os.path.abspath(data) if os.path.exists(data) else data, **settings)
   stem = "validation" if data == RUN_VALIDATION else os.path.splitext(os.path.basename(data.rstrip("/")))[0]
   path = _output_path(output or os.path.join(workdir, f"eval_{stem or 'data'}_{suffix}.json"), record)
-  with open(path, "w") as f:
-    json.dump(record, f, indent=2)
+  write_atomic(path, json.dumps(record, indent=2))
   print(f"{workdir} step {record['step']} on {data}" + "".join(f", {k} {v}" for k, v in settings.items()))
   for key in figures:
     print(f"  {key:<14}{result[key]:.4f}")

@@ -18,16 +18,22 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from model.config import ConfigError
+from train import checkpoint
 from train import mesh as mesh_lib
 from train import runs
 from train import tasks
 from train.cli import parse_flags, run_reporting_errors
 from train.loop import check_train_config, fit
-from train.workdir import prepare_workdir
+from train import workdir as workdir_lib
 
 
 def finetune(config, workdir: str) -> dict:
-  """Fine-tunes (or resumes) the run in `workdir`; returns the last metrics logged."""
+  """Fine-tunes (or resumes) the run in `workdir`, which it holds locked; returns the last metrics logged."""
+  with workdir_lib.lock(workdir):
+    return _finetune(config, workdir)
+
+
+def _finetune(config, workdir: str) -> dict:
   base_config = runs.resolve_base(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   check_train_config(config, mesh)
@@ -36,20 +42,27 @@ def finetune(config, workdir: str) -> dict:
     raise ConfigError(f"config.peft.num_prompt_tokens: {config.peft.num_prompt_tokens} virtual tokens + seq_len "
                       f"{config.train.seq_len} exceed the learned positions (max_len {config.model.max_len})")
   tokenizer, _ = runs.run_tokenizer(config.init_from, base_config)
-  prepare_workdir(config, workdir)
+  workdir_lib.prepare_workdir(config, workdir)
   for name in ("tokenizer.model", "tokenizer.json"):
     source = os.path.join(config.init_from, name)
     if os.path.exists(source) and not os.path.exists(os.path.join(workdir, name)):
       shutil.copy(source, workdir)
   train_rows, val_rows, labels = tasks.build_rows(config, tokenizer)
-  run = runs.finetuning(config, mesh, labels)
+  resumed = os.path.exists(os.path.join(workdir, runs.RUN_INFO))
+  run = runs.finetuning(config, mesh, labels,
+                        base_fingerprint=runs.read_run_info(workdir).get("base_fingerprint") if resumed else None)
+  if jax.process_index() == 0 and not checkpoint.pin(config.init_from, config.init_step, workdir):
+    print(f"ablax: warning: cannot pin step {config.init_step} in {config.init_from} (not writable): if that run "
+          "goes on and rotates it away, this one cannot load")
 
   trainable = sum(x.size for x in jax.tree.leaves(run.abstract_state().params))
   total = trainable + sum(x.size for x in jax.tree.leaves(run.frozen))
-  with open(os.path.join(workdir, runs.RUN_INFO), "w") as f:
-    json.dump({"method": run.method.name, "task": config.task, "trainable_params": int(trainable),
-               "total_params": int(total), "trainable_share": trainable / total,
-               "labels": labels if labels is None else [str(x) for x in labels]}, f, indent=2)
+  workdir_lib.write_atomic(os.path.join(workdir, runs.RUN_INFO), json.dumps({
+      "method": run.method.name, "task": config.task, "trainable_params": int(trainable),
+      "total_params": int(total), "trainable_share": trainable / total,
+      "labels": labels if labels is None else [str(x) for x in labels],
+      "base": {"workdir": os.path.abspath(config.init_from), "step": config.init_step},
+      "base_fingerprint": run.base_fingerprint}, indent=2))
   _, last = fit(config, workdir, run, tasks.make_loss(config.task, run), train_rows, val_rows)
   return last
 

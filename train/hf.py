@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import base
-from data.tokenizer import SPM_FILE, SentencePieceTokenizer
+from data.tokenizer import SPM_FILE, load_sentencepiece
 from model.families import FAMILIES
 from model.hf import common
 from train.cli import fail, parse_flags, run_reporting_errors
@@ -42,8 +42,7 @@ def _sentencepiece(hf_dir: str, vocab_size: int) -> str | None:
   for name in SPM_NAMES:
     path = os.path.join(hf_dir, name)
     if os.path.isfile(path):
-      with open(path, "rb") as f:
-        pieces = SentencePieceTokenizer(f.read()).vocab_size
+      pieces = load_sentencepiece(path).vocab_size
       if pieces == vocab_size:
         return path
       print(f"ablax: {path} has {pieces} pieces but the model {vocab_size} tokens; not copied", file=sys.stderr)

@@ -7,9 +7,12 @@ Sharded init (or exact resume from the last checkpoint) -> jitted steps with per
 
 import functools
 import math
+import signal
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -19,16 +22,40 @@ from model.config import ConfigError
 from train import mesh as mesh_lib
 from train import state as state_lib
 from train.checkpoint import Checkpointer
+from train.cli import Preempted
 from train.metrics import MetricWriter
 from train.step import eval_step, train_step
 
 
+_POSITIVE, _NATURAL, _UNIT = (lambda v: v > 0, "a positive number"), (lambda v: v >= 0, "a number >= 0"), \
+    (lambda v: 0 <= v < 1, "a number in [0, 1)")
+# The range of every train and data key a run reads (the model's keys: model/config.py; the mesh: train/mesh.py).
+RANGES = {
+    **{f"train.{key}": _POSITIVE for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every",
+                                             "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every",
+                                             "learning_rate", "eps")},
+    **{f"train.{key}": _NATURAL for key in ("min_learning_rate", "warmup_steps", "decay_steps", "weight_decay",
+                                            "grad_clip", "seed", "num_samples", "sample_tokens",
+                                            "sample_temperature", "sample_top_k")},
+    "train.b1": _UNIT, "train.b2": _UNIT, "train.restore_step": (lambda v: v >= -1, "-1 or a step"),
+    "train.nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
+    **{f"data.{key}": _NATURAL for key in ("max_bytes", "seed", "target_len", "max_records")},
+    "data.val_fraction": _UNIT, "data.vocab_size": _POSITIVE, "data.tokenizer_train_chars": _POSITIVE,
+    "data.encoding_errors": (lambda v: v in ("strict", "replace", "ignore"), "strict, replace or ignore"),
+}
+
+
 def check_train_config(config, mesh) -> None:
-  """Cross-section checks that need the mesh; one ConfigError naming the key."""
+  """Every train / data value in its range, and the checks across sections that need the mesh; one ConfigError
+  naming the key."""
+  for name, (valid, expected) in RANGES.items():
+    section, key = name.split(".")
+    if key in config[section] and not valid(config[section][key]):
+      raise ConfigError(f"config.{name}: expected {expected}, got {config[section][key]!r}")
   train = config.train
-  for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "checkpoint_every", "log_every"):
-    if train[key] <= 0:
-      raise ConfigError(f"config.train.{key}: expected a positive integer, got {train[key]}")
+  if train.min_learning_rate > train.learning_rate:
+    raise ConfigError(f"config.train.min_learning_rate: {train.min_learning_rate} exceeds config.train.learning_rate="
+                      f"{train.learning_rate}")
   if train.batch_size % train.grad_accum:
     raise ConfigError(f"config.train.batch_size: {train.batch_size} must divide by "
                       f"config.train.grad_accum={train.grad_accum}")
@@ -36,9 +63,11 @@ def check_train_config(config, mesh) -> None:
   if micro_batch % parallel:
     raise ConfigError(f"config.train.batch_size: the microbatch of {micro_batch} rows must divide by the "
                       f"{parallel} data-parallel devices (config.mesh.data x config.mesh.fsdp)")
-  if config.model.position == "learned" and train.seq_len > config.model.max_len:
-    raise ConfigError(f"config.train.seq_len: {train.seq_len} exceeds config.model.max_len="
-                      f"{config.model.max_len} of the learned position table")
+  if config.model.position == "learned":
+    for name, length in (("train.seq_len", train.seq_len), ("data.target_len", config.data.get("target_len", 0))):
+      if length > config.model.max_len:
+        raise ConfigError(f"config.{name}: {length} exceeds config.model.max_len={config.model.max_len} of the "
+                          "learned position table")
 
 
 def _to_device(batch, sharding):
@@ -83,75 +112,121 @@ def evaluate(eval_fn, params, frozen, rows, batch_size: int, max_batches: int, s
   return summarize(jax.device_get(totals), "eval")
 
 
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class _Preemption:
+  """Records a SIGTERM (preemption) while installed; the loop checkpoints and stops at the next step."""
+
+  def __init__(self):
+    self.received, self.previous = False, None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "received", True))
+    return self
+
+  def __exit__(self, *exc):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+
+
 def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
   """The training loop shared by the entrypoints: resume, jitted steps, eval, metrics, checkpoints.
 
   Returns (final state, last metrics logged). The run's `frozen` parameters are inputs of every step, never saved.
+  Nothing non-finite is saved: a NaN/inf loss or gradient stops the run before the next save (or, with
+  train.nonfinite = "skip", skips that update), a non-finite eval loss stops it, and the parameters are checked
+  before every save. SIGTERM saves a checkpoint at the current step and raises Preempted.
   """
   train, mesh, frozen = config.train, run.mesh, run.frozen
   loader = Loader(train_rows, train.batch_size, seed=train.seed,
                   process_index=jax.process_index(), process_count=jax.process_count())
-  checkpointer = Checkpointer(workdir, train.keep_checkpoints)
-  start_step = checkpointer.latest_step()
-  if start_step is None:
+  checkpointer = Checkpointer(workdir, train.keep_checkpoints, writer=True)
+  resumed = checkpointer.resume(run.abstract_state(), train.restore_step)
+  if resumed is None:
     state, start_step = run.init_state(), 0
   else:
-    state, data_state = checkpointer.restore(start_step, run.abstract_state())
+    state, data_state, start_step = resumed
     if data_state:  # an imported step-0 checkpoint has no data position
       loader.set_state(data_state)
+  last_saved = start_step if resumed else None
   trainable = sum(x.size for x in jax.tree.leaves(state.params))
   total = trainable + sum(x.size for x in jax.tree.leaves(frozen))
   print(f"ablax: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%), "
         f"mesh {dict(mesh.shape)}, step {start_step}/{train.steps}")
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=run.tx, grad_accum=train.grad_accum),
+  skip = train.nonfinite == "skip"
+  train_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=run.tx, grad_accum=train.grad_accum,
+                                       skip_nonfinite=skip),
                      in_shardings=(run.shardings, batch_sharding, run.frozen_shardings),
                      out_shardings=(run.shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
                     in_shardings=(run.shardings.params, batch_sharding, run.frozen_shardings))
   schedule = state_lib.learning_rate_schedule(train)
 
+  def check(step: int, name: str, value: float) -> None:
+    if not math.isfinite(value):
+      saved = f"step {last_saved}" if last_saved is not None else "none yet"
+      raise FloatingPointError(f"{name} is {value} at step {step}; stopped before saving anything of it (the last "
+                               f"checkpoint: {saved}): lower config.train.learning_rate, enable "
+                               "config.train.grad_clip, or set config.train.nonfinite=skip")
+
   writer = MetricWriter(workdir, resume_step=start_step)
   last = {}
   tokens_per_step = train.batch_size * train.seq_len
-  interval = {"sums": None, "steps": 0, "start": time.time()}
+  interval = {"sums": None, "steps": 0, "skipped": 0, "start": time.time()}
   progress = tqdm.tqdm(total=train.steps, initial=start_step, desc="train", dynamic_ncols=True,
                        mininterval=1.0, disable=jax.process_index() != 0)
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
-  with writer:
+  with writer, _Preemption() as preemption:
     for step in range(start_step + 1, train.steps + 1):
       state, metrics = train_fn(state, _to_device(next(loader), batch_sharding), frozen)
       done = [pending] if pending else []
       pending = (step, metrics)
-      if step == train.steps or step % train.eval_every == 0 or step % train.checkpoint_every == 0:
+      save = step % train.checkpoint_every == 0 or step == train.steps or preemption.received
+      if save or step % train.eval_every == 0:
         done.append(pending)
         pending = None
       for done_step, done_metrics in done:
         done_metrics = jax.device_get(done_metrics)
-        grad_norm = float(done_metrics.pop("grad_norm"))
-        loss = float(done_metrics["loss_sum"] / max(done_metrics["weight_sum"], 1.0))
-        if not math.isfinite(loss):
-          raise FloatingPointError(f"train/loss is {loss} at step {done_step}; the last checkpoint is kept "
-                                   "(lower config.train.learning_rate or enable config.train.grad_clip)")
+        grad_norm, nonfinite = float(done_metrics.pop("grad_norm")), float(done_metrics.pop("nonfinite"))
+        if nonfinite and not skip:
+          loss = float(done_metrics["loss_sum"] / max(done_metrics["weight_sum"], 1.0))
+          check(done_step, "train/loss", loss)
+          check(done_step, "train/grad_norm", grad_norm)
         sums = interval["sums"]
         interval["sums"] = done_metrics if sums is None else jax.tree.map(np.add, sums, done_metrics)
         interval["steps"] += 1
+        interval["skipped"] += int(nonfinite)
         if done_step % train.log_every == 0 or done_step == train.steps or done_step % train.eval_every == 0:
           elapsed = time.time() - interval["start"]
           last = {"step": done_step, **summarize(interval["sums"], "train"), "train/grad_norm": grad_norm,
                   "train/learning_rate": float(schedule(done_step - 1)),
                   "train/tokens_per_sec": interval["steps"] * tokens_per_step / max(elapsed, 1e-9)}
+          if skip:
+            last["train/skipped_updates"] = interval["skipped"]
           if done_step % train.eval_every == 0 or done_step == train.steps:
             last.update(evaluate(eval_fn, state.params, frozen, val_rows, train.batch_size, train.eval_batches,
                                  batch_sharding))
+            check(done_step, "eval/loss", last["eval/loss"])
           writer.write(last)
           progress.set_postfix(loss=f"{last['train/loss']:.3f}",
                                tok_s=f"{last['train/tokens_per_sec']:.0f}", refresh=False)
-          interval = {"sums": None, "steps": 0, "start": time.time()}
-      if step % train.checkpoint_every == 0 or step == train.steps:
+          interval = {"sums": None, "steps": 0, "skipped": 0, "start": time.time()}
+      if save:
+        if not bool(_all_finite(state.params)):
+          check(step, "a parameter", math.nan)
         checkpointer.save(step, state, loader.get_state())
+        last_saved = step
       progress.update(1)
+      if preemption.received and step < train.steps:
+        progress.close()
+        checkpointer.close()
+        raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {workdir}; run the same command to resume")
   progress.close()
   checkpointer.close()
   return state, last

@@ -21,7 +21,7 @@ from train import runs
 from train.cli import parse_flags, run_reporting_errors
 from train.loop import check_train_config, fit
 from train.step import token_loss
-from train.workdir import prepare_workdir
+from train import workdir as workdir_lib
 
 
 def write_samples(model, params, tokenizer, config, workdir) -> list:
@@ -37,16 +37,20 @@ def write_samples(model, params, tokenizer, config, workdir) -> list:
                                        [train.sample_prompt] * train.num_samples,
                                        max_new_tokens=max_new_tokens, sampling=sampling, seed=train.seed)
   texts = [train.sample_prompt + text for text in continuations]
-  with open(os.path.join(workdir, "samples.txt"), "w") as f:
-    for i, text in enumerate(texts):
-      f.write(f"--- sample {i}\n{text}\n")
+  workdir_lib.write_atomic(os.path.join(workdir, "samples.txt"),
+                           "".join(f"--- sample {i}\n{text}\n" for i, text in enumerate(texts)))
   for i, text in enumerate(texts):
     print(f"--- sample {i}\n{text}")
   return texts
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Pretrains (or resumes) the run in `workdir`; returns the last metrics logged."""
+  """Pretrains (or resumes) the run in `workdir`, which it holds locked; returns the last metrics logged."""
+  with workdir_lib.lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   mesh = mesh_lib.make_mesh(config.mesh)
   check_train_config(config, mesh)
   family = FAMILIES.get(config.model.family)
@@ -55,7 +59,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.objective != family.objective:
     raise ConfigError(f"config.objective: {config.objective!r} does not pretrain a {config.model.family} "
                       f"(config.model.family); expected {family.objective!r}")
-  prepare_workdir(config, workdir)
+  workdir_lib.prepare_workdir(config, workdir)
   train = config.train
   tokenizer, train_rows, val_rows = prepare_lm_data(config.data, train.seq_len, workdir, config.objective)
   run = runs.pretraining(config, mesh, tokenizer.vocab_size, tokenizer)

@@ -10,6 +10,7 @@ its parameters, the PEFT method's for adapters, the task's for a classification 
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from typing import Any, Callable
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from data.sources import DataError
@@ -29,6 +32,7 @@ from train import mesh as mesh_lib
 from train import peft
 from train import tasks
 from train.checkpoint import Checkpointer, read_run_config, resolve_step
+from train.cli import RunError
 from train.state import TrainState, fresh_state, make_optimizer, state_shardings
 
 RUN_INFO = "run_info.json"  # a fine-tuning run's method, task, parameter counts and label vocabulary
@@ -56,6 +60,7 @@ class Run:
   frozen_shardings: dict = dataclasses.field(default_factory=dict)
   method: peft.Method | None = None
   labels: list | None = None
+  base_fingerprint: str | None = None  # fine-tuning: the base parameters' fingerprint (see `fingerprint`)
 
   def _fresh_state(self, rng, base) -> TrainState:
     return fresh_state(self.init_params(rng, base), self.tx, rng)
@@ -130,10 +135,27 @@ def resolve_base(config) -> ml_collections.ConfigDict:
   return base_config
 
 
-def finetuning(config, mesh: Mesh, labels: list | None, require_tokenizer: bool = True) -> Run:
+def fingerprint(params) -> str:
+  """SHA-256 of every parameter's path, dtype, shape and bytes: equal only for the same weights."""
+  digest = hashlib.sha256()
+  for path, value in sorted(traverse_util.flatten_dict(params, sep="/").items()):
+    array = multihost_utils.process_allgather(value, tiled=True)
+    digest.update(f"{path}:{array.dtype}:{array.shape}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def finetuning(config, mesh: Mesh, labels: list | None, require_tokenizer: bool = True,
+               base_fingerprint: str | None = None) -> Run:
   """The Run of a fine-tuning config (resolved, see resolve_base): trainable base parameters, adapters and a
-  classification head (when there are `labels`) train; the base run's other parameters are frozen."""
+  classification head (when there are `labels`) train; the base run's other parameters are frozen. A run built
+  before passes the `base_fingerprint` it recorded: a base whose parameters changed since is refused."""
   base = load_run(config.init_from, config.init_step, mesh, require_tokenizer)
+  found = fingerprint(base.state.params)
+  if base_fingerprint is not None and found != base_fingerprint:
+    raise RunError(f"config.init_from={config.init_from} step {config.init_step}: its parameters are not those "
+                   f"this run was built on (fingerprint {found[:12]}, recorded {base_fingerprint[:12]}); restore "
+                   "that base run, or fine-tune anew in another workdir")
   model, rules = base.run.model, base.run.rules
   method = peft.Method(config.peft, model.cfg)
   trainable_base, frozen_base = peft.split(base.state.params, method.base_trainable)
@@ -159,7 +181,17 @@ def finetuning(config, mesh: Mesh, labels: list | None, require_tokenizer: bool 
   return Run(model=model, tx=make_optimizer(config.train), mesh=mesh, rules=rules, param_axes=param_axes,
              init_params=fresh, seed=config.train.seed, tokenizer=base.run.tokenizer, config=config,
              base=trainable_base, frozen={"base": frozen_base}, frozen_shardings={"base": frozen_shardings},
-             method=method, labels=labels)
+             method=method, labels=labels, base_fingerprint=found)
+
+
+def read_run_info(workdir: str) -> dict:
+  """A fine-tuning run's run_info.json: method, task, parameter counts, labels, the base's fingerprint."""
+  path = os.path.join(workdir, RUN_INFO)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunError(f"{path}: unreadable ({e}); a fine-tuning run needs it") from None
 
 
 def run_tokenizer(workdir: str, config, required: bool = True):
@@ -182,8 +214,8 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None, re
   config = read_run_config(workdir)
   mesh = mesh or mesh_lib.one_device_mesh()
   if config.get("init_from"):
-    with open(os.path.join(workdir, RUN_INFO)) as f:
-      run = finetuning(config, mesh, json.load(f)["labels"], require_tokenizer)
+    info = read_run_info(workdir)
+    run = finetuning(config, mesh, info["labels"], require_tokenizer, info.get("base_fingerprint"))
   else:
     tokenizer, vocab_size = run_tokenizer(workdir, config, require_tokenizer)
     run = pretraining(config, mesh, vocab_size, tokenizer)

@@ -39,11 +39,14 @@ def token_loss(model, model_params=None):
   return loss_fn
 
 
-def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum: int = 1):
+def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum: int = 1,
+               skip_nonfinite: bool = False):
   """One optimizer step on a global batch [B, ...], split into `grad_accum` microbatches.
 
   The gradient is that of (sum of losses) / (sum of weights) over the whole batch, so
-  grad_accum=k equals one batch of the same size up to float rounding.
+  grad_accum=k equals one batch of the same size up to float rounding. metrics["nonfinite"] is 1 when the loss
+  or the gradient norm is NaN or infinite; with `skip_nonfinite` that update is not applied (parameters and
+  optimizer state, its count included, stay as they were) and the step's sums are zeroed.
   """
   frozen = {} if frozen is None else frozen
   step_rng = jax.random.fold_in(state.rng, state.step)
@@ -70,7 +73,13 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(sums, grad_norm=jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))))
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params, opt_state = jax.tree.map(keep, (params, opt_state), (state.params, state.opt_state))
+    sums = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), sums)
+  metrics = dict(sums, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

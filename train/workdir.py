@@ -1,7 +1,14 @@
-"""A run's workdir: its config.json is written once; a rerun must match it (resume), never overwrite it."""
+"""A run's workdir: config.json written once (a rerun must match it, never overwrite it), one writer at a time,
+and small files replaced whole.
 
+Offers `prepare_workdir` (config.json; pins the schedule's length), `write_atomic` (temp file + rename), `lock`
+(one process writes a workdir; a second copy of a command is refused) and `RESUMABLE_KEYS`.
+"""
+
+import contextlib
 import json
 import os
+import socket
 
 from model.config import ConfigError
 
@@ -9,7 +16,9 @@ from model.config import ConfigError
 # (the mesh may change too: a checkpoint restores into any sharding).
 RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.log_every", "train.num_samples", "train.sample_tokens",
-                  "train.sample_temperature", "train.sample_top_k", "train.sample_prompt")
+                  "train.sample_temperature", "train.sample_top_k", "train.sample_prompt", "train.restore_step",
+                  "train.nonfinite", "train.decay_steps")
+LOCK_FILE = ".lock"
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -22,19 +31,86 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
+def write_atomic(path: str, text: str) -> None:
+  """Replaces `path` with `text` whole: a kill or a full disk leaves the old file or the new one, never half."""
+  temporary = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(temporary, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
 def prepare_workdir(config, workdir: str) -> None:
-  """Creates workdir and saves config.json, or checks that an existing run was made with this config."""
+  """Creates workdir and saves config.json, or checks that an existing run was made with this config.
+
+  The cosine schedule's length is fixed when a run starts: train.decay_steps = 0 ("the run's steps") is
+  replaced by the steps of the first start, so extending a run with a larger train.steps keeps the learning
+  rate of every step already taken; give train.decay_steps explicitly to decay over a new length from here on.
+  """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
+  saved = None
   if os.path.exists(path):
     with open(path) as f:
       saved = _flatten(json.load(f))
+  if config.train.decay_steps == 0:
+    config.train.decay_steps = (saved or {}).get("train.decay_steps") or (saved or {}).get("train.steps") or \
+        config.train.steps
+  current = json.loads(config.to_json())
+  if saved is not None:
     differing = [k for k, v in _flatten(current).items()
                  if k not in RESUMABLE_KEYS and not k.startswith("mesh.") and saved.get(k, v) != v]
     if differing:
       key = differing[0]
       raise ConfigError(f"{path}: this workdir holds a run made with config.{key}={saved[key]!r}, "
                         f"not {_flatten(current)[key]!r}; resume with the same config or use another --workdir")
-  with open(path, "w") as f:
-    json.dump(current, f, indent=2)
+  write_atomic(path, json.dumps(current, indent=2))
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds WORKDIR/.lock ("host:pid") while the block runs; a live holder is refused with one line, a dead one on
+  this host (a killed run) is replaced. A holder on another host cannot be checked: remove the file by hand."""
+  os.makedirs(workdir, exist_ok=True)
+  path, me = os.path.join(workdir, LOCK_FILE), f"{socket.gethostname()}:{os.getpid()}"
+  for _ in range(2):
+    try:
+      descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      break
+    except FileExistsError:
+      with open(path) as f:
+        holder = f.read().strip()
+      host, _, pid = holder.rpartition(":")
+      if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        print(f"ablax: {path}: removing the stale lock of process {pid}, which is gone")
+        os.remove(path)
+        continue
+      raise ConfigError(f"{workdir}: in use by {holder or 'a process'} ({path}); run one command per workdir "
+                        "(remove the lock file if that process is gone)")
+  else:
+    raise ConfigError(f"{workdir}: could not take {path}")
+  with os.fdopen(descriptor, "w") as f:
+    f.write(me)
+  try:
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      with open(path) as f:
+        mine = f.read().strip() == me
+      if mine:
+        os.remove(path)
