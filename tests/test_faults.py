@@ -267,3 +267,26 @@ def test_out_of_range_values_are_refused_before_anything_is_written(tmp_path, se
   with pytest.raises(ConfigError, match=re.escape(f"config.{section}.{key}: {expected}")):
     train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_a_step_that_cannot_fit_is_refused_before_it_runs(tmp_path):
+  config = tiny_config(tmp_path, steps=2, batch_size=512, seq_len=4096)
+  (tmp_path / "corpus.txt").write_text(TEXT * 40)  # a validation split longer than a row
+  config.model.position = "rope"  # attention scores alone: 512 x 4 heads x 4096^2 floats, 128 GiB
+  with pytest.raises(RunError, match=r"a train step needs about \d+\.\d GiB per device .* config.model.remat"):
+    train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_an_old_runs_config_gets_the_defaults_of_keys_added_since(tmp_path):
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(tiny_config(tmp_path, steps=2, checkpoint_every=2), workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  for section, key in (("data", "encoding_errors"), ("data", "seed"), ("train", "nonfinite"),
+                       ("train", "restore_step")):
+    del saved[section][key]
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(saved, f)
+  assert runs.load_run(workdir).run.config.data.encoding_errors == "strict"
+  assert train_and_evaluate(tiny_config(tmp_path, steps=4, checkpoint_every=2), workdir)["step"] == 4

@@ -7,6 +7,7 @@ starts from it on a generated, separable sentiment task or a generated instructi
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -28,6 +29,7 @@ from train import mesh as mesh_lib
 from train import peft
 from train import runs
 from train import tasks
+from train.cli import RunError
 from train.pretrain import train_and_evaluate
 
 POSITIVE = ["good", "great", "nice", "fine", "superb", "happy"]
@@ -414,3 +416,40 @@ def test_evaluate_cli_reports_classification_metrics(setup, trained):
   assert record["examples"] == 60
   assert record["accuracy"] == pytest.approx(last["eval/accuracy"], abs=1e-6)
   assert record["macro_f1"] == pytest.approx(last["eval/macro_f1"], abs=1e-6)
+
+
+def test_the_base_keeps_a_pinned_step_and_a_changed_base_is_refused(setup, tmp_path):
+  base = str(tmp_path / "base")
+  shutil.copytree(setup["base"], base)
+  shutil.rmtree(os.path.join(base, "pins"), ignore_errors=True)
+  config = ft_config(setup, "lora", steps=2)
+  config.init_from = base
+  workdir = str(tmp_path / "ft")
+  finetune_lib.finetune(config, workdir)
+  assert config.init_step == 20
+  with open(os.path.join(workdir, "run_info.json")) as f:
+    assert len(json.load(f)["base_fingerprint"]) == 64
+
+  # The base run goes on keeping one checkpoint: its rotation spares the pinned step 20.
+  train_and_evaluate(_base_config(setup["root"], steps=30, keep_checkpoints=1, checkpoint_every=5), base)
+  assert sorted(os.listdir(os.path.join(base, "checkpoints"))) == ["20", "30"]
+  runs.load_run(workdir)
+
+  # Another model of the same shape in the base's place: refused, not merged.
+  other = str(tmp_path / "other")
+  train_and_evaluate(_base_config(setup["root"], steps=20, seed=SEED + 1), other)
+  shutil.rmtree(os.path.join(base, "checkpoints", "20"))
+  shutil.copytree(os.path.join(other, "checkpoints", "20"), os.path.join(base, "checkpoints", "20"))
+  with pytest.raises(RunError, match="its parameters are not those this run was built on"):
+    runs.load_run(workdir)
+  resumed = ft_config(setup, "lora", steps=4)
+  resumed.init_from = base
+  with pytest.raises(RunError, match="its parameters are not those this run was built on"):
+    finetune_lib.finetune(resumed, workdir)
+
+
+def _base_config(root, **train_overrides):
+  """The config of setup's base run (rope positions), for going on with it or making another like it."""
+  config = tiny_config(root, **{"checkpoint_every": 20, "eval_every": 20, "decay_steps": 20, **train_overrides})
+  config.model.position = "rope"
+  return config

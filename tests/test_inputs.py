@@ -14,11 +14,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
+from configs import base
 from data.pipeline import prepare_lm_data, read_splits
 from data.sources import BUILTIN_STDLIB, DataError, read_documents, read_records
 from data.tokenizer import load_tokenizer, train_tokenizer
+from model.config import ConfigError, ModelConfig
 from model.hf import common as hf_common
 from model.hf.common import ConversionError
+from train import mesh as mesh_lib
+from train.loop import check_train_config
 
 PROPERTY = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -281,3 +285,43 @@ def test_strict_names_the_first_bad_byte(content):
     else:
       if text.strip():
         assert read_documents(path) == [text.replace("\r\n", "\n").replace("\r", "\n")]
+
+
+def _config_values():
+  """(section, key, a strategy of values of the key's type) for every scalar key of configs/base.py."""
+  keys = []
+  for section, values in base.get_config().items():
+    if not hasattr(values, "items"):
+      continue
+    for key, value in values.items():
+      if isinstance(value, bool):
+        keys.append((section, key, st.booleans()))
+      elif isinstance(value, int):
+        keys.append((section, key, st.integers(-10**6, 10**6)))
+      elif isinstance(value, float):
+        keys.append((section, key, st.floats(allow_nan=True, allow_infinity=True)))
+      elif isinstance(value, str):
+        keys.append((section, key, st.text(max_size=12)))
+  return keys
+
+
+CONFIG_VALUES = _config_values()
+
+
+@PROPERTY
+@given(st.lists(st.sampled_from(range(len(CONFIG_VALUES))).flatmap(
+    lambda i: st.tuples(st.just(i), CONFIG_VALUES[i][2])), max_size=4))
+def test_random_config_values_give_config_errors_only(overrides):
+  """Any values of the right types for any keys: the checks a run makes before writing anything accept them or
+  raise the project's one-line ConfigError / DataError, nothing else."""
+  config = base.get_config()
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  for index, value in overrides:
+    section, key, _ = CONFIG_VALUES[index]
+    config[section][key] = value
+  try:
+    mesh = mesh_lib.make_mesh(config.mesh)
+    check_train_config(config, mesh)
+    ModelConfig.from_config(config.model, 100)
+  except (ConfigError, DataError) as e:
+    assert "\n" not in str(e)

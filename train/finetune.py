@@ -34,7 +34,7 @@ def finetune(config, workdir: str) -> dict:
 
 
 def _finetune(config, workdir: str) -> dict:
-  base_config = runs.resolve_base(config)
+  base_config = runs.resolve_base(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   check_train_config(config, mesh)
   if config.peft.method == "prompt" and config.model.position == "learned" and \

@@ -7,6 +7,7 @@ Sharded init (or exact resume from the last checkpoint) -> jitted steps with per
 
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -22,7 +23,7 @@ from model.config import ConfigError
 from train import mesh as mesh_lib
 from train import state as state_lib
 from train.checkpoint import Checkpointer
-from train.cli import Preempted
+from train.cli import Preempted, RunError
 from train.metrics import MetricWriter
 from train.step import eval_step, train_step
 
@@ -117,6 +118,25 @@ def _all_finite(tree):
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def check_memory(compiled, mesh) -> None:
+  """A RunError naming the knobs when a compiled step needs more memory per device than a device has (GPU/TPU:
+  its limit; CPU: the host's available memory shared by its devices)."""
+  analysis, device = compiled.memory_analysis(), mesh.devices.flat[0]
+  if analysis is None:
+    return
+  need = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes +
+          analysis.temp_size_in_bytes)
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  if limit is None and device.platform == "cpu":
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // len(jax.local_devices())
+  if limit and need > limit:
+    temporaries = analysis.temp_size_in_bytes / 2**30
+    raise RunError(f"a train step needs about {need / 2**30:.1f} GiB per device ({temporaries:.1f} GiB of it "
+                   f"temporaries), more than the {limit / 2**30:.1f} GiB a {device.platform} device has: "
+                   "lower config.train.batch_size or seq_len, raise config.train.grad_accum, set config.model.remat="
+                   "True, or shard over more devices (config.mesh.fsdp, config.mesh.tensor)")
+
+
 class _Preemption:
   """Records a SIGTERM (preemption) while installed; the loop checkpoints and stops at the next step."""
 
@@ -184,7 +204,11 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
   with writer, _Preemption() as preemption:
     for step in range(start_step + 1, train.steps + 1):
-      state, metrics = train_fn(state, _to_device(next(loader), batch_sharding), frozen)
+      batch = _to_device(next(loader), batch_sharding)
+      if step == start_step + 1:  # compile ahead, to say what does not fit before it fails
+        train_fn = train_fn.lower(state, batch, frozen).compile()
+        check_memory(train_fn, mesh)
+      state, metrics = train_fn(state, batch, frozen)
       done = [pending] if pending else []
       pending = (step, metrics)
       save = step % train.checkpoint_every == 0 or step == train.steps or preemption.received

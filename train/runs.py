@@ -123,10 +123,13 @@ def pretraining(config, mesh: Mesh, vocab_size: int, tokenizer: Tokenizer | None
                    config.train.seq_len, config.train.seed, tokenizer=tokenizer, config=config)
 
 
-def resolve_base(config) -> ml_collections.ConfigDict:
-  """Reads a fine-tuning config's base run: copies its model section into config.model, pins config.init_step."""
+def resolve_base(config, workdir: str | None = None) -> ml_collections.ConfigDict:
+  """Reads a fine-tuning config's base run: copies its model section into config.model, pins config.init_step
+  (init_step -1: the step this run in `workdir` was built on, else the base's latest)."""
   if not config.init_from:
     raise ConfigError("config.init_from: the workdir of a pretrained run is required")
+  if config.init_step < 0 and workdir and os.path.exists(os.path.join(workdir, "config.json")):
+    config.init_step = read_run_config(workdir).get("init_step", -1)
   base_config = read_run_config(config.init_from)
   if base_config.get("init_from"):
     raise ConfigError(f"config.init_from: {config.init_from} is itself a fine-tuning run; give its base")
