@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from configs import base
 from data.sources import DataError
+from train import distributed
 from train.cli import RunError
 
 PINS = "pins"  # WORKDIR/pins/<hash>.json: {"step": s, "by": fine-tuning workdir}, steps rotation must keep
@@ -32,10 +32,11 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int, writer: bool = False):
     self.workdir, self.keep = os.path.abspath(workdir), keep
     self.directory = os.path.join(self.workdir, "checkpoints")
-    if writer and jax.process_index() == 0:
+    if writer and distributed.is_writer():
       for stale in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
         print(f"ablax: removing {stale}, a save that was interrupted")
         shutil.rmtree(stale, ignore_errors=True)
+    distributed.barrier("checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
@@ -101,8 +102,9 @@ class Checkpointer:
     while os.path.exists(target + (f".{suffix}" if suffix else "")):
       suffix += 1
     target += f".{suffix}" if suffix else ""
-    if jax.process_index() == 0:
+    if distributed.is_writer():
       os.rename(os.path.join(self.directory, str(step)), target)
+    distributed.barrier(f"moved {step}")
     self.manager.reload()
     return target
 

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from model.config import ConfigError
 from train import checkpoint
+from train import distributed
 from train import mesh as mesh_lib
 from train import runs
 from train import tasks
@@ -42,37 +43,42 @@ def _finetune(config, workdir: str) -> dict:
     raise ConfigError(f"config.peft.num_prompt_tokens: {config.peft.num_prompt_tokens} virtual tokens + seq_len "
                       f"{config.train.seq_len} exceed the learned positions (max_len {config.model.max_len})")
   tokenizer, _ = runs.run_tokenizer(config.init_from, base_config)
-  workdir_lib.prepare_workdir(config, workdir)
-  for name in ("tokenizer.model", "tokenizer.json"):
-    source = os.path.join(config.init_from, name)
-    if os.path.exists(source) and not os.path.exists(os.path.join(workdir, name)):
-      shutil.copy(source, workdir)
+  def prepare():
+    workdir_lib.prepare_workdir(config, workdir)
+    for name in ("tokenizer.model", "tokenizer.json"):
+      source = os.path.join(config.init_from, name)
+      if distributed.is_writer() and os.path.exists(source) and not os.path.exists(os.path.join(workdir, name)):
+        shutil.copy(source, workdir)
+  distributed.writer_first("config", prepare)
   train_rows, val_rows, labels = tasks.build_rows(config, tokenizer)
   resumed = os.path.exists(os.path.join(workdir, runs.RUN_INFO))
   run = runs.finetuning(config, mesh, labels,
                         base_fingerprint=runs.read_run_info(workdir).get("base_fingerprint") if resumed else None)
-  if jax.process_index() == 0 and not checkpoint.pin(config.init_from, config.init_step, workdir):
+  if distributed.is_writer() and not checkpoint.pin(config.init_from, config.init_step, workdir):
     print(f"ablax: warning: cannot pin step {config.init_step} in {config.init_from} (not writable): if that run "
           "goes on and rotates it away, this one cannot load")
 
   trainable = sum(x.size for x in jax.tree.leaves(run.abstract_state().params))
   total = trainable + sum(x.size for x in jax.tree.leaves(run.frozen))
-  workdir_lib.write_atomic(os.path.join(workdir, runs.RUN_INFO), json.dumps({
-      "method": run.method.name, "task": config.task, "trainable_params": int(trainable),
-      "total_params": int(total), "trainable_share": trainable / total,
-      "labels": labels if labels is None else [str(x) for x in labels],
-      "base": {"workdir": os.path.abspath(config.init_from), "step": config.init_step},
-      "base_fingerprint": run.base_fingerprint}, indent=2))
+  if distributed.is_writer():
+    workdir_lib.write_atomic(os.path.join(workdir, runs.RUN_INFO), json.dumps({
+        "method": run.method.name, "task": config.task, "trainable_params": int(trainable),
+        "total_params": int(total), "trainable_share": trainable / total,
+        "labels": labels if labels is None else [str(x) for x in labels],
+        "base": {"workdir": os.path.abspath(config.init_from), "step": config.init_step},
+        "base_fingerprint": run.base_fingerprint}, indent=2))
   _, last = fit(config, workdir, run, tasks.make_loss(config.task, run), train_rows, val_rows)
   return last
 
 
 def main(argv):
   del argv
+  distributed.initialize()
   run_reporting_errors(finetune, flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":  # flags only here: tests import this module beside other entrypoints
+  distributed.define_flags()
   config_flags.DEFINE_config_file("config", None, "Fine-tuning config (configs/finetune/*.py).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -20,6 +20,7 @@ import tqdm
 from data import batch as batch_lib
 from data.pipeline import Loader
 from model.config import ConfigError
+from train import distributed
 from train import mesh as mesh_lib
 from train import state as state_lib
 from train.checkpoint import Checkpointer
@@ -121,7 +122,7 @@ def _all_finite(tree):
 def check_memory(compiled, mesh) -> None:
   """A RunError naming the knobs when a compiled step needs more memory per device than a device has (GPU/TPU:
   its limit; CPU: the host's available memory shared by its devices)."""
-  analysis, device = compiled.memory_analysis(), mesh.devices.flat[0]
+  analysis, device = compiled.memory_analysis(), jax.local_devices()[0]
   if analysis is None:
     return
   need = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes +
@@ -138,10 +139,16 @@ def check_memory(compiled, mesh) -> None:
 
 
 class _Preemption:
-  """Records a SIGTERM (preemption) while installed; the loop checkpoints and stops at the next step."""
+  """Records a SIGTERM (preemption) while installed; the loop checkpoints and stops at a step every process
+  agrees on (one process asks the others every `every` steps)."""
 
-  def __init__(self):
-    self.received, self.previous = False, None
+  def __init__(self, every: int):
+    self.received, self.previous, self.every = False, None, every
+
+  def at(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.received
+    return step % self.every == 0 and distributed.agree(self.received)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -185,7 +192,8 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
                      in_shardings=(run.shardings, batch_sharding, run.frozen_shardings),
                      out_shardings=(run.shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
-                    in_shardings=(run.shardings.params, batch_sharding, run.frozen_shardings))
+                    in_shardings=(run.shardings.params, batch_sharding, run.frozen_shardings),
+                    out_shardings=mesh_lib.replicated(mesh))
   schedule = state_lib.learning_rate_schedule(train)
 
   def check(step: int, name: str, value: float) -> None:
@@ -202,7 +210,7 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
   progress = tqdm.tqdm(total=train.steps, initial=start_step, desc="train", dynamic_ncols=True,
                        mininterval=1.0, disable=jax.process_index() != 0)
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
-  with writer, _Preemption() as preemption:
+  with writer, _Preemption(train.log_every) as preemption:
     for step in range(start_step + 1, train.steps + 1):
       batch = _to_device(next(loader), batch_sharding)
       if step == start_step + 1:  # compile ahead, to say what does not fit before it fails
@@ -211,7 +219,8 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
       state, metrics = train_fn(state, batch, frozen)
       done = [pending] if pending else []
       pending = (step, metrics)
-      save = step % train.checkpoint_every == 0 or step == train.steps or preemption.received
+      preempted = preemption.at(step)
+      save = step % train.checkpoint_every == 0 or step == train.steps or preempted
       if save or step % train.eval_every == 0:
         done.append(pending)
         pending = None
@@ -247,7 +256,7 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
         checkpointer.save(step, state, loader.get_state())
         last_saved = step
       progress.update(1)
-      if preemption.received and step < train.steps:
+      if preempted and step < train.steps:
         progress.close()
         checkpointer.close()
         raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {workdir}; run the same command to resume")

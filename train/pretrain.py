@@ -16,6 +16,7 @@ from data.pipeline import prepare_lm_data
 from model import decode
 from model.config import ConfigError
 from model.families import FAMILIES
+from train import distributed
 from train import mesh as mesh_lib
 from train import runs
 from train.cli import parse_flags, run_reporting_errors
@@ -59,23 +60,28 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   if config.objective != family.objective:
     raise ConfigError(f"config.objective: {config.objective!r} does not pretrain a {config.model.family} "
                       f"(config.model.family); expected {family.objective!r}")
-  workdir_lib.prepare_workdir(config, workdir)
+  distributed.writer_first("config", lambda: workdir_lib.prepare_workdir(config, workdir))
   train = config.train
-  tokenizer, train_rows, val_rows = prepare_lm_data(config.data, train.seq_len, workdir, config.objective)
+  tokenizer, train_rows, val_rows = distributed.writer_first(  # the others load process 0's tokenizer
+      "data", lambda: prepare_lm_data(config.data, train.seq_len, workdir, config.objective))
   run = runs.pretraining(config, mesh, tokenizer.vocab_size, tokenizer)
   print(f"ablax: vocab {tokenizer.vocab_size}, {len(train_rows['inputs_BxL'])} train rows x {train.seq_len} tokens")
   state, last = fit(config, workdir, run, token_loss(run.model), train_rows, val_rows)
-  if jax.process_index() == 0 and family.objective == "causal_lm":
-    write_samples(run.model, state.params, tokenizer, config, workdir)
+  if family.objective == "causal_lm" and train.num_samples > 0:
+    params = distributed.gather(state.params)
+    if distributed.is_writer():
+      write_samples(run.model, params, tokenizer, config, workdir)
   return last
 
 
 def main(argv):
   del argv
+  distributed.initialize()
   run_reporting_errors(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":  # flags only here: tests and other entrypoints import this module
+  distributed.define_flags()
   config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -10,6 +10,8 @@ import json
 import os
 import socket
 
+import jax
+
 from model.config import ConfigError
 
 # Keys that may differ when a run is resumed: they change how long or how often, not what is trained
@@ -69,7 +71,8 @@ def prepare_workdir(config, workdir: str) -> None:
       key = differing[0]
       raise ConfigError(f"{path}: this workdir holds a run made with config.{key}={saved[key]!r}, "
                         f"not {_flatten(current)[key]!r}; resume with the same config or use another --workdir")
-  write_atomic(path, json.dumps(current, indent=2))
+  if jax.process_index() == 0:
+    write_atomic(path, json.dumps(current, indent=2))
 
 
 def _alive(pid: int) -> bool:
@@ -85,7 +88,11 @@ def _alive(pid: int) -> bool:
 @contextlib.contextmanager
 def lock(workdir: str):
   """Holds WORKDIR/.lock ("host:pid") while the block runs; a live holder is refused with one line, a dead one on
-  this host (a killed run) is replaced. A holder on another host cannot be checked: remove the file by hand."""
+  this host (a killed run) is replaced. A holder on another host cannot be checked: remove the file by hand.
+  In a job of several processes, process 0 holds it for all."""
+  if jax.process_index() != 0:
+    yield
+    return
   os.makedirs(workdir, exist_ok=True)
   path, me = os.path.join(workdir, LOCK_FILE), f"{socket.gethostname()}:{os.getpid()}"
   for _ in range(2):
