@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from ablate.plan import AGGREGATES, expand, load_ablation, parse_metric, read_status
+from train.metrics import read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
@@ -26,8 +27,7 @@ def run_metrics(run_dir: str, specs, curve_key: str) -> tuple[dict, list]:
   """({spec: value or None}, [(step, curve value)]) of a finished run, read from its files."""
   records = []
   if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
   values = {}
   for spec in specs:
     aggregate, key, length = parse_metric(spec)

@@ -17,6 +17,7 @@ import time
 
 from ablate.plan import expand, read_status, status_path
 from ablate.report import write_report
+from train.workdir import write_atomic
 
 
 def commands(run: dict, ablation, workdir: str) -> list[list[str]]:
@@ -47,8 +48,7 @@ def execute(run: dict, ablation, workdir: str) -> dict:
   with open(log_path) as log:
     lines = [line.strip() for line in log if line.strip()]
   status.update(wall_s=round(time.time() - start, 1), last_line=lines[-1] if lines else "")
-  with open(status_path(workdir, run["name"]), "w") as f:
-    json.dump(status, f, indent=2)
+  write_atomic(status_path(workdir, run["name"]), json.dumps(status, indent=2))
   return status
 
 
@@ -68,8 +68,7 @@ def run_ablation(ablation, workdir: str, dry_run: bool = False, parallel: int | 
     return 0
   for sub in ("runs", "logs", "status"):
     os.makedirs(os.path.join(workdir, sub), exist_ok=True)
-  with open(os.path.join(workdir, "ablation.json"), "w") as f:
-    json.dump(ablation.to_dict(), f, indent=2)
+  write_atomic(os.path.join(workdir, "ablation.json"), json.dumps(ablation.to_dict(), indent=2))
   todo = [run for run in runs if (read_status(workdir, run["name"]) or {}).get("status") != "done"]
   print(f"{len(runs) - len(todo)} of {len(runs)} runs finished already; running {len(todo)}")
   start, walls, failed = time.time(), [], []

@@ -24,7 +24,7 @@ from test_train import REPO, TEXT, logged, tiny_config
 from train import pretrain as pretrain_lib
 from train import runs
 from train.checkpoint import Checkpointer
-from train.cli import RunError
+from train.cli import RunError, run_reporting_errors
 from train.pretrain import train_and_evaluate
 from train.state import learning_rate_schedule
 from train.step import token_loss
@@ -290,3 +290,27 @@ def test_an_old_runs_config_gets_the_defaults_of_keys_added_since(tmp_path):
     json.dump(saved, f)
   assert runs.load_run(workdir).run.config.data.encoding_errors == "strict"
   assert train_and_evaluate(tiny_config(tmp_path, steps=4, checkpoint_every=2), workdir)["step"] == 4
+
+
+def test_a_tokenizer_or_model_that_does_not_match_the_checkpoint_is_one_line(tmp_path):
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(tiny_config(tmp_path, steps=2, checkpoint_every=2), workdir)
+  with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
+    json.dump({"kind": "char", "chars": "abc"}, f)  # another vocabulary size than the checkpoint's
+  with pytest.raises(RunError, match=r"checkpoints/2: holds \(43, 32\) for embed/embedding, the model needs \(6, 32\)"):
+    runs.load_run(workdir)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, "-m", "train.generate", f"--workdir={workdir}", "--prompt=a"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 1 and len(lines) == 1 and "another model config or tokenizer" in lines[0], result.stderr
+
+
+def test_out_of_memory_at_run_time_is_one_line(capsys):
+  def step():
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 58967261584 bytes.\nstack ...")
+  with pytest.raises(SystemExit) as info:
+    run_reporting_errors(step)
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert info.value.code == 1 and len(lines) == 1 and "config.model.remat=True" in lines[0], lines

@@ -14,6 +14,7 @@ import shutil
 
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from configs import base
 from data.sources import DataError
@@ -38,7 +39,8 @@ class Checkpointer:
         shutil.rmtree(stale, ignore_errors=True)
     distributed.barrier("checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=False)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -63,12 +65,27 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state):
     """Returns (state, data_state) of `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
+    self._check_params(step, abstract_state.params)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # a missing file, torn JSON, another model's tree: orbax raises many kinds
       raise RunError(f"{self.directory}/{step}: unreadable ({_reason(e)})") from None
     return restored.state, restored.data
+
+  def _check_params(self, step: int, abstract_params) -> None:
+    """A RunError naming the first parameter whose saved shape is not the model's (another model config or
+    tokenizer), before orbax is asked to restore it."""
+    try:
+      saved = self.manager.item_metadata(step)["state"]
+      saved = traverse_util.flatten_dict(dict(getattr(saved, "tree", saved))["params"], sep="/")
+    except Exception:  # unreadable metadata: restore says why
+      return
+    for path, expected in traverse_util.flatten_dict(abstract_params, sep="/").items():
+      found = tuple(saved[path].shape) if path in saved else "nothing"
+      if found != tuple(expected.shape):
+        raise RunError(f"{self.directory}/{step}: holds {found} for {path}, the model needs {tuple(expected.shape)} "
+                       "(a checkpoint of another model config or tokenizer)")
 
   def resume(self, abstract_state, restore_step: int = -1):
     """(state, data_state, step) of the latest readable checkpoint, or of `restore_step` when >= 0; None if there

@@ -67,3 +67,8 @@ def run_reporting_errors(fn, *args, **kwargs):
   except Preempted as e:
     print(f"ablax: {e}", file=sys.stderr)
     sys.exit(0)
+  except RuntimeError as e:  # jax's out-of-memory error, when the check before training could not know
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    fail(f"out of memory ({str(e).splitlines()[0][:200]}): lower config.train.batch_size or seq_len, raise "
+         "config.train.grad_accum, set config.model.remat=True, or shard over more devices (config.mesh)")

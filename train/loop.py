@@ -168,10 +168,17 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
   train.nonfinite = "skip", skips that update), a non-finite eval loss stops it, and the parameters are checked
   before every save. SIGTERM saves a checkpoint at the current step and raises Preempted.
   """
+  checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, writer=True)
+  try:
+    return _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer)
+  finally:
+    checkpointer.close()
+
+
+def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
   train, mesh, frozen = config.train, run.mesh, run.frozen
   loader = Loader(train_rows, train.batch_size, seed=train.seed,
                   process_index=jax.process_index(), process_count=jax.process_count())
-  checkpointer = Checkpointer(workdir, train.keep_checkpoints, writer=True)
   resumed = checkpointer.resume(run.abstract_state(), train.restore_step)
   if resumed is None:
     state, start_step = run.init_state(), 0
@@ -258,8 +265,6 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
       progress.update(1)
       if preempted and step < train.steps:
         progress.close()
-        checkpointer.close()
         raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {workdir}; run the same command to resume")
   progress.close()
-  checkpointer.close()
   return state, last

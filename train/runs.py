@@ -224,8 +224,10 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None, re
     run = pretraining(config, mesh, vocab_size, tokenizer)
   step = resolve_step(workdir, step)
   checkpointer = Checkpointer(workdir, keep=1 << 30)
-  state, _ = checkpointer.restore(step, run.abstract_state())
-  checkpointer.close()
+  try:
+    state, _ = checkpointer.restore(step, run.abstract_state())
+  finally:
+    checkpointer.close()
   return Loaded(run, state, step)
 
 
