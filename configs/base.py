@@ -49,7 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.vocab_size = 4096              # sentencepiece vocabulary size (char: the corpus' characters + 3)
   data.spm_model_type = "bpe"         # bpe | unigram
   data.tokenizer_train_chars = 20_000_000  # characters of training text fed to the sentencepiece trainer
-  data.seed = 0                       # masked_lm / span_corruption: the static corruption (validation: seed + 1)
+  data.prepared = ""                  # a corpus prepared by python -m data.prepare (DIR), or a mixture of several
+                                      # ("DIR1=0.9,DIR2=0.1"): read instead of train_path / val_path
+  data.seed = -1                      # the data order (and masked_lm / span_corruption's static corruption; validation:
+                                      # seed + 1); -1: the order follows train.seed and the corruption uses 0
   data.target_len = 0                 # decoder length of span_corruption (0 = seq_len / 4 rounded up to a multiple
                                       # of 8) and of instruct on an encoder-decoder (0 = seq_len)
 

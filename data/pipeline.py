@@ -1,15 +1,18 @@
-"""The loader: config.data -> tokenizer and prepared rows, then deterministic, resumable, per-process batches.
+"""From config.data to a tokenizer and rows: raw text tokenized at start, or a corpus prepared once.
 
 Offers `read_splits` (train / validation documents of config.data), `prepare_lm_data` (config -> tokenizer,
-train rows, val rows for causal_lm, masked_lm or span_corruption) and `Loader`.
+train rows, val rows for causal_lm, masked_lm or span_corruption), `tokenizer_for` (a workdir's tokenizer, or
+one trained and saved) and `prepared_data` (data.prepared: one prepared corpus or a mixture of several).
 """
 
 import os
+import shutil
 
 import numpy as np
 
-from data import batch as batch_lib
 from data.batch import Batch
+from data.loader import Mixture
+from data.prepared import PreparedRows, file_sha256, read_manifest
 from data.pretraining import objective_rows, special_tokens_for
 from data.sources import DataError, read_documents, split_documents
 from data.tokenizer import (CHAR_FILE, SPM_FILE, CharTokenizer, SentencePieceTokenizer, Tokenizer,
@@ -41,8 +44,8 @@ def prepare_lm_data(data_config, seq_len: int, workdir: str | None, objective: s
   c = data_config
   special_tokens = special_tokens_for(objective)
   train_docs, val_docs = read_splits(c)
-  tokenizer = _tokenizer_for(c, train_docs, val_docs, workdir, special_tokens)
-  seed = c.seed
+  tokenizer = tokenizer_for(c, train_docs, val_docs, workdir, special_tokens)
+  seed = max(c.seed, 0)  # -1 (the order follows train.seed): the corruption keeps seed 0
   splits = {}
   for i, (name, path, docs) in enumerate((("train", c.train_path, train_docs),
                                           ("validation", c.val_path or c.train_path, val_docs))):
@@ -53,7 +56,7 @@ def prepare_lm_data(data_config, seq_len: int, workdir: str | None, objective: s
   return tokenizer, splits["train"], splits["validation"]
 
 
-def _tokenizer_for(config, train_docs: list[str], val_docs: list[str], workdir: str | None,
+def tokenizer_for(config, train_docs: list[str], val_docs: list[str], workdir: str | None,
                    special_tokens: list[str] | tuple = ()) -> Tokenizer:
   """The workdir's saved tokenizer if any, else one trained on the train docs (and saved to workdir)."""
   if workdir and any(os.path.isfile(os.path.join(workdir, f)) for f in (SPM_FILE, CHAR_FILE)):
@@ -80,56 +83,42 @@ def _tokenizer_for(config, train_docs: list[str], val_docs: list[str], workdir: 
   return tokenizer
 
 
-class Loader:
-  """Deterministic, resumable iterator of fixed-shape batches over packed rows."""
+def _prepared_spec(spec: str) -> list[tuple[str, float]]:
+  """"DIR" or "DIR1=0.9,DIR2=0.1" -> [(directory, weight)]."""
+  corpora = []
+  for part in (p.strip() for p in spec.split(",") if p.strip()):
+    directory, _, weight = part.rpartition("=") if "=" in part else (part, "", "1")
+    try:
+      corpora.append((directory, float(weight)))
+    except ValueError:
+      raise DataError(f"data.prepared: {part!r}: expected DIR or DIR=WEIGHT") from None
+  if not corpora:
+    raise DataError("data.prepared: no corpus named")
+  return corpora
 
-  def __init__(self, rows: Batch, batch_size: int, seed: int, shuffle: bool = True,
-               process_index: int = 0, process_count: int = 1):
-    self.rows = rows
-    self.num_rows = batch_lib.num_rows(rows)
-    if self.num_rows == 0:
-      raise DataError("loader: no rows to iterate")
-    if batch_size <= 0 or batch_size % process_count:
-      raise DataError(f"loader: batch_size {batch_size} should be a positive multiple of "
-                      f"the process count {process_count}")
-    self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-    self.local_batch_size = batch_size // process_count
-    self.local_offset = process_index * self.local_batch_size
-    self.epoch, self.index = 0, 0
-    self._orders = {}  # epoch -> row order, for at most three neighbouring epochs
 
-  def _order(self, epoch: int) -> np.ndarray:
-    """Row order of `epoch`."""
-    if epoch not in self._orders:
-      if self.shuffle:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-      else:
-        order = np.arange(self.num_rows)
-      self._orders = {e: o for e, o in self._orders.items() if abs(e - epoch) <= 1}
-      self._orders[epoch] = order
-    return self._orders[epoch]
+def prepared_data(data_config, seq_len: int, workdir: str | None, max_val_rows: int):
+  """(tokenizer, train source, validation rows) of data.prepared: one corpus (DIR) or a mixture (DIR=WEIGHT,...).
 
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> Batch:
-    """The next batch, this process' slice: each value [batch_size // process_count, seq_len]."""
-    # Global positions of this process' slice in the infinite concatenation of epoch orders.
-    flat_B = self.epoch * self.num_rows + self.index + self.local_offset + np.arange(self.local_batch_size)
-    epochs_B, within_B = np.divmod(flat_B, self.num_rows)
-    rows_B = np.empty(self.local_batch_size, dtype=np.int64)
-    for e in np.unique(epochs_B):
-      rows_B[epochs_B == e] = self._order(int(e))[within_B[epochs_B == e]]
-    self.epoch, self.index = divmod(self.epoch * self.num_rows + self.index + self.batch_size, self.num_rows)
-    return batch_lib.take(self.rows, rows_B)
-
-  def get_state(self) -> dict:
-    """JSON-able position: the next batch starts at row `index` of epoch `epoch`'s order."""
-    return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_rows": self.num_rows}
-
-  def set_state(self, state: dict) -> None:
-    """Continue from a position saved by get_state (same seed and row count)."""
-    if state.get("seed") != self.seed or state.get("num_rows") != self.num_rows:
-      raise DataError(f"data state (seed {state.get('seed')}, {state.get('num_rows')} rows) does not match "
-                      f"this loader (seed {self.seed}, {self.num_rows} rows)")
-    self.epoch, self.index = int(state["epoch"]), int(state["index"])
+  Every corpus must have the same tokenizer, which is copied into the workdir (a workdir holding another one is
+  refused). Validation: the first max_val_rows rows of the first corpus' validation split.
+  """
+  corpora = _prepared_spec(data_config.prepared)
+  manifests = [read_manifest(directory) for directory, _ in corpora]
+  first, tokenizer_file = corpora[0][0], manifests[0]["tokenizer"]["file"]
+  for (directory, _), manifest in zip(corpora[1:], manifests[1:]):
+    if manifest["tokenizer"]["sha256"] != manifests[0]["tokenizer"]["sha256"]:
+      raise DataError(f"data.prepared: {directory} and {first} have different tokenizers; a mixture needs one")
+  if workdir:
+    saved = os.path.join(workdir, tokenizer_file)
+    if not os.path.exists(saved):
+      shutil.copy(os.path.join(first, tokenizer_file), saved)
+    elif file_sha256(saved) != manifests[0]["tokenizer"]["sha256"]:
+      raise DataError(f"{saved}: not the tokenizer of {first}; use a fresh workdir for this corpus")
+  tokenizer = load_tokenizer(first)
+  sources = [PreparedRows(directory, "train", seq_len, manifest) for (directory, _), manifest in
+             zip(corpora, manifests)]
+  train = sources[0] if len(sources) == 1 else Mixture(
+      sources, [weight for _, weight in corpora], [os.path.basename(os.path.normpath(d)) for d, _ in corpora])
+  validation = PreparedRows(first, "validation", seq_len, manifests[0])
+  return tokenizer, train, validation.take(np.arange(min(validation.num_rows, max_val_rows)))

@@ -8,8 +8,9 @@ import types
 import numpy as np
 import pytest
 
+from data.loader import Loader
 from data.packing import pack_documents
-from data.pipeline import Loader, prepare_lm_data
+from data.pipeline import prepare_lm_data
 from data.sources import DataError, read_documents, resolve_paths, split_documents
 from data.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_tokenizer
 

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from configs import base
+from data import loader as loader_lib
 from data.packing import pack_documents
 from data.tokenizer import CharTokenizer
 from model.config import ConfigError, ModelConfig
@@ -87,11 +88,10 @@ def test_resume_is_exact(tmp_path):
 
 def test_without_restoring_the_data_position_resume_differs(tmp_path, monkeypatch):
   """Guards the resume test: if the loader restarted from scratch the losses would change."""
-  from data import pipeline
   train_and_evaluate(tiny_config(tmp_path, steps=8), str(tmp_path / "whole"))
   workdir = str(tmp_path / "resumed")
   train_and_evaluate(tiny_config(tmp_path, steps=4, checkpoint_every=4), workdir)
-  monkeypatch.setattr(pipeline.Loader, "set_state", lambda self, state: None)
+  monkeypatch.setattr(loader_lib.Loader, "set_state", lambda self, state: None)
   train_and_evaluate(tiny_config(tmp_path, steps=8, checkpoint_every=4), workdir)
   assert logged(workdir)[5] != logged(str(tmp_path / "whole"))[5]
 

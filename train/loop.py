@@ -18,7 +18,7 @@ import numpy as np
 import tqdm
 
 from data import batch as batch_lib
-from data.pipeline import Loader
+from data.loader import Loader
 from model.config import ConfigError
 from train import distributed
 from train import mesh as mesh_lib
@@ -41,7 +41,8 @@ RANGES = {
                                             "sample_temperature", "sample_top_k")},
     "train.b1": _UNIT, "train.b2": _UNIT, "train.restore_step": (lambda v: v >= -1, "-1 or a step"),
     "train.nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
-    **{f"data.{key}": _NATURAL for key in ("max_bytes", "seed", "target_len", "max_records")},
+    **{f"data.{key}": _NATURAL for key in ("max_bytes", "target_len", "max_records")},
+    "data.seed": (lambda v: v >= -1, "-1 (train.seed) or a seed"),
     "data.val_fraction": _UNIT, "data.vocab_size": _POSITIVE, "data.tokenizer_train_chars": _POSITIVE,
     "data.encoding_errors": (lambda v: v in ("strict", "replace", "ignore"), "strict, replace or ignore"),
 }
@@ -177,8 +178,9 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
 
 def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
   train, mesh, frozen = config.train, run.mesh, run.frozen
-  loader = Loader(train_rows, train.batch_size, seed=train.seed,
-                  process_index=jax.process_index(), process_count=jax.process_count())
+  data_seed = config.data.seed if config.data.seed >= 0 else train.seed  # data.seed -1: the order follows train.seed
+  loader = Loader(train_rows, train.batch_size, seed=data_seed, process_index=jax.process_index(),
+                  process_count=jax.process_count(), prefetch=2)
   resumed = checkpointer.resume(run.abstract_state(), train.restore_step)
   if resumed is None:
     state, start_step = run.init_state(), 0
@@ -249,6 +251,8 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
                   "train/tokens_per_sec": interval["steps"] * tokens_per_step / max(elapsed, 1e-9)}
           if skip:
             last["train/skipped_updates"] = interval["skipped"]
+          counts = loader.counts((done_step - interval["steps"]) * train.batch_size, done_step * train.batch_size)
+          last.update({f"data/share/{name}": n / max(sum(counts.values()), 1) for name, n in counts.items()})
           if done_step % train.eval_every == 0 or done_step == train.steps:
             last.update(evaluate(eval_fn, state.params, frozen, val_rows, train.batch_size, train.eval_batches,
                                  batch_sharding))

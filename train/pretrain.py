@@ -12,7 +12,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from data.pipeline import prepare_lm_data
+from data.loader import as_source
+from data.pipeline import prepare_lm_data, prepared_data
 from model import decode
 from model.config import ConfigError
 from model.families import FAMILIES
@@ -62,10 +63,17 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                       f"(config.model.family); expected {family.objective!r}")
   distributed.writer_first("config", lambda: workdir_lib.prepare_workdir(config, workdir))
   train = config.train
-  tokenizer, train_rows, val_rows = distributed.writer_first(  # the others load process 0's tokenizer
-      "data", lambda: prepare_lm_data(config.data, train.seq_len, workdir, config.objective))
+  if config.data.prepared and config.objective != "causal_lm":
+    raise ConfigError(f"config.data.prepared: a prepared corpus serves causal_lm, not {config.objective!r} (which "
+                      "reads data.train_path)")
+  if config.data.prepared:
+    tokenizer, train_rows, val_rows = distributed.writer_first("data", lambda: prepared_data(
+        config.data, train.seq_len, workdir if distributed.is_writer() else None, train.batch_size * train.eval_batches))
+  else:  # the others load process 0's tokenizer
+    tokenizer, train_rows, val_rows = distributed.writer_first(
+        "data", lambda: prepare_lm_data(config.data, train.seq_len, workdir, config.objective))
   run = runs.pretraining(config, mesh, tokenizer.vocab_size, tokenizer)
-  print(f"ablax: vocab {tokenizer.vocab_size}, {len(train_rows['inputs_BxL'])} train rows x {train.seq_len} tokens")
+  print(f"ablax: vocab {tokenizer.vocab_size}, train: {as_source(train_rows).identity} x {train.seq_len} tokens")
   state, last = fit(config, workdir, run, token_loss(run.model), train_rows, val_rows)
   if family.objective == "causal_lm" and train.num_samples > 0:
     params = distributed.gather(state.params)
