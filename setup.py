@@ -12,6 +12,7 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11.0",
         "sentencepiece>=0.2.0",
+        "tokenizers>=0.20",  # Hugging Face tokenizer.json files of imported models
         "ml-collections>=1.0.0",
         "absl-py>=2.0",
         "numpy>=1.26",

@@ -1,8 +1,11 @@
 """Tokenizers: train, save, load; text <-> ids.
 
-Offers `Tokenizer` (the interface), `SentencePieceTokenizer`, `CharTokenizer`, `train_tokenizer`,
-`load_sentencepiece` (a model file, checked) and `load_tokenizer`. A workdir holds `tokenizer.model`
-(sentencepiece) or `tokenizer.json` (char).
+Offers `Tokenizer` (the interface), `SentencePieceTokenizer`, `CharTokenizer`, `HuggingFaceTokenizer` (a Hugging
+Face `tokenizer.json`: byte-level BPE as GPT-2 and Llama 3, WordPiece as BERT, Unigram as T5), `train_tokenizer`,
+`load_sentencepiece` (a model file, checked), `load_huggingface` (a Hugging Face directory's tokenizer and special
+tokens) and `load_tokenizer`. A workdir holds `tokenizer.model` (sentencepiece) or `tokenizer.json`: ablax's char
+tokenizer ({"kind": "char", ...}) or, told apart by its content, a Hugging Face one beside its
+`tokenizer_config.json` (both as transformers reads them).
 """
 
 import io
@@ -11,11 +14,19 @@ import os
 from typing import Sequence
 
 import sentencepiece as spm
+import tokenizers
 
 from data.sources import DataError
 
 SPM_FILE = "tokenizer.model"
 CHAR_FILE = "tokenizer.json"
+HF_FILE = "tokenizer.json"  # the same name as CHAR_FILE: load_tokenizer tells them apart by content
+HF_CONFIG_FILE = "tokenizer_config.json"
+HF_SPECIAL_FILE = "special_tokens_map.json"  # older transformers versions wrote special tokens here
+HF_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "cls_token", "sep_token")
+# The model's vocabulary size, when its embedding has more rows than the tokenizer has tokens (e.g. T5: 32128 rows,
+# 32100 tokens); an ablax key in tokenizer_config.json, which transformers keeps as an unused setting.
+HF_VOCAB_KEY = "ablax_vocab_size"
 MAX_LINE_CHARS = 4096  # longer lines are cut before sentencepiece training
 
 
@@ -55,9 +66,10 @@ class SentencePieceTokenizer(Tokenizer):
     self._proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self._sp.get_piece_size()
-    self.pad_id = self._sp.pad_id()
-    self.bos_id = self._sp.bos_id()
     self.eos_id = self._sp.eos_id()
+    # Imported models may lack a bos (T5) or pad (Llama) piece: eos stands in, as for HuggingFaceTokenizer.
+    self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else self.eos_id
+    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
 
   def encode(self, text: str) -> list[int]:
     """Ids of `text`, without bos/eos."""
@@ -121,6 +133,114 @@ class CharTokenizer(Tokenizer):
       json.dump({"kind": "char", "chars": self.chars, "special_tokens": self.special_tokens}, f)
 
 
+def _token_name(value) -> str | None:
+  """The content of a special token entry of tokenizer_config.json: a string or an AddedToken object."""
+  if isinstance(value, dict):
+    value = value.get("content")
+  return value if isinstance(value, str) and value else None
+
+
+def _cleanup_spaces(text: str) -> str:
+  """transformers' clean_up_tokenization: no space before punctuation and English contractions."""
+  for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    text = text.replace(spaced, joined)
+  return text
+
+
+class HuggingFaceTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json` run by the `tokenizers` library, as transformers runs it: encode adds no
+  special tokens, decode skips them (and cleans up spaces where tokenizer_config.json asks, BPE excepted).
+
+  Special tokens are named in `config` (tokenizer_config.json's keys, kept as `tokenizer_config`); bos, eos or pad
+  not named there come from the ids in `model_config` (the model's config.json). bos is bos_token, else cls_token
+  (BERT), else eos; eos is eos_token, else sep_token; pad is pad_token, else eos (GPT-2 has none; padding never
+  reaches the loss or attention). ablax's "<mask>" is mask_token. `source`: the directory, named in messages.
+  """
+
+  def __init__(self, tokenizer_json: str, config: dict, source: str, model_config: dict | None = None):
+    self._json_path, self._config_path = os.path.join(source, HF_FILE), os.path.join(source, HF_CONFIG_FILE)
+    try:
+      self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+    except Exception as e:  # the Rust side raises a plain Exception
+      raise DataError(f"{self._json_path}: not a Hugging Face tokenizer ({str(e).splitlines()[0]})") from None
+    self._tokenizer.no_truncation()  # some files carry truncation or padding; transformers turns both off too
+    self._tokenizer.no_padding()
+    self._json, self.tokenizer_config = tokenizer_json, dict(config)
+    for key in ("bos_token", "eos_token", "pad_token"):
+      i = (model_config or {}).get(key + "_id")
+      i = i[0] if isinstance(i, list) and i else i  # Llama 3.1 lists several eos ids
+      name = self._tokenizer.id_to_token(i) if type(i) is int and i >= 0 else None
+      if _token_name(self.tokenizer_config.get(key)) is None and name is not None:
+        self.tokenizer_config[key] = name
+    self._added_ids = set(self._tokenizer.get_added_tokens_decoder())
+    self.num_tokens = max(self._tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    self.vocab_size = self.num_tokens
+    if HF_VOCAB_KEY in self.tokenizer_config:
+      self.set_model_vocab_size(self.tokenizer_config[HF_VOCAB_KEY])
+    ids = {key: self._special_id(key) for key in HF_SPECIAL_KEYS}
+    eos = ids["eos_token"] if ids["eos_token"] is not None else ids["sep_token"]
+    if eos is None:
+      raise DataError(f"{self._config_path}: no eos_token or sep_token (ablax ends every document with one)")
+    self.eos_id = eos
+    self.bos_id = next(i for i in (ids["bos_token"], ids["cls_token"], eos) if i is not None)
+    self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else eos
+    self._mask_id = ids["mask_token"]
+    cleanup = bool(self.tokenizer_config.get("clean_up_tokenization_spaces", False))
+    self._cleanup = cleanup and type(self._tokenizer.model).__name__ != "BPE"  # as transformers 5
+
+  def _special_id(self, key: str) -> int | None:
+    """The id of the special token config[key] names; None if it names none."""
+    name = _token_name(self.tokenizer_config.get(key))
+    if name is None:
+      return None
+    i = self._tokenizer.token_to_id(name)
+    if i is None:
+      raise DataError(f"{self._config_path}: {key} {name!r} is not a token of {HF_FILE}")
+    return i
+
+  def set_model_vocab_size(self, vocab_size) -> None:
+    """Makes vocab_size the model's, whose embedding may have more rows than the tokenizer has tokens."""
+    if not isinstance(vocab_size, int) or vocab_size < self.num_tokens:
+      raise DataError(f"{self._config_path}: {HF_VOCAB_KEY} {vocab_size!r} is below the "
+                      f"{self.num_tokens} tokens of {HF_FILE}")
+    self.vocab_size = vocab_size
+    self.tokenizer_config.pop(HF_VOCAB_KEY, None)
+    if vocab_size > self.num_tokens:
+      self.tokenizer_config[HF_VOCAB_KEY] = vocab_size
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text`, without special tokens."""
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """Ids of each text (in parallel), without special tokens."""
+    return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`, skipping special tokens and ids past the tokenizer's (a larger embedding's)."""
+    text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+    return _cleanup_spaces(text) if self._cleanup else text
+
+  def token_id(self, token: str) -> int:
+    """The id of an added (special) token; ablax's "<mask>" is the tokenizer's mask_token."""
+    if token == "<mask>" and self._mask_id is not None:
+      return self._mask_id
+    i = self._tokenizer.token_to_id(token)
+    if i is None or i not in self._added_ids:
+      raise DataError(f"tokenizer: no special token '{token}' in {self._json_path}")
+    return i
+
+  def save(self, directory: str) -> None:
+    """Write `tokenizer.json` (as read) and `tokenizer_config.json` (special tokens resolved) into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, HF_FILE), "w", encoding="utf-8") as f:
+      f.write(self._json)
+    with open(os.path.join(directory, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
+      json.dump(self.tokenizer_config, f, indent=2, ensure_ascii=False)
+      f.write("\n")
+
+
 def _training_lines(texts: list[str], max_chars: int) -> list[str]:
   """Non-empty lines of `texts` in order, each cut to MAX_LINE_CHARS, at most `max_chars` in total."""
   lines, total = [], 0
@@ -171,6 +291,9 @@ def train_tokenizer(texts: list[str], kind: str, vocab_size: int, model_type: st
     return _train_sentencepiece(texts, vocab_size, model_type, max_chars, seed, special_tokens)
   if kind == "char":
     return CharTokenizer("".join(set("".join(texts))), special_tokens)
+  if kind == "huggingface":
+    raise DataError(f"tokenizer 'huggingface' is not trained: it comes with a model (python -m train.hf import), "
+                    f"as {HF_FILE} in the workdir")
   raise DataError(f"tokenizer '{kind}': expected 'sentencepiece' or 'char'")
 
 
@@ -190,20 +313,58 @@ def load_sentencepiece(path: str) -> SentencePieceTokenizer:
   return tokenizer
 
 
+def _read_json(path: str, what: str, required: bool = True):
+  """The JSON object in `path` (None if absent and not `required`); a DataError naming the file otherwise."""
+  if not required and not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    raise DataError(f"{path}: not {what} ({str(e).splitlines()[0]})") from None
+  if not isinstance(value, dict):
+    raise DataError(f"{path}: not {what} (expected a JSON object, got {type(value).__name__})")
+  return value
+
+
+def load_huggingface(directory: str, model_config: dict | None = None, tokenizer_json: str | None = None
+                     ) -> HuggingFaceTokenizer:
+  """The Hugging Face tokenizer in `directory`: tokenizer.json (or its text `tokenizer_json`), its special tokens
+  from tokenizer_config.json, else special_tokens_map.json, else the ids in `model_config` (config.json)."""
+  if tokenizer_json is None:
+    path = os.path.join(directory, HF_FILE)
+    try:
+      with open(path, encoding="utf-8") as f:
+        tokenizer_json = f.read()
+    except (OSError, ValueError) as e:
+      raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+  config = _read_json(os.path.join(directory, HF_CONFIG_FILE), "a tokenizer config", required=False) or {}
+  special = _read_json(os.path.join(directory, HF_SPECIAL_FILE), "a special tokens map", required=False) or {}
+  for key in HF_SPECIAL_KEYS:
+    if _token_name(config.get(key)) is None and _token_name(special.get(key)) is not None:
+      config[key] = _token_name(special.get(key))
+  return HuggingFaceTokenizer(tokenizer_json, config, directory, model_config)
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
-  """The tokenizer saved in `directory` (tokenizer.model or tokenizer.json)."""
+  """The tokenizer saved in `directory` (tokenizer.model, or tokenizer.json: ablax's char or a Hugging Face one)."""
   spm_path, char_path = os.path.join(directory, SPM_FILE), os.path.join(directory, CHAR_FILE)
   if os.path.isfile(spm_path):
     return load_sentencepiece(spm_path)
-  if os.path.isfile(char_path):
-    try:
-      with open(char_path, encoding="utf-8") as f:
-        spec = json.load(f)
-      tokens = spec.get("special_tokens", []) if isinstance(spec, dict) else None
-      if (not isinstance(spec, dict) or spec.get("kind") != "char" or not isinstance(spec.get("chars"), str)
-          or not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens)):
-        raise ValueError("expected {\"kind\": \"char\", \"chars\": \"...\", \"special_tokens\": [...]}")
-    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-      raise DataError(f"{char_path}: not a char tokenizer ({str(e).splitlines()[0]})") from None
-    return CharTokenizer(spec["chars"], spec.get("special_tokens", ()))
-  raise DataError(f"workdir '{directory}': no {SPM_FILE} or {CHAR_FILE}")
+  if not os.path.isfile(char_path):
+    raise DataError(f"workdir '{directory}': no {SPM_FILE} or {CHAR_FILE}")
+  try:
+    with open(char_path, encoding="utf-8") as f:
+      text = f.read()
+    spec = json.loads(text)
+    huggingface = isinstance(spec, dict) and "model" in spec and "kind" not in spec
+    tokens = spec.get("special_tokens", []) if isinstance(spec, dict) else None
+    if not huggingface and (not isinstance(spec, dict) or spec.get("kind") != "char"
+                            or not isinstance(spec.get("chars"), str) or not isinstance(tokens, list)
+                            or not all(isinstance(t, str) for t in tokens)):
+      raise ValueError("expected {\"kind\": \"char\", \"chars\": \"...\", \"special_tokens\": [...]}")
+  except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    raise DataError(f"{char_path}: not a char tokenizer nor a Hugging Face one ({str(e).splitlines()[0]})") from None
+  if huggingface:
+    return load_huggingface(directory, tokenizer_json=text)
+  return CharTokenizer(spec["chars"], spec.get("special_tokens", ()))

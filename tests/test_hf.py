@@ -1,7 +1,9 @@
 """Hugging Face interop: tiny random GPT-2 and Llama (grouped-query) models built with transformers give the
 same logits (padded batch) and greedy continuations in ablax after import; export -> import is bit-exact and
 loads in transformers without missing or unexpected weights; a wrong checkpoint names the tensor; an imported
-Llama fine-tunes with LoRA, continues pretraining and generates from the command line.
+Llama fine-tunes with LoRA, continues pretraining and generates from the command line. The GPT-2 directory
+carries a byte-level BPE tokenizer.json: the imported run generates from the command line what transformers
+generates, scores text as transformers does, fine-tunes with LoRA on text, and exports its tokenizer back.
 """
 
 import json
@@ -27,6 +29,7 @@ from model.decode import Sampling, generate  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.hf import common as hf_common  # noqa: E402
 from model.hf.common import ConversionError  # noqa: E402
+from test_tokenizers import build_tokenizer  # noqa: E402
 from test_train import REPO, TEXT, load_parts  # noqa: E402
 from train import finetune as finetune_lib  # noqa: E402
 from train.hf import export_hf, import_hf  # noqa: E402
@@ -72,13 +75,16 @@ def _train_config(root):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """arch -> {hf_dir, workdir, hf model}: saved with save_pretrained (safetensors), imported with import_hf.
-  The Llama directory carries a sentencepiece tokenizer; GPT-2's byte-level BPE is not read by ablax."""
+  The Llama directory carries a sentencepiece tokenizer.model; the GPT-2 one a byte-level BPE tokenizer.json
+  (GPT2Tokenizer, hf_tokenizer) whose 500 tokens the model's embedding pads to 512, as real checkpoints pad."""
   root = tmp_path_factory.mktemp("hf")
   (root / "corpus.txt").write_text(TEXT)
   tokenizer = train_tokenizer([TEXT], "sentencepiece", vocab_size=300)
-  out = {"root": root}
-  for arch, vocab, ids in (("gpt2", 96, (None, None)), ("llama", tokenizer.vocab_size,
-                                                         (tokenizer.bos_id, tokenizer.eos_id))):
+  hf_tokenizer = build_tokenizer("gpt2", str(root / "hf_gpt2"))
+  eot = hf_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+  out = {"root": root, "hf_tokenizer": hf_tokenizer}
+  for arch, vocab, ids in (("gpt2", 512, (eot, eot)), ("llama", tokenizer.vocab_size,
+                                                        (tokenizer.bos_id, tokenizer.eos_id))):
     model = _hf_model(arch, vocab, *ids)
     hf_dir, workdir = root / f"hf_{arch}", root / f"run_{arch}"
     model.save_pretrained(hf_dir, safe_serialization=True)
@@ -147,6 +153,7 @@ def test_export_import_round_trip_is_exact(setup, arch):
     exported = json.load(f)
   assert exported["model_type"] == arch and exported["torch_dtype"] == "float32" and exported["architectures"]
   assert os.path.exists(os.path.join(out, "tokenizer.model")) == (arch == "llama")
+  assert os.path.exists(os.path.join(out, "tokenizer.json")) == (arch == "gpt2")
   hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
   for name, tensor in run["model"].state_dict().items():
@@ -157,6 +164,28 @@ def test_export_import_round_trip_is_exact(setup, arch):
   assert before.keys() == after.keys()
   for key in before:
     assert np.array_equal(before[key], after[key]), key
+
+
+def test_export_import_round_trips_the_tokenizer(setup):
+  """The exported tokenizer.json loads in transformers with the original's ids and special tokens; re-imported,
+  it gives the first run's ids, special ids and (padded) vocabulary."""
+  root, theirs = setup["root"], setup["hf_tokenizer"]
+  out, again = str(root / "export_gpt2_tokenizer"), str(root / "reimport_gpt2_tokenizer")
+  export_hf(setup["gpt2"]["workdir"], out)
+  import_hf(out, again, _train_config(root))
+  text = "Héllo  wörld\tcafé 東京 🙂👍🏽\n\tdef f(x):  return  x"
+  exported = transformers.AutoTokenizer.from_pretrained(out)
+  ids = theirs(text, add_special_tokens=False)["input_ids"]
+  assert exported(text, add_special_tokens=False)["input_ids"] == ids
+  assert (exported.bos_token, exported.eos_token, exported.pad_token) == ("<|endoftext|>", "<|endoftext|>", None)
+  with open(os.path.join(out, "config.json")) as f:
+    config = json.load(f)
+  eot = theirs.convert_tokens_to_ids("<|endoftext|>")
+  assert (config["bos_token_id"], config["eos_token_id"]) == (eot, eot)
+  first, second = load_parts(setup["gpt2"]["workdir"])[3], load_parts(again)[3]
+  assert first.encode(text) == second.encode(text) == ids and second.decode(ids) == text
+  assert (second.bos_id, second.eos_id, second.pad_id, second.vocab_size) == (eot, eot, eot, 512)
+  assert (first.bos_id, first.eos_id, first.pad_id, first.vocab_size) == (eot, eot, eot, 512)
 
 
 def test_continued_pretraining_exports_exactly(setup):
@@ -182,20 +211,25 @@ def test_continued_pretraining_exports_exactly(setup):
   assert all(np.array_equal(trained[k], again[k]) for k in trained)
 
 
-def test_lora_finetuning_of_an_imported_run(setup):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_finetuning_of_an_imported_run(setup, arch):
+  """LoRA on text (task lm) through the imported tokenizer: GPT-2's tokenizer.json, Llama's sentencepiece."""
   config = ft_common.get_config()
-  config.init_from = setup["llama"]["workdir"]
+  config.init_from = setup[arch]["workdir"]
   config.task = "lm"
   config.data.update(train_path=str(setup["root"] / "corpus.txt"), val_fraction=0.1)
   config.peft.update(method="lora", lora_rank=2, lora_alpha=4.0)
   config.train.update(steps=2, batch_size=4, seq_len=32, warmup_steps=1, eval_every=2, eval_batches=1,
                       checkpoint_every=2, log_every=1)
   config.mesh.update(data=1, fsdp=1, tensor=1)
-  workdir = str(setup["root"] / "lora")
+  workdir = str(setup["root"] / f"lora_{arch}")
   last = finetune_lib.finetune(config, workdir)
   assert last["step"] == 2 and np.isfinite(last["train/loss"])
   _, model, merged, tokenizer, _ = load_parts(workdir)
-  assert model.cfg.activation == "swiglu" and tokenizer.vocab_size == model.cfg.vocab_size
+  assert model.cfg.activation == {"gpt2": "gelu_tanh", "llama": "swiglu"}[arch]
+  assert tokenizer.vocab_size == model.cfg.vocab_size
+  base = _flat(load_parts(setup[arch]["workdir"])[2])
+  assert any(not np.array_equal(v, base[k]) for k, v in _flat(merged).items())  # the merged adapters moved it
 
 
 def _cli(module, *args):
@@ -212,9 +246,61 @@ def test_generate_cli_on_an_imported_run(setup):
   assert result.stdout.startswith("line 3: the") and "step 0" in result.stderr
 
 
-def test_a_run_without_tokenizer_says_so(setup):
+def _hf_greedy(setup, prompt, max_new_tokens):
+  """transformers' greedy continuation of `prompt` by the GPT-2 model, decoded. It is given ablax's ids: ablax
+  opens every prompt with bos as every training document, and GPT-2's bos is <|endoftext|>, which its own
+  tokenizer does not add; generation ends at eos, the same token, in both."""
+  theirs, hf_model = setup["hf_tokenizer"], setup["gpt2"]["model"]
+  eot = theirs.convert_tokens_to_ids("<|endoftext|>")
+  ids = [eot] + theirs(prompt, add_special_tokens=False)["input_ids"]
+  with torch.no_grad():
+    out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eot, pad_token_id=eot)
+  return theirs.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("prompts", [["Héllo 東京 🙂 the fox"], ["Héllo 東京 🙂 the fox", "\tdef f(x):  return"]],
+                         ids=["streamed", "batched"])
+def test_generate_cli_on_an_imported_gpt2_matches_transformers(setup, tmp_path, prompts):
+  """python -m train.generate --temperature=0 prints transformers' greedy continuation: one prompt streamed as it
+  is decoded, two left-padded into one batch."""
+  (tmp_path / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+  result = _cli("train.generate", f"--workdir={setup['gpt2']['workdir']}", f"--prompts_file={tmp_path / 'prompts.txt'}",
+                "--max_new_tokens=20", "--temperature=0")
+  assert result.returncode == 0, result.stderr
+  expected = [p + _hf_greedy(setup, p, 20) for p in prompts]
+  if len(prompts) == 1:
+    assert result.stdout == expected[0] + "\n"
+  else:
+    assert result.stdout == "".join(f"--- sample {i}\n{text}\n" for i, text in enumerate(expected))
+
+
+def test_evaluate_cli_on_an_imported_gpt2_matches_transformers(setup, tmp_path):
+  """python -m train.evaluate scores [bos] + the text's tokens: its loss is transformers' on the same ids."""
+  text = "Héllo wörld, café 東京 🙂 the quick fox"
+  (tmp_path / "doc.txt").write_text(text)
+  output = tmp_path / "eval.json"
+  result = _cli("train.evaluate", f"--workdir={setup['gpt2']['workdir']}", f"--data={tmp_path / 'doc.txt'}",
+                "--seq_len=40", "--stride=0", f"--output={output}")
+  assert result.returncode == 0, result.stderr
+  record = json.loads(output.read_text())
+  theirs = setup["hf_tokenizer"]
+  ids = [theirs.convert_tokens_to_ids("<|endoftext|>")] + theirs(text, add_special_tokens=False)["input_ids"]
+  assert record["tokens"] == len(ids) - 1 <= 40 and record["bytes"] == len(text.encode())
+  with torch.no_grad():
+    loss = setup["gpt2"]["model"](input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+  assert abs(record["loss"] - loss) < 1e-4, (record["loss"], loss)
+
+
+def test_a_run_without_tokenizer_says_so(setup, tmp_path):
+  """A directory with neither tokenizer.json nor a sentencepiece model imports as a run of token ids."""
+  hf_dir = tmp_path / "no_tokenizer"
+  hf_dir.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    shutil.copy(os.path.join(setup["gpt2"]["hf_dir"], name), hf_dir)
+  assert "no tokenizer" in import_hf(str(hf_dir), str(tmp_path / "run"), _train_config(setup["root"]))
   with pytest.raises(DataError, match="no tokenizer"):
-    load_parts(setup["gpt2"]["workdir"])
+    load_parts(str(tmp_path / "run"))
 
 
 def _broken_copy(setup, tmp_path, edit):

@@ -2,7 +2,8 @@
 and scaled head, v1.1 gated GELU with an untied head): tiny randomly initialised transformers models saved with
 save_pretrained and imported with `python -m train.hf import`'s function give the same logits on padded
 batches, T5 the same greedy continuations; export -> import is bit-exact and loads in transformers without
-missing or unexpected weights; a wrong checkpoint names the tensor.
+missing or unexpected weights; a wrong checkpoint names the tensor; BERT's WordPiece and T5's tokenizer.json
+come with the import, serve masked LM and span corruption, and go back with the export.
 """
 
 import dataclasses
@@ -18,13 +19,15 @@ from safetensors.numpy import load_file, save_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from configs import base  # noqa: E402
+from configs import base, from_run  # noqa: E402
 from model.decode import Sampling, generate  # noqa: E402
 from model.hf import common  # noqa: E402
 from model.hf.common import ConversionError  # noqa: E402
 from test_hf import _flat  # noqa: E402
+from test_tokenizers import TEXT, build_tokenizer, corpus_lines  # noqa: E402
 from test_train import load_parts  # noqa: E402
 from train.hf import export_hf, import_hf  # noqa: E402
+from train.pretrain import train_and_evaluate  # noqa: E402
 
 ARCHS = ("bert", "t5_v1_0", "t5_v1_1")
 TOLERANCE = 1e-4
@@ -32,22 +35,22 @@ VOCAB = 120
 MEASURED = {}  # arch -> max |logit difference|, printed at the end of the module
 
 
-def _hf_model(arch):
+def _hf_model(arch, vocab=VOCAB):
   """A tiny transformers model with every weight perturbed away from its init (norm scales, biases too)."""
   torch.manual_seed(0)
   if arch == "bert":
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=40, hidden_act="gelu")
     model = transformers.BertForMaskedLM(config)
   else:  # head_dim 12 != d_model / heads; few buckets and a short max distance so every bucket kind is used
     v1_0 = arch == "t5_v1_0"
-    config = transformers.T5Config(vocab_size=VOCAB, d_model=40, d_kv=12, d_ff=64, num_layers=2, num_heads=4,
+    config = transformers.T5Config(vocab_size=vocab, d_model=40, d_kv=12, d_ff=64, num_layers=2, num_heads=4,
                                    relative_attention_num_buckets=8, relative_attention_max_distance=12,
                                    feed_forward_proj="relu" if v1_0 else "gated-gelu", tie_word_embeddings=v1_0,
                                    decoder_start_token_id=0)
     model = transformers.T5ForConditionalGeneration(config)
     if not v1_0:  # transformers 5 ties lm_head at init even for v1.1; an untied head is a separate matrix
-      model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 40) * 40 ** -0.5)
+      model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, 40) * 40 ** -0.5)
   with torch.no_grad():
     for p in model.parameters():
       p.add_(0.1 * torch.randn_like(p))
@@ -228,3 +231,33 @@ def test_models_t5_cannot_express_are_not_exported(setup):
                        (dict(scale_attention=True), "scale_attention")):
     with pytest.raises(ConversionError, match=f"t5: config.model.{key}"):
       common.export_tensors(dataclasses.replace(model.cfg, **changes), params)
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5_v1_1"])
+def test_imported_tokenizers_serve_the_pretraining_objectives(tmp_path, arch):
+  """A BERT WordPiece or T5 tokenizer.json is imported with the model ("<mask>" is [MASK], T5's 100 sentinels are
+  its own; T5's embedding has more rows than its tokenizer has tokens, as real T5's), pretraining continues with
+  masked LM or span corruption through it, and export writes a tokenizer transformers reads with the same ids."""
+  kind = arch.split("_")[0]
+  hf_dir, workdir, out = str(tmp_path / "hf"), str(tmp_path / "run"), str(tmp_path / "export")
+  theirs = build_tokenizer(kind, hf_dir)
+  vocab = len(theirs) + (28 if kind == "t5" else 0)
+  _hf_model(arch, vocab).save_pretrained(hf_dir, safe_serialization=True)
+  (tmp_path / "corpus.txt").write_text("\n".join(corpus_lines()))
+  config = _train_config(tmp_path)
+  config.train.update(warmup_steps=1, eval_every=2, eval_batches=1, checkpoint_every=2, log_every=1, num_samples=0)
+  assert "huggingface tokenizer" in import_hf(hf_dir, workdir, config)
+  run_config, model, _, tokenizer, _ = load_parts(workdir)
+  assert run_config.data.tokenizer == "huggingface" and tokenizer.vocab_size == model.cfg.vocab_size == vocab
+  ids = theirs(TEXT, add_special_tokens=False)["input_ids"]
+  assert tokenizer.encode(TEXT) == ids
+  if kind == "bert":
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.token_id("<mask>")) == (
+        theirs.cls_token_id, theirs.sep_token_id, theirs.pad_token_id, theirs.mask_token_id)
+  else:
+    sentinels = [f"<extra_id_{i}>" for i in range(100)]
+    assert [tokenizer.token_id(t) for t in sentinels] == theirs.convert_tokens_to_ids(sentinels)
+  last = train_and_evaluate(from_run.get_config(workdir), workdir)
+  assert last["step"] == 2 and np.isfinite(last["train/loss"]) and np.isfinite(last["eval/loss"])
+  export_hf(workdir, out)
+  assert transformers.AutoTokenizer.from_pretrained(out)(TEXT, add_special_tokens=False)["input_ids"] == ids

@@ -7,12 +7,13 @@ Import makes a run at step 0: its model section comes from the checkpoint, the r
 --config (default configs/base.py). It is an ordinary workdir: train.generate, train.evaluate,
 train.finetune --config.init_from=DIR and continued pretraining (--config=configs/from_run.py:DIR) read it.
 Export writes config.json and model.safetensors (float32) that transformers' AutoModelForCausalLM /
-AutoModel load; a sentencepiece tokenizer travels both ways. The converters (model/hf/) map names and layouts
+AutoModel load. The tokenizer travels both ways: a Hugging Face tokenizer.json with its tokenizer_config.json
+(data.tokenizer "huggingface"), else a sentencepiece model (tokenizer.model / spiece.model, "sentencepiece"); a
+directory with neither gives a run of token ids only ("none"). The converters (model/hf/) map names and layouts
 only; this module reads and writes runs.
 """
 
 import os
-import shutil
 import sys
 
 import jax
@@ -20,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import base
-from data.tokenizer import SPM_FILE, load_sentencepiece
+from data.tokenizer import HF_FILE, HuggingFaceTokenizer, SentencePieceTokenizer, load_huggingface, load_sentencepiece
 from model.families import FAMILIES
 from model.hf import common
 from train.cli import fail, parse_flags, run_reporting_errors
@@ -37,25 +38,41 @@ def _check_new_dir(path: str, flag: str) -> None:
     raise common.ConversionError(f"{path}: already exists and is not empty; give a new --{flag}")
 
 
-def _sentencepiece(hf_dir: str, vocab_size: int) -> str | None:
+def _sentencepiece(hf_dir: str, vocab_size: int) -> SentencePieceTokenizer | None:
   """The HF directory's sentencepiece model if it has one whose size matches the model's vocabulary."""
   for name in SPM_NAMES:
     path = os.path.join(hf_dir, name)
     if os.path.isfile(path):
-      pieces = load_sentencepiece(path).vocab_size
-      if pieces == vocab_size:
-        return path
-      print(f"ablax: {path} has {pieces} pieces but the model {vocab_size} tokens; not copied", file=sys.stderr)
+      tokenizer = load_sentencepiece(path)
+      if tokenizer.vocab_size == vocab_size:
+        return tokenizer
+      print(f"ablax: {path} has {tokenizer.vocab_size} pieces but the model {vocab_size} tokens; not copied",
+            file=sys.stderr)
   return None
 
 
-def run_config(section: dict, vocab_size: int, tokenizer: bool, config=None):
-  """A full run config: `config` (default configs/base.py) with the checkpoint's model section and vocabulary."""
+def _huggingface(hf_dir: str, hf_config: dict, vocab_size: int) -> HuggingFaceTokenizer | None:
+  """The HF directory's tokenizer.json (special tokens resolved, see load_huggingface) if it has one that fits
+  the model's vocabulary, which may be larger (an embedding padded past the tokenizer's tokens)."""
+  if not os.path.isfile(os.path.join(hf_dir, HF_FILE)):
+    return None
+  tokenizer = load_huggingface(hf_dir, hf_config)
+  if tokenizer.num_tokens > vocab_size:
+    print(f"ablax: {os.path.join(hf_dir, HF_FILE)} has {tokenizer.num_tokens} tokens but the model {vocab_size}; "
+          "not copied", file=sys.stderr)
+    return None
+  tokenizer.set_model_vocab_size(vocab_size)
+  return tokenizer
+
+
+def run_config(section: dict, vocab_size: int, tokenizer: str, config=None):
+  """A full run config: `config` (default configs/base.py) with the checkpoint's model section and vocabulary,
+  and `tokenizer` ("huggingface", "sentencepiece" or "none") as data.tokenizer."""
   config = base.get_config() if config is None else config
   config.model.update(section)
   config.objective = FAMILIES[config.model.family].objective
   # No tokenizer: the vocabulary size is recorded for the loaders (train/runs.py run_tokenizer).
-  config.data.update(tokenizer="sentencepiece" if tokenizer else "none", vocab_size=vocab_size)
+  config.data.update(tokenizer=tokenizer, vocab_size=vocab_size)
   if config.model.position == "learned":
     config.train.seq_len = min(config.train.seq_len, config.model.max_len)
   return config
@@ -68,28 +85,37 @@ def import_hf(hf_dir: str, workdir: str, config=None) -> str:
     raise common.ConversionError("--hf_dir is required")
   _check_new_dir(workdir, "workdir")
   hf_config, section, cfg, params = common.import_params(hf_dir)
-  spm_path = _sentencepiece(hf_dir, cfg.vocab_size)
-  config = run_config(section, cfg.vocab_size, spm_path is not None, config)
+  # tokenizer.json first: it is what transformers reads when a directory has both (Llama 2, T5).
+  tokenizer = _huggingface(hf_dir, hf_config, cfg.vocab_size) or _sentencepiece(hf_dir, cfg.vocab_size)
+  kind = {HuggingFaceTokenizer: "huggingface", SentencePieceTokenizer: "sentencepiece"}.get(type(tokenizer), "none")
+  config = run_config(section, cfg.vocab_size, kind, config)
   prepare_workdir(config, workdir)
-  if spm_path:
-    shutil.copy(spm_path, os.path.join(workdir, SPM_FILE))
+  if tokenizer is not None:
+    tokenizer.save(workdir)
   write_initial_checkpoint(workdir, config, params)
   return (f"ablax: {hf_config['model_type']} from {hf_dir} -> {workdir} (step 0, {cfg.num_layers} layers, "
-          f"d_model {cfg.d_model}, vocab {cfg.vocab_size}{'' if spm_path else ', no tokenizer'})")
+          f"d_model {cfg.d_model}, vocab {cfg.vocab_size}, {'no' if kind == 'none' else kind} tokenizer)")
 
 
 def export_hf(workdir: str, out: str, step: int | None = None, model_type: str | None = None) -> str:
-  """Writes a run's checkpoint as a Hugging Face directory: config.json, model.safetensors [, tokenizer.model]."""
+  """Writes a run's checkpoint as a Hugging Face directory: config.json, model.safetensors and its tokenizer
+  (tokenizer.json + tokenizer_config.json, or tokenizer.model; a char tokenizer has no Hugging Face form)."""
   if not workdir:
     raise common.ConversionError("--workdir is required")
   _check_new_dir(out, "out")
   loaded = load_run(workdir, step, require_tokenizer=False)
   hf_config, tensors = common.export_tensors(loaded.run.model.cfg, jax.device_get(loaded.params), model_type)
+  tokenizer = loaded.run.tokenizer  # a fine-tuning run's is its base run's
+  if not isinstance(tokenizer, (HuggingFaceTokenizer, SentencePieceTokenizer)):
+    tokenizer = None
+  for key in ("bos_token_id", "eos_token_id"):  # transformers' generate stops at eos as ablax does
+    if tokenizer is not None and key in hf_config and hf_config[key] is None:
+      hf_config[key] = getattr(tokenizer, key.replace("_token", ""))
   os.makedirs(out, exist_ok=True)
   common.write_json(hf_config, os.path.join(out, "config.json"))
   common.write_safetensors(tensors, os.path.join(out, "model.safetensors"))
-  if os.path.isfile(os.path.join(workdir, SPM_FILE)):
-    shutil.copy(os.path.join(workdir, SPM_FILE), os.path.join(out, SPM_FILE))
+  if tokenizer is not None:
+    tokenizer.save(out)
   return f"ablax: {workdir} step {loaded.step} -> {out} ({hf_config['model_type']}, {len(tensors)} tensors)"
 
 
