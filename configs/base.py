@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.max_bytes = 0                  # read at most this many bytes of documents (0 = all)
   data.encoding_errors = "strict"     # bytes that are not UTF-8: strict (an error naming file and byte offset)
                                       # | replace (U+FFFD) | ignore
-  data.tokenizer = "sentencepiece"    # sentencepiece | char
+  data.tokenizer = "sentencepiece"    # sentencepiece | char | huggingface (an imported tokenizer.json)
+                                      # | none (an imported model without a tokenizer: token ids only)
   data.vocab_size = 4096              # sentencepiece vocabulary size (char: the corpus' characters + 3)
   data.spm_model_type = "bpe"         # bpe | unigram
   data.tokenizer_train_chars = 20_000_000  # characters of training text fed to the sentencepiece trainer

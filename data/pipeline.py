@@ -15,8 +15,8 @@ from data.loader import Mixture
 from data.prepared import PreparedRows, file_sha256, read_manifest
 from data.pretraining import objective_rows, special_tokens_for
 from data.sources import DataError, read_documents, split_documents
-from data.tokenizer import (CHAR_FILE, SPM_FILE, CharTokenizer, SentencePieceTokenizer, Tokenizer,
-                            load_tokenizer, train_tokenizer)
+from data.tokenizer import (CHAR_FILE, SPM_FILE, CharTokenizer, HuggingFaceTokenizer, SentencePieceTokenizer,
+                            Tokenizer, load_tokenizer, train_tokenizer)
 
 
 def read_splits(data_config) -> tuple[list[str], list[str]]:
@@ -61,7 +61,8 @@ def tokenizer_for(config, train_docs: list[str], val_docs: list[str], workdir: s
   """The workdir's saved tokenizer if any, else one trained on the train docs (and saved to workdir)."""
   if workdir and any(os.path.isfile(os.path.join(workdir, f)) for f in (SPM_FILE, CHAR_FILE)):
     tokenizer = load_tokenizer(workdir)
-    expected = {"sentencepiece": SentencePieceTokenizer, "char": CharTokenizer}.get(config.tokenizer)
+    expected = {"sentencepiece": SentencePieceTokenizer, "char": CharTokenizer,
+                "huggingface": HuggingFaceTokenizer}.get(config.tokenizer)
     if expected is not None and not isinstance(tokenizer, expected):
       raise DataError(f"workdir '{workdir}': its saved tokenizer is not '{config.tokenizer}' as configured")
     if config.tokenizer == "sentencepiece" and tokenizer.vocab_size != config.vocab_size:

@@ -45,7 +45,7 @@ def _finetune(config, workdir: str) -> dict:
   tokenizer, _ = runs.run_tokenizer(config.init_from, base_config)
   def prepare():
     workdir_lib.prepare_workdir(config, workdir)
-    for name in ("tokenizer.model", "tokenizer.json"):
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
       source = os.path.join(config.init_from, name)
       if distributed.is_writer() and os.path.exists(source) and not os.path.exists(os.path.join(workdir, name)):
         shutil.copy(source, workdir)

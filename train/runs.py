@@ -198,8 +198,8 @@ def read_run_info(workdir: str) -> dict:
 
 
 def run_tokenizer(workdir: str, config, required: bool = True):
-  """(tokenizer, vocab size) of a run. A run imported without a tokenizer (data.tokenizer "none", e.g.
-  GPT-2, whose byte-level BPE ablax does not read) records its vocab size in data.vocab_size; its
+  """(tokenizer, vocab size) of a run. A run imported without a tokenizer (data.tokenizer "none": its Hugging Face
+  directory had neither tokenizer.json nor a sentencepiece model) records its vocab size in data.vocab_size; its
   tokenizer is None, or a DataError when `required`."""
   if config.data.get("tokenizer") != "none":
     tokenizer = load_tokenizer(workdir)
