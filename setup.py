@@ -21,7 +21,11 @@ setup(
         "tensorboardX>=2.6",
         "safetensors>=0.4",
         "ml-dtypes>=0.4",  # bfloat16 safetensors (also a jax dependency)
+        "rouge-score>=0.1.2",  # Google's ROUGE (T5 / seqio's), train/scores.py
+        "pyyaml>=6.0",  # evaluation task files in YAML (train/eval_tasks.py)
     ],
-    # torch and transformers only build reference models in tests/test_hf.py (tested with transformers 5.24).
-    extras_require={"test": ["pytest>=8.0", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0"]},
+    # torch and transformers only build reference models in tests/test_hf.py (tested with transformers 5.24);
+    # lm-eval (EleutherAI's harness) is needed only by train/harness.py, its adapter.
+    extras_require={"test": ["pytest>=8.0", "hypothesis>=6.100", "torch==2.13.0", "transformers>=5.0",
+                             "lm-eval>=0.4.13"]},
 )

@@ -4,7 +4,8 @@
 
 SciTLDR's `source` is a list of sentences and `target` a list of TL;DRs: the script writes JSONL with
 {"prompt": joined source, "response": first target} for training and scores generations against every
-dev target (the best one counts), with train/scores.py.
+dev target with train/scores.py (ROUGE: rouge-score, the targets' best ROUGE-1 counts, as SciTLDR's own
+evaluation; EM / F1: SQuAD's, the best target counts).
 """
 
 import argparse
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.decode import beam_search  # noqa: E402
 from train.runs import load_run  # noqa: E402
-from train.scores import corpus_scores  # noqa: E402
+from train.scores import generation_scores  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "scitldr_a")
 
@@ -64,7 +65,7 @@ def main():
     prompts = [[tokenizer.bos_id] + tokenizer.encode(r["prompt"])[:255] for r in dev[i:i + 16]]
     ids = beam_search(model, params, prompts, beam_size=args.beam, max_new_tokens=48, eos_id=tokenizer.eos_id)
     predictions += [tokenizer.decode(row) for row in ids]
-  result = dict(corpus_scores(predictions, [r["references"] for r in dev]), dev_examples=len(dev),
+  result = dict(generation_scores(predictions, [r["references"] for r in dev])[0], dev_examples=len(dev),
                 finetune_seconds=round(train_s), generate_seconds=round(time.time() - start), beam=args.beam)
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(dict(result, examples=[{"prediction": p, "reference": r["references"][0]}
