@@ -3,6 +3,7 @@
   python -m ablate --config=configs/ablations/heads.py --workdir=runs/ablate_heads [--parallel=2]
   python -m ablate --config=configs/ablations/heads.py --workdir=runs/ablate_heads --dry_run
   python -m ablate report runs/ablate_heads
+  python -m ablate --config=... --workdir=... --until_significant [--max_runs=30 --max_hours=4]
 """
 
 import os
@@ -13,7 +14,7 @@ from ml_collections import config_flags
 
 from ablate.plan import load_ablation
 from ablate.report import write_report
-from ablate.runner import run_ablation
+from ablate.runner import run_ablation, run_until_significant
 from train.cli import fail, parse_flags, run_reporting_errors
 
 
@@ -29,6 +30,11 @@ def main(argv):
   if f.config is None or f.workdir is None:
     fail("--config and --workdir are required (or: python -m ablate report DIR)")
   ablation = run_reporting_errors(load_ablation, f.config)
+  if f.until_significant and not f.dry_run:
+    still = run_reporting_errors(run_until_significant, ablation, os.path.abspath(f.workdir), f.max_runs,
+                                 f.max_hours, f.parallel)
+    print(open(os.path.join(f.workdir, "results.md")).read())
+    sys.exit(1 if still else 0)
   failed = run_reporting_errors(run_ablation, ablation, os.path.abspath(f.workdir), f.dry_run, f.parallel)
   if not f.dry_run:
     print(open(os.path.join(f.workdir, "results.md")).read())
@@ -40,4 +46,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Ablation directory: runs/, logs/, results.csv, results.md, figures.")
   flags.DEFINE_bool("dry_run", False, "List the runs and their commands; run nothing.")
   flags.DEFINE_integer("parallel", None, "Runs at a time (default: config.parallel).")
+  flags.DEFINE_bool("until_significant", False, "Add seeds to the variants not yet significantly different from the "
+                    "baseline (first metric) until they are, or the budget is spent.")
+  flags.DEFINE_integer("max_runs", 30, "--until_significant: at most this many added runs.")
+  flags.DEFINE_float("max_hours", 4.0, "--until_significant: stop adding runs after this many hours.")
   app.run(main, flags_parser=parse_flags)

@@ -31,7 +31,10 @@ def ablation_defaults() -> ml_collections.ConfigDict:
   c.variants = {}                    # name -> tuple of "key=value" overrides; or ((name, overrides), ...) in order
   c.grid = {}                        # axis name -> (key, (values...)): a variant per combination
   c.seeds = (0, 1, 2)
-  c.seed_key = "train.seed"
+  c.seed_key = "train.seed"          # the runs of a seed share its data order (data.seed -1 follows train.seed)
+  c.baseline = ""                    # the variant the others are compared with (default: the first)
+  c.confidence = 0.95                # of the bootstrap intervals
+  c.alpha = 0.05                     # a difference is significant when its Holm-adjusted p-value is below
   c.metrics = ("eval/loss",)         # see the module docstring; the first one is the bar chart's
   c.curve = "eval/loss"              # metrics.jsonl key plotted against the step
   c.eval_lengths = ()                # lengths for `key@L` metrics (python -m train.evaluate --seq_len)
@@ -63,6 +66,10 @@ def load_ablation(config) -> ml_collections.ConfigDict:
     if length is not None and length not in tuple(merged.eval_lengths):
       raise ConfigError(f"config.metrics: {spec!r} needs {length} in config.eval_lengths "
                         f"{tuple(merged.eval_lengths)}")
+  for key in ("confidence", "alpha"):
+    if not 0 < merged[key] < 1:
+      raise ConfigError(f"config.{key}: expected a number in (0, 1), got {merged[key]}")
+  baseline(merged)
   return merged
 
 
@@ -82,20 +89,46 @@ def _format(value) -> str:
   return str(value)
 
 
-def expand(ablation) -> list[dict]:
-  """Runs in order: variants (named, then the grid product) x seeds; each {name, variant, seed, overrides}."""
-  variants = [(name, tuple(overrides)) for name, overrides in dict(ablation.variants).items()]  # pairs keep order
+def variants(ablation) -> list[tuple[str, tuple]]:
+  """(name, overrides) of every variant in order: the named ones, then the grid product."""
+  found = [(name, tuple(overrides)) for name, overrides in dict(ablation.variants).items()]  # pairs keep order
   axes = [(axis, key, tuple(values)) for axis, (key, values) in dict(ablation.grid).items()]
   for combination in itertools.product(*[[(axis, key, v) for v in values] for axis, key, values in axes]):
     if combination:
       name = ",".join(f"{axis}={_format(v)}" for axis, _, v in combination)
-      variants.append((name, tuple(f"{key}={_format(v)}" for _, key, v in combination)))
-  names = [name for name, _ in variants]
+      found.append((name, tuple(f"{key}={_format(v)}" for _, key, v in combination)))
+  names = [name for name, _ in found]
   if len(set(names)) != len(names):
     raise ConfigError(f"config.variants / config.grid: duplicate variant names {names}")
+  return found
+
+
+def baseline(ablation) -> str:
+  names = [name for name, _ in variants(ablation)]
+  if ablation.baseline and ablation.baseline not in names:
+    raise ConfigError(f"config.baseline: {ablation.baseline!r} is not a variant ({', '.join(names)})")
+  return ablation.baseline or names[0]
+
+
+def expand(ablation, extra: dict | None = None) -> list[dict]:
+  """Runs seed by seed, every variant of a seed before the next seed (interleaved, so a slow drift of a shared
+  machine hits all variants alike), then `extra` {variant: [seeds]} added by --until_significant; each run is
+  {name, variant, seed, overrides}."""
+  overrides_of = dict(variants(ablation))
+  order = [(name, seed) for seed in ablation.seeds for name in overrides_of]
+  order += [(name, seed) for name, seeds in (extra or {}).items() for seed in seeds if seed not in ablation.seeds]
   return [{"name": f"{name}_seed{seed}", "variant": name, "seed": seed,
-           "overrides": (*ablation.overrides, *overrides, f"{ablation.seed_key}={seed}")}
-          for name, overrides in variants for seed in ablation.seeds]
+           "overrides": (*ablation.overrides, *overrides_of[name], f"{ablation.seed_key}={seed}")}
+          for name, seed in order]
+
+
+def extra_seeds(workdir: str) -> dict:
+  """{variant: [seeds]} that --until_significant added (WORKDIR/extra_seeds.json)."""
+  path = os.path.join(workdir, "extra_seeds.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def status_path(workdir: str, name: str) -> str:

@@ -1,26 +1,27 @@
-"""An ablation's report from its files on disk: results.csv, results.md (mean ± std over seeds) and figures.
+"""An ablation's report from its files on disk: runs.csv (one row per run), results.csv and results.md (per
+variant and metric: mean ± std, a bootstrap interval, the difference to the baseline with its interval, a
+p-value, Holm-adjusted over the variants, and whether it is significant) and the figures (ablate/figures.py).
 
-Offers `run_metrics` (one finished run's metrics and curve), `summarize` (mean, std, n per variant over seeds),
-`collect` (every run of a workdir), `markdown_table`, `write_report` and `plot` (curves, bars, lengths).
+Offers `run_metrics` (one finished run's metrics and curve), `summarize` (mean, std, n per variant),
+`lower_is_better`, `significance` (the comparisons of every metric), `collect` (every run of a workdir),
+`markdown_table`, `statistics_table`, `undecided` and `write_report`.
 """
 
 import csv
 import io
 import json
 import os
-import statistics
+import statistics as pystats
 
-import matplotlib
 import ml_collections
-import numpy as np
 
-from ablate.plan import AGGREGATES, expand, load_ablation, parse_metric, read_status
+from ablate import figures
+from ablate import stats
+from ablate.plan import AGGREGATES, baseline, expand, extra_seeds, load_ablation, parse_metric, read_status
 from train.metrics import read_metrics
+from train.workdir import write_atomic
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
-
-LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "_ms", "wall")
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "_ms", "wall", "time")
 
 
 def run_metrics(run_dir: str, specs, curve_key: str) -> tuple[dict, list]:
@@ -42,8 +43,9 @@ def run_metrics(run_dir: str, specs, curve_key: str) -> tuple[dict, list]:
   return values, [(r["step"], r[curve_key]) for r in records if curve_key in r]
 
 
-def _lower_is_better(spec: str) -> bool:
-  return spec.startswith("min:") or any(word in spec for word in LOWER_IS_BETTER)
+def lower_is_better(spec: str) -> bool:
+  """Whether smaller values of a metric are better: decided by its key (min:eval/accuracy is still an accuracy)."""
+  return any(word in parse_metric(spec)[1] for word in LOWER_IS_BETTER)
 
 
 def summarize(rows: list[dict], specs) -> dict:
@@ -54,8 +56,34 @@ def summarize(rows: list[dict], specs) -> dict:
     for spec in specs:
       if row.get(spec) is not None:
         table[row["variant"]][spec].append(row[spec])
-  return {variant: {spec: (statistics.fmean(v) if v else None, statistics.stdev(v) if len(v) > 1 else 0.0,
+  return {variant: {spec: (pystats.fmean(v) if v else None, pystats.stdev(v) if len(v) > 1 else 0.0,
                            len(v)) for spec, v in cells.items()} for variant, cells in table.items()}
+
+
+def significance(rows: list[dict], specs, reference: str, confidence: float = 0.95) -> dict:
+  """{spec: {variant: {"interval", "comparison", "p_holm"}}}: each variant's bootstrap interval of the mean and,
+  but for the baseline, its comparison with the baseline (Holm-adjusted over the variants of the metric)."""
+  out = {}
+  for spec in specs:
+    by_variant = {}
+    for row in rows:
+      if row.get(spec) is not None:
+        by_variant.setdefault(row["variant"], {})[row["seed"]] = row[spec]
+    cells = {variant: {"interval": stats.bootstrap_interval(list(values.values()), confidence), "comparison": None,
+                       "p_holm": None} for variant, values in by_variant.items()}
+    others = [v for v in by_variant if v != reference and reference in by_variant]
+    for variant in others:
+      cells[variant]["comparison"] = stats.compare(by_variant[variant], by_variant[reference], confidence)
+    for variant, adjusted in zip(others, stats.holm([cells[v]["comparison"].p for v in others])):
+      cells[variant]["p_holm"] = adjusted
+    out[spec] = cells
+  return out
+
+
+def undecided(table: dict, spec: str, reference: str, alpha: float) -> list[str]:
+  """The variants whose difference to the baseline on `spec` is not significant (yet)."""
+  return [variant for variant, cell in table[spec].items()
+          if variant != reference and (cell["p_holm"] is None or cell["p_holm"] >= alpha)]
 
 
 def collect(workdir: str):
@@ -63,7 +91,7 @@ def collect(workdir: str):
   with open(os.path.join(workdir, "ablation.json")) as f:
     ablation = load_ablation(ml_collections.ConfigDict(json.load(f)))
   rows, curves = [], {}
-  for run in expand(ablation):
+  for run in expand(ablation, extra_seeds(workdir)):
     status = read_status(workdir, run["name"]) or {"status": "not run"}
     row = {"run": run["name"], "variant": run["variant"], "seed": run["seed"], "status": status["status"],
            "wall_s": status.get("wall_s")}
@@ -85,7 +113,7 @@ def markdown_table(summary: dict, specs) -> str:
   for spec in specs:
     means = [(cells[spec][0], variant) for variant, cells in summary.items() if cells[spec][0] is not None]
     if means:
-      best[spec] = (min if _lower_is_better(spec) else max)(means)[1]
+      best[spec] = (min if lower_is_better(spec) else max)(means)[1]
   lines = ["| variant | " + " | ".join(specs) + " |", "|---" * (len(specs) + 1) + "|"]
   for variant, cells in summary.items():
     out = []
@@ -97,78 +125,78 @@ def markdown_table(summary: dict, specs) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _interval(interval) -> str:
+  return "" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def statistics_table(summary: dict, table: dict, spec: str, reference: str, alpha: float,
+                     confidence: float) -> str:
+  """One metric: each variant's mean, its interval, and its difference to the baseline with interval and p."""
+  better = "lower" if lower_is_better(spec) else "higher"
+  lines = [f"**{spec}** ({better} is better; baseline {reference})\n",
+           f"| variant | mean ± std (n) | {confidence:.0%} CI | Δ vs baseline [{confidence:.0%} CI] | p (test) | "
+           "p Holm | |", "|---|---|---|---|---|---|---|"]
+  for variant, cell in table[spec].items():
+    mean, std, n = summary[variant][spec]
+    comparison, mark = cell["comparison"], ""
+    if variant == reference:
+      delta, p, p_holm, mark = "baseline", "", "", ""
+    elif comparison is None:
+      delta, p, p_holm = "", "", ""
+    else:
+      delta = f"{comparison.difference:+.4f} {_interval(comparison.interval)}"
+      p = "" if comparison.p is None else f"{comparison.p:.3g} ({comparison.test}, n={comparison.n})"
+      p_holm = "" if cell["p_holm"] is None else f"{cell['p_holm']:.3g}"
+      if cell["p_holm"] is not None and cell["p_holm"] < alpha:
+        good = (comparison.difference < 0) == lower_is_better(spec)
+        mark = f"significant, {'better' if good else 'worse'}"
+    lines.append(f"| {variant} | {mean:.4f} ± {std:.4f} (n={n}) | {_interval(cell['interval'])} | {delta} | {p} | "
+                 f"{p_holm} | {mark} |")
+  return "\n".join(lines) + "\n"
+
+
 def write_report(workdir: str) -> str:
-  """Writes results.csv, results.md and the figures from the finished runs on disk; returns results.md."""
+  """Writes runs.csv, results.csv, results.md and the figures from the finished runs on disk; returns results.md."""
   ablation, rows, curves = collect(workdir)
-  specs = list(ablation.metrics)
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["run", "variant", "seed", "status", "wall_s", *specs])
-    for row in rows:
-      writer.writerow([_cell(row.get(k)) for k in ("run", "variant", "seed", "status", "wall_s", *specs)])
-  summary = summarize([row for row in rows if row["status"] == "done"], specs)
+  specs, reference = list(ablation.metrics), baseline(ablation)
   done = [row for row in rows if row["status"] == "done"]
+  summary = summarize(done, specs)
+  table = significance(done, specs, reference, ablation.confidence)
+  columns = ("run", "variant", "seed", "status", "wall_s", *specs)
+  _write_csv(os.path.join(workdir, "runs.csv"), columns, [[row.get(k) for k in columns] for row in rows])
+  results = []
+  for spec in specs:
+    for variant, cell in table[spec].items():
+      mean, std, n = summary[variant][spec]
+      comparison = cell["comparison"]
+      results.append([spec, variant, mean, std, n, *(cell["interval"] or (None, None)),
+                      *((comparison.difference, *(comparison.interval or (None, None)), comparison.p,
+                         comparison.test, cell["p_holm"],
+                         cell["p_holm"] is not None and cell["p_holm"] < ablation.alpha) if comparison else
+                        (None,) * 7)])
+  _write_csv(os.path.join(workdir, "results.csv"),
+             ("metric", "variant", "mean", "std", "n", "ci_low", "ci_high", "difference", "difference_low",
+              "difference_high", "p", "test", "p_holm", "significant"), results)
   text = (f"# Ablation: {ablation.entrypoint} {ablation.config}\n\n"
-          f"{len(done)} of {len(rows)} runs finished; seeds {tuple(ablation.seeds)}; mean ± sample std over "
-          f"seeds, best in bold.\n\n" + markdown_table(summary, specs))
+          f"{len(done)} of {len(rows)} runs finished; seeds {tuple(ablation.seeds)}"
+          + (f" and added {extra_seeds(workdir)}" if extra_seeds(workdir) else "") +
+          "; mean ± sample std over seeds, best in bold.\n\n" + markdown_table(summary, specs) +
+          f"\nIntervals: {ablation.confidence:.0%} percentile bootstrap of the mean (10,000 resamples). Δ: the mean "
+          "difference to the baseline, over the seeds both ran (the runs of a seed share the data order: paired t-test)"
+          ", else Welch's t-test. p Holm: adjusted over the variants of a metric; significant when below "
+          f"{ablation.alpha}.\n\n" + "\n".join(statistics_table(summary, table, spec, reference, ablation.alpha,
+                                                                ablation.confidence) for spec in specs))
   unfinished = [f"{row['run']} ({row['status']})" for row in rows if row["status"] != "done"]
   if unfinished:
     text += "\nNot finished: " + ", ".join(unfinished) + "\n"
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(text)
-  plot(workdir, ablation, summary, curves)
+  write_atomic(os.path.join(workdir, "results.md"), text)
+  figures.plot(workdir, ablation, summary, table, curves, reference)
   return text
 
 
-def plot(workdir: str, ablation, summary: dict, curves: dict) -> None:
-  """curves.png (mean ± std band per variant over seeds), bars.png (first metric), lengths.png (key@L)."""
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for variant, by_seed in curves.items():
-    steps = sorted(set.intersection(*[{s for s, _ in curve} for curve in by_seed.values()]))
-    if not steps:
-      continue
-    values_SxT = np.array([[dict(curve)[s] for s in steps] for curve in by_seed.values()])
-    mean_T, std_T = values_SxT.mean(0), values_SxT.std(0)
-    ax.plot(steps, mean_T, label=variant)
-    ax.fill_between(steps, mean_T - std_T, mean_T + std_T, alpha=0.2)
-  ax.set(xlabel="step", ylabel=ablation.curve, title=f"{ablation.curve} (mean ± std over seeds)")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "curves.png"), dpi=120)
-  plt.close(fig)
-
-  primary = ablation.metrics[0]
-  names = [v for v in summary if summary[v][primary][0] is not None]
-  fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 4))
-  means = np.array([summary[v][primary][0] for v in names])
-  stds = np.array([summary[v][primary][1] for v in names])
-  bars = ax.bar(range(len(names)), means, yerr=stds, capsize=4)
-  ax.bar_label(bars, labels=[f"{m:.4g}" for m in means], fontsize=7, padding=2)
-  if len(names):  # zoom on the differences: the axis starts near the smallest bar, not at 0
-    low, high = float((means - stds).min()), float((means + stds).max())
-    margin = max(high - low, 1e-3 * abs(high)) * 0.6
-    ax.set_ylim(max(low - margin, 0.0) if low >= 0 else low - margin, high + margin)
-  ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-  ax.set(ylabel=primary, title=f"{primary} (mean ± std over seeds; axis not from 0)")
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "bars.png"), dpi=120)
-  plt.close(fig)
-
-  by_length = {}  # key -> [(length, spec)]
-  for spec in ablation.metrics:
-    if "@" in spec:
-      key, length = spec.rsplit("@", 1)
-      by_length.setdefault(key, []).append((int(length), spec))
-  for key, points in by_length.items():
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for variant, cells in summary.items():
-      xs = [length for length, spec in sorted(points) if cells[spec][0] is not None]
-      means = np.array([cells[spec][0] for _, spec in sorted(points) if cells[spec][0] is not None])
-      stds = np.array([cells[spec][1] for _, spec in sorted(points) if cells[spec][0] is not None])
-      ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=variant)
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="evaluation length", ylabel=key, title=f"{key} by evaluation length (mean ± std)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, f"lengths_{key.replace('/', '_')}.png"), dpi=120)
-    plt.close(fig)
+def _write_csv(path: str, header, rows) -> None:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  writer.writerow(header)
+  writer.writerows([[_cell(value) for value in row] for row in rows])
+  write_atomic(path, buffer.getvalue())

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 
-from ablate.plan import expand, read_status, status_path
-from ablate.report import write_report
+from ablate.plan import baseline, expand, extra_seeds, read_status, status_path
+from ablate.report import collect, significance, undecided, write_report
 from train.workdir import write_atomic
 
 
@@ -56,9 +56,10 @@ def _duration(seconds: float) -> str:
   return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def run_ablation(ablation, workdir: str, dry_run: bool = False, parallel: int | None = None) -> int:
+def run_ablation(ablation, workdir: str, dry_run: bool = False, parallel: int | None = None,
+                 report: bool = True) -> int:
   """Runs what is not finished, writes the report; returns the number of failed runs."""
-  runs = expand(ablation)
+  runs = expand(ablation, extra_seeds(workdir))
   if dry_run:
     for run in runs:
       print(f"{run['name']}: {' '.join(run['overrides'])}")
@@ -85,7 +86,38 @@ def run_ablation(ablation, workdir: str, dry_run: bool = False, parallel: int | 
       eta = statistics.fmean(walls) * math.ceil(left / (parallel or ablation.parallel))
       print(f"[{len(runs) - left}/{len(runs)}] {run['name']} {status['status']} in {_duration(status['wall_s'])}; "
             f"elapsed {_duration(time.time() - start)}, ETA {_duration(eta)}", flush=True)
-  write_report(workdir)
+  if report:
+    write_report(workdir)
   if failed:
     print(f"{len(failed)} run(s) failed: {', '.join(failed)}")
   return len(failed)
+
+
+def run_until_significant(ablation, workdir: str, max_runs: int, max_hours: float,
+                          parallel: int | None = None) -> list[str]:
+  """Runs the ablation, then adds a seed at a time to the variants whose difference to the baseline on the first
+  metric is not significant yet (and to the baseline, so they stay paired) until none is, `max_runs` more runs
+  were started or `max_hours` passed; returns the variants still undecided."""
+  start, added = time.time(), 0
+  failed = run_ablation(ablation, workdir, parallel=parallel, report=False)
+  reference, primary = baseline(ablation), ablation.metrics[0]
+  while True:
+    _, rows, _ = collect(workdir)
+    done = [row for row in rows if row["status"] == "done"]
+    open_ = undecided(significance(done, [primary], reference, ablation.confidence), primary, reference,
+                      ablation.alpha)
+    hours = (time.time() - start) / 3600
+    if not open_ or failed or added + len(open_) + 1 > max_runs or hours >= max_hours:
+      break
+    extra = extra_seeds(workdir)
+    seed = 1 + max([*ablation.seeds, *[s for seeds in extra.values() for s in seeds]])
+    for variant in [reference, *open_]:
+      extra.setdefault(variant, []).append(seed)
+    write_atomic(os.path.join(workdir, "extra_seeds.json"), json.dumps(extra, indent=2))
+    print(f"undecided on {primary}: {', '.join(open_)}; adding seed {seed} to them and {reference}")
+    added += len(open_) + 1
+    failed = run_ablation(ablation, workdir, parallel=parallel, report=False)
+  write_report(workdir)
+  print(f"{primary}: " + (f"still undecided after {added} added runs: {', '.join(open_)}" if open_ else
+                          "every difference to the baseline is significant"))
+  return open_

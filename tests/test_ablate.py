@@ -36,17 +36,18 @@ def ablation_config(**overrides):
   return ablate.plan.load_ablation(ml_collections.ConfigDict(config))
 
 
-def test_named_variants_then_grid_product_times_seeds():
+def test_named_variants_then_grid_product_interleaved_over_seeds():
   config = ablation_config(overrides=("train.steps=4",), seeds=(0, 1),
                            grid={"heads": ("model.num_heads", (1, 2)), "pos": ("model.position", ("rope", "alibi"))})
   runs = ablate.plan.expand(config)
-  assert [r["name"] for r in runs] == [
-      "a_seed0", "a_seed1", "heads=1,pos=rope_seed0", "heads=1,pos=rope_seed1", "heads=1,pos=alibi_seed0",
-      "heads=1,pos=alibi_seed1", "heads=2,pos=rope_seed0", "heads=2,pos=rope_seed1", "heads=2,pos=alibi_seed0",
-      "heads=2,pos=alibi_seed1"]
+  variants = ["a", "heads=1,pos=rope", "heads=1,pos=alibi", "heads=2,pos=rope", "heads=2,pos=alibi"]
+  assert [r["name"] for r in runs] == [f"{v}_seed{s}" for s in (0, 1) for v in variants]  # every variant per seed
+  assert ablate.plan.baseline(config) == "a"
   assert runs[0]["overrides"] == ("train.steps=4", "model.d_model=16", "train.seed=0")
-  assert runs[5]["overrides"] == ("train.steps=4", "model.num_heads=1", "model.position=alibi", "train.seed=1")
-  command = ablate.runner.commands(runs[5], config, "/abl")[0]
+  assert runs[7]["overrides"] == ("train.steps=4", "model.num_heads=1", "model.position=alibi", "train.seed=1")
+  extra = ablate.plan.expand(config, {"a": [7], "heads=2,pos=rope": [7]})
+  assert [r["name"] for r in extra[10:]] == ["a_seed7", "heads=2,pos=rope_seed7"]
+  command = ablate.runner.commands(runs[7], config, "/abl")[0]
   assert command[1:5] == ["-m", "train.pretrain", "--config=experiment.py", "--workdir=/abl/runs/heads=1,pos=alibi_seed1"]
   assert command[5:] == ["--config.train.steps=4", "--config.model.num_heads=1", "--config.model.position=alibi",
                          "--config.train.seed=1"]
@@ -63,6 +64,8 @@ def test_tuple_values_are_written_as_python_literals():
     ({"variants": {}}, "the ablation has no variants"),
     ({"metrics": ("loss@128",)}, "needs 128 in config.eval_lengths"),
     ({"metrics": ("best:eval/loss",)}, "expected one of final, min, max, mean, median"),
+    ({"baseline": "b"}, "config.baseline: 'b' is not a variant"),
+    ({"alpha": 1.5}, r"config.alpha: expected a number in \(0, 1\)"),
 ])
 def test_bad_ablation_configs_name_the_key(overrides, expected):
   with pytest.raises(ConfigError, match=expected):
@@ -81,9 +84,13 @@ def test_mean_and_std_by_hand():
   table = ablate.report.markdown_table(summary, ["x", "y"])  # higher is better for both
   assert "| a | 3.0000 ± 2.6458 (n=3) | **3.0000 ± 1.4142 (n=2)** |" in table
   assert "| b | **5.0000 ± 0.0000 (n=1)** | 1.0000 ± 0.0000 (n=1) |" in table
-  # No metrics: header only.
-  lower = ablate.report.markdown_table(ablate.report.summarize(rows, ["min:eval/loss"]) | {}, [])
-  assert lower.count("\n") == 4
+  # The best is the smallest for losses and the largest for accuracies, whatever the aggregate.
+  rows = [{"variant": "a", "min:eval/loss": 2.0, "min:eval/accuracy": 0.6},
+          {"variant": "b", "min:eval/loss": 3.0, "min:eval/accuracy": 0.7}]
+  table = ablate.report.markdown_table(ablate.report.summarize(rows, ["min:eval/loss", "min:eval/accuracy"]),
+                                       ["min:eval/loss", "min:eval/accuracy"])
+  assert "| a | **2.0000 ± 0.0000 (n=1)** | 0.6000 ± 0.0000 (n=1) |" in table
+  assert "| b | 3.0000 ± 0.0000 (n=1) | **0.7000 ± 0.0000 (n=1)** |" in table
 
 
 def test_run_metrics_read_from_the_run_files(tmp_path):

@@ -1,0 +1,93 @@
+"""The figures of an ablation report: curves.png (the curve over steps, mean and std band per variant),
+bars.png (the first metric: means with their bootstrap intervals, the baseline marked, significant differences
+starred) and lengths_<key>.png (key@L metrics by evaluation length). Offers `plot` and `label`."""
+
+import os
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
+
+UNITS = {"loss": "nats per token", "bits_per_byte": "bits per byte", "perplexity": "per token",
+         "tokens_per_sec": "tokens / s", "accuracy": "fraction", "macro_f1": "fraction", "wall_s": "s"}
+
+
+def label(spec: str) -> str:
+  """An axis label: the metric and its unit."""
+  unit = next((u for key, u in UNITS.items() if key in spec), "")
+  return f"{spec} ({unit})" if unit else spec
+
+
+def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, reference: str) -> None:
+  """Writes curves.png, bars.png and one lengths_<key>.png per key@L metric."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for variant, by_seed in curves.items():
+    steps = sorted(set.intersection(*[{s for s, _ in curve} for curve in by_seed.values()]))
+    if not steps:
+      continue
+    values_SxT = np.array([[dict(curve)[s] for s in steps] for curve in by_seed.values()])
+    mean_T, std_T = values_SxT.mean(0), values_SxT.std(0)
+    baseline = variant == reference
+    ax.plot(steps, mean_T, label=f"{variant} (baseline)" if baseline else variant, color="black" if baseline else None,
+            linewidth=2.2 if baseline else 1.4)
+    ax.fill_between(steps, mean_T - std_T, mean_T + std_T, alpha=0.15, color="black" if baseline else None)
+  ax.set(xlabel="step", ylabel=label(ablation.curve), title=f"{ablation.curve}: mean and std over seeds")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "curves.png"), dpi=120)
+  plt.close(fig)
+
+  primary = ablation.metrics[0]
+  names = [v for v in table.get(primary, {}) if summary[v][primary][0] is not None]
+  fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 4.2))
+  means = np.array([summary[v][primary][0] for v in names])
+  intervals = [table[primary][v]["interval"] or (m, m) for v, m in zip(names, means)]
+  errors = np.array([[m - low for m, (low, _) in zip(means, intervals)], [high - m for m, (_, high) in
+                                                                          zip(means, intervals)]]).reshape(2, -1)
+  colors = ["0.35" if v == reference else "tab:blue" for v in names]
+  bars = ax.bar(range(len(names)), means, yerr=errors, capsize=4, color=colors)
+  marks = []
+  for v, m in zip(names, means):
+    cell = table[primary][v]
+    significant = cell["p_holm"] is not None and cell["p_holm"] < ablation.alpha
+    marks.append(f"{m:.4g}" + (" *" if significant else "") + (" (base)" if v == reference else ""))
+  ax.bar_label(bars, labels=marks, fontsize=7, padding=2)
+  if reference in names:
+    ax.axhline(means[names.index(reference)], color="0.35", linestyle="--", linewidth=1)
+  if len(names):  # zoom on the differences: the axis starts near the smallest interval, not at 0
+    low, high = float((means - errors[0]).min()), float((means + errors[1]).max())
+    margin = max(high - low, 1e-3 * abs(high)) * 0.6
+    ax.set_ylim(max(low - margin, 0.0) if low >= 0 else low - margin, high + margin)
+  ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+  ax.set(ylabel=label(primary), title=f"{primary}: mean and {ablation.confidence:.0%} bootstrap interval; "
+                                      f"* = differs from the baseline (Holm p < {ablation.alpha}); axis not from 0")
+  ax.title.set_fontsize(8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "bars.png"), dpi=120)
+  plt.close(fig)
+
+  by_length = {}  # key -> [(length, spec)]
+  for spec in ablation.metrics:
+    if "@" in spec:
+      key, length = spec.rsplit("@", 1)
+      by_length.setdefault(key, []).append((int(length), spec))
+  for key, points in by_length.items():
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, cells in summary.items():
+      known = [(length, spec) for length, spec in sorted(points) if cells[spec][0] is not None]
+      means = np.array([cells[spec][0] for _, spec in known])
+      intervals = [table[spec][variant]["interval"] or (m, m) for (_, spec), m in zip(known, means)]
+      errors = np.array([[m - lo for m, (lo, _) in zip(means, intervals)], [hi - m for m, (_, hi) in
+                                                                            zip(means, intervals)]]).reshape(2, -1)
+      ax.errorbar([length for length, _ in known], means, yerr=errors, marker="o", capsize=3,
+                  label=f"{variant} (baseline)" if variant == reference else variant,
+                  color="black" if variant == reference else None)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="evaluation length (tokens)", ylabel=label(key),
+           title=f"{key} by evaluation length: mean and {ablation.confidence:.0%} bootstrap interval")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, f"lengths_{key.replace('/', '_')}.png"), dpi=120)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""Ablation statistics (ablate/stats.py) by hand and against scipy, and the report and --until_significant on
+fake runs whose metrics are drawn from known distributions."""
+
+import csv
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from ablate import plan, report, runner
+from ablate import stats
+
+
+def test_paired_t_by_hand_and_as_scipy():
+  variant, baseline = {0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 1.0}
+  result = stats.compare(variant, baseline)
+  # differences 1, 2, 2: mean 5/3, sd 1/sqrt(3), t = (5/3) / (1/3) = 5 with 2 degrees of freedom
+  assert result.test == "paired t" and result.n == 3 and result.difference == pytest.approx(5 / 3)
+  assert result.p == pytest.approx(2 * scipy_stats.t.sf(5.0, 2)) == pytest.approx(0.03775, abs=1e-5)
+  assert result.p == pytest.approx(scipy_stats.ttest_rel([1, 2, 3], [0, 0, 1]).pvalue)
+  low, high = result.interval
+  assert 1.0 <= low <= 5 / 3 <= high <= 2.0  # bootstrap means of {1, 2, 2} lie in [1, 2]
+
+
+def test_welch_when_the_runs_do_not_pair():
+  variant, baseline = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, {10: 2.0, 11: 4.0, 12: 6.0}
+  result = stats.compare(variant, baseline)
+  # means 2.5 and 4, variances 5/3 and 4: t = -1.5 / sqrt(5/12 + 4/3), Welch-Satterthwaite degrees of freedom
+  se2_a, se2_b = (5 / 3) / 4, 4 / 3
+  t = -1.5 / np.sqrt(se2_a + se2_b)
+  df = (se2_a + se2_b) ** 2 / (se2_a ** 2 / 3 + se2_b ** 2 / 2)
+  assert result.test == "Welch t" and result.difference == pytest.approx(-1.5)
+  assert result.p == pytest.approx(2 * scipy_stats.t.sf(abs(t), df))
+  assert result.p == pytest.approx(scipy_stats.ttest_ind([1, 2, 3, 4], [2, 4, 6], equal_var=False).pvalue)
+
+
+def test_too_few_runs_give_no_p_value_and_constant_differences_are_decided():
+  assert stats.compare({0: 1.0}, {0: 2.0}).p is None and stats.bootstrap_interval([3.0]) is None
+  assert stats.compare({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0}).p == 0.0  # differences 1, 1: no variance
+  assert stats.compare({0: 2.0, 1: 3.0}, {0: 2.0, 1: 3.0}).p == 1.0
+
+
+def test_bootstrap_interval_covers_the_mean_at_the_stated_rate():
+  rng, covered = np.random.default_rng(0), 0
+  for trial in range(200):
+    sample = rng.normal(1.0, 1.0, 30)
+    low, high = stats.bootstrap_interval(sample, 0.9, resamples=2000, seed=trial)
+    covered += low <= 1.0 <= high
+  assert 0.82 <= covered / 200 <= 0.96  # nominal 0.9; the percentile bootstrap is a little narrow at n = 30
+
+
+def test_holm_by_hand():
+  assert stats.holm([0.01, 0.04, 0.03, None]) == [pytest.approx(0.03), pytest.approx(0.06), pytest.approx(0.06),
+                                                  None]
+  assert stats.holm([0.5, 0.6]) == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+def _fake_ablation(workdir, effects: dict, seeds=(0, 1, 2), noise=0.05):
+  """An ablation workdir whose runs are written, not trained: eval/loss = 2 + effect + seed noise (paired: the
+  seed's noise is shared, as a shared data order would be) + small run noise."""
+  config = plan.load_ablation(ml_collections.ConfigDict(dict(
+      config="experiment.py", variants={name: (f"model.d_model={16 + i}",) for i, name in enumerate(effects)},
+      seeds=seeds, metrics=("eval/loss", "max:eval/accuracy"))))
+  os.makedirs(os.path.join(workdir, "status"), exist_ok=True)
+  with open(os.path.join(workdir, "ablation.json"), "w") as f:
+    json.dump(config.to_dict(), f)
+
+  def execute(run, ablation, directory):
+    rng = np.random.default_rng([run["seed"], sorted(effects).index(run["variant"]), 2])  # same vs base: p 0.64
+    shared = np.random.default_rng(run["seed"]).normal(0, noise)
+    loss = 2.0 + effects[run["variant"]] + shared + rng.normal(0, noise / 10)
+    run_dir = os.path.join(directory, "runs", run["name"])
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": 1, "eval/loss": loss, "eval/accuracy": 1 / loss}) + "\n")
+    status = {"status": "done", "wall_s": 1.0, "last_line": ""}
+    with open(plan.status_path(directory, run["name"]), "w") as f:
+      json.dump(status, f)
+    return status
+  return config, execute
+
+
+def test_the_report_carries_intervals_differences_and_significance(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config, execute = _fake_ablation(workdir, {"base": 0.0, "better": -0.2, "same": 0.0}, seeds=(0, 1, 2, 3, 4))
+  monkeypatch.setattr(runner, "execute", execute)
+  assert runner.run_ablation(config, workdir) == 0
+  text = open(os.path.join(workdir, "results.md")).read()
+  assert "**eval/loss** (lower is better; baseline base)" in text
+  assert "**max:eval/accuracy** (higher is better; baseline base)" in text
+  rows = {(r["metric"], r["variant"]): r for r in csv.DictReader(open(os.path.join(workdir, "results.csv")))}
+  better, same = rows[("eval/loss", "better")], rows[("eval/loss", "same")]
+  assert better["significant"] == "True" and same["significant"] == "False"
+  assert float(better["difference"]) == pytest.approx(-0.2, abs=0.02) and better["test"] == "paired t"
+  assert float(better["difference_low"]) < float(better["difference"]) < float(better["difference_high"]) < 0
+  losses = {v: [json.loads(open(os.path.join(workdir, "runs", f"{v}_seed{s}", "metrics.jsonl")).read())["eval/loss"]
+                for s in range(5)] for v in ("base", "better", "same")}
+  raw = [scipy_stats.ttest_rel(losses[v], losses["base"]).pvalue for v in ("better", "same")]
+  assert float(better["p"]) == pytest.approx(raw[0], rel=1e-5)  # the CSV holds 6 digits
+  assert float(better["p_holm"]) == pytest.approx(stats.holm(raw)[0], rel=1e-5)
+  assert "significant, better" in text.split("**max:eval/accuracy**")[0]
+  assert "significant, better" in text.split("**max:eval/accuracy**")[1]  # accuracy 1/loss: higher is better
+  assert os.path.getsize(os.path.join(workdir, "bars.png")) > 1000
+
+
+def test_until_significant_adds_seeds_to_the_undecided_only(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config, execute = _fake_ablation(workdir, {"base": 0.0, "clear": -0.5, "small": -0.02}, seeds=(0, 1), noise=0.03)
+  monkeypatch.setattr(runner, "execute", execute)
+  still = runner.run_until_significant(config, workdir, max_runs=12, max_hours=1.0)
+  extra = plan.extra_seeds(workdir)
+  assert "clear" not in extra and set(extra) == {"base", "small"}  # the clear difference needed no more seeds
+  assert len(extra["small"]) == len(extra["base"]) >= 2 and still in ([], ["small"])
+  assert 2 * len(extra["small"]) <= 12
+  text = open(os.path.join(workdir, "results.md")).read()
+  assert "and added" in text and f"small_seed{extra['small'][-1]}" not in text  # every added run finished
