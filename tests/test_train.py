@@ -121,11 +121,12 @@ def test_tiny_model_overfits_one_batch():
   state, tx = _single_device_state(model, dict(learning_rate=3e-3, warmup_steps=10, steps=300,
                                                weight_decay=0.0))
   step = jax.jit(functools.partial(train_step, loss_fn=token_loss(model), tx=tx))
+  losses = []
   for _ in range(300):
     state, metrics = step(state, batch)
-  first_loss = np.log(model.cfg.vocab_size)
-  final_loss = float(metrics["loss_sum"] / metrics["weight_sum"])
-  assert final_loss < 0.05 < first_loss, final_loss
+    losses.append(float(metrics["loss_sum"] / metrics["weight_sum"]))  # before each update
+  # The measured first loss is that of an untrained model (about log V), and training drives it near 0.
+  assert abs(losses[0] - np.log(model.cfg.vocab_size)) < 0.5 and losses[-1] < 0.05 * losses[0], losses[::50]
 
 
 def test_gradient_accumulation_equals_one_big_batch():
