@@ -1,20 +1,24 @@
-"""Evaluation entrypoint: loss, perplexity and bits per byte of a trained run on a text corpus.
+"""Evaluation entrypoint: a trained run on tasks (multiple choice, generation, classification), or its loss,
+perplexity and bits per byte on a text corpus.
 
+  python -m train.evaluate --workdir=RUN --task=sst2 [--task=gsm8k --task=my_task.yaml --limit=N --fewshot=N]
   python -m train.evaluate --workdir=runs/shakespeare_char --data=data.txt [--seq_len=N --stride=N ...]
   python -m train.evaluate --workdir=RUN --data=run:validation --seq_len=64 --seq_len=256 --stride=0
 
-`--data=run:validation` is the run's own held-out split (its config.data rules); `--seq_len` may repeat
-(one result per length; --stride=0 means disjoint windows, stride = seq_len).
+`--task` is a built-in task (configs/eval/) or a task file (train/eval_tasks.py lists its keys); each writes
+WORKDIR/eval_<task>.json and a row of the printed table. `--data=run:validation` is the run's own held-out split
+(its config.data rules); `--seq_len` may repeat (one result per length; --stride=0 means disjoint windows).
 
-Offers `sliding_windows` and `evaluate_documents` (pure: model, params, texts -> metrics). Every text token
-is scored once from its left context; past the first window, with at least seq_len - stride tokens of it
-(Hugging Face's sliding window).
+Offers `sliding_windows` and `evaluate_documents` (pure: model, params, texts -> metrics), `evaluate_classifier`,
+`evaluate_task` and `run_tasks`. Every text token is scored once from its left context; past the first window,
+with at least seq_len - stride tokens of it (Hugging Face's sliding window).
 """
 
 import functools
 import json
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -26,12 +30,15 @@ from data.batch import rows
 from data.pipeline import read_splits
 from data.sources import DataError, read_documents, read_records
 from model.config import ConfigError
+from model.families import family
+from train import eval_tasks
 from train import mesh as mesh_lib
 from train import tasks
 from train.checkpoint import read_run_config
 from train.cli import fail, parse_flags, run_reporting_errors
+from train.likelihood import Scorer
 from train.loop import evaluate
-from train.runs import load_run
+from train.runs import Loaded, load_run
 from train.step import eval_step, weighted_cross_entropy
 from train.workdir import write_atomic
 
@@ -99,9 +106,14 @@ def evaluate_classifier(workdir: str, data: str, *, step: int | None = None, bat
                         max_records: int = 0) -> dict:
   """Loss, accuracy and macro-F1 of a classification run on a JSONL file with the run's text/label fields."""
   loaded = load_run(workdir, step)
+  if loaded.run.labels is None:
+    raise ConfigError(f"{workdir}: not a classification run (config.task={loaded.run.config.task!r})")
+  return classifier_scores(loaded, data, batch_size=batch_size, max_records=max_records)
+
+
+def classifier_scores(loaded: Loaded, data: str, *, batch_size: int = 32, max_records: int = 0) -> dict:
+  """evaluate_classifier's scores of a loaded classification run."""
   run, config = loaded.run, loaded.run.config
-  if run.labels is None:
-    raise ConfigError(f"{workdir}: not a classification run (config.task={config.task!r})")
   records = read_records(data, [config.data.text_field, config.data.label_field], max_records,
                          config.data.encoding_errors)
   eval_rows = finetuning.classify_rows(
@@ -112,6 +124,60 @@ def evaluate_classifier(workdir: str, data: str, *, step: int | None = None, bat
                      mesh_lib.batch_sharding(run.mesh))
   return {"loss": metrics["eval/loss"], "accuracy": metrics["eval/accuracy"], "macro_f1": metrics["eval/macro_f1"],
           "examples": len(records), "step": loaded.step}
+
+
+def evaluate_task(loaded: Loaded, task: eval_tasks.Task, *, limit: int = 0, batch_size: int = 32) -> dict:
+  """The task's mean scores (`metrics`), example count, seconds and each example's results (`per_example`)."""
+  start = time.time()
+  if task.kind == "classification":
+    result = classifier_scores(loaded, task.data, batch_size=batch_size, max_records=limit)
+    metrics, per_example, count = {k: result[k] for k in ("accuracy", "macro_f1", "loss")}, [], result["examples"]
+  else:
+    scorer = Scorer(loaded.run.model, loaded.params, loaded.run.tokenizer, batch_size=batch_size)
+    items = eval_tasks.examples(task, limit)
+    run_kind = (eval_tasks.evaluate_multiple_choice if task.kind == "multiple_choice"
+                else eval_tasks.evaluate_generation)
+    metrics, per_example = run_kind(task, scorer, items)
+    count = len(items)
+  return {"metrics": metrics, "examples": count, "seconds": round(time.time() - start, 1), "per_example": per_example}
+
+
+def run_tasks(workdir: str, specs: list[str], *, step: int | None = None, limit: int = 0, batch_size: int = 32,
+              output: str | None = None, **overrides) -> list[dict]:
+  """Evaluates the run in `workdir` on each task (a built-in name or a task file; `overrides`: task keys), writes
+  WORKDIR/eval_<task>.json (or `output`, one task) and prints a table; returns the records."""
+  if limit < 0:
+    raise ConfigError(f"--limit={limit}: expected 0 (all) or a positive number of examples")
+  if output and len(specs) > 1:
+    raise ConfigError("--output names one file: give one --task with it")
+  task_list = [eval_tasks.load_task(spec, **overrides) for spec in specs]  # every definition checked first
+  loaded = load_run(workdir, step)
+  records = []
+  for task in task_list:
+    if task.kind == "classification" and loaded.run.labels is None:
+      raise ConfigError(f"--task={task.name}: a classification task needs a classification run; {workdir} has "
+                        f"config.task={loaded.run.config.get('task', 'none')!r}")
+    result = evaluate_task(loaded, task, limit=limit, batch_size=batch_size)
+    record = dict(tool=TOOL, workdir=os.path.abspath(workdir), step=int(loaded.step), data=f"task:{task.name}",
+                  task=task.as_dict(), limit=limit, **result)
+    path = _output_path(output or os.path.join(workdir, f"eval_{task.name}.json"), record)
+    write_atomic(path, json.dumps(record, indent=2))
+    print(f"{task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()) +
+          f" ({result['examples']} examples, {result['seconds']} s) -> {path}")
+    records.append(record)
+  _print_table(workdir, records)
+  return records
+
+
+def _print_table(workdir: str, records: list[dict]) -> None:
+  """One row per task and score."""
+  print(f"\n{workdir} step {records[0]['step']}")
+  print(f"| {'task':<14} | {'kind':<15} | {'shots':>5} | {'examples':>8} | {'score':<12} | {'value':>7} |")
+  print(f"|{'-' * 16}|{'-' * 17}|{'-' * 7}|{'-' * 10}|{'-' * 14}|{'-' * 9}|")
+  for r in records:
+    for key, value in r["metrics"].items():
+      print(f"| {r['task']['name']:<14} | {r['task']['kind']:<15} | {r['task']['fewshot']:>5} | {r['examples']:>8} | "
+            f"{key:<12} | {value:>7.4f} |")
 
 
 def _first_bytes(texts: list[str], max_bytes: int) -> list[str]:
@@ -150,14 +216,22 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory with config.json, tokenizer and checkpoints.")
   flags.DEFINE_string("data", None, "Text file, glob, directory or JSONL (as data.train_path), or "
                       f"{RUN_VALIDATION} for the run's own held-out split.")
+  flags.DEFINE_multi_string("task", None, "Evaluation task, may repeat: a built-in name (configs/eval/: "
+                            f"{', '.join(eval_tasks.builtin_tasks())}) or a task file (.py with get_config(), .yaml).")
+  flags.DEFINE_integer("limit", 0, "--task: evaluate the first N examples (0: all).")
+  flags.DEFINE_integer("fewshot", None, "--task: shots per prompt (default: the task's).")
+  flags.DEFINE_integer("fewshot_seed", None, "--task: seed of the shots drawn (default: the task's).")
+  flags.DEFINE_integer("beam", None, "--task, generation: beam size, 1 = greedy (default: the task's).")
   flags.DEFINE_string("field", "text", "JSONL field holding the text.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_multi_integer("seq_len", None, "Window length, may repeat (default: config.train.seq_len).")
   flags.DEFINE_integer("stride", None, "Tokens between window starts (default: seq_len // 2; 0: seq_len).")
-  flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+  flags.DEFINE_integer("batch_size", None, "Windows (--data, default 8) or requests (--task, default 32) per "
+                       "forward pass.")
   flags.DEFINE_integer("max_bytes", 0, "Read at most about this many bytes (0: all).")
-  flags.DEFINE_string("output", None, "JSON file (default: WORKDIR/eval_<data stem>_L<seq_len>.json).")
-  flags.mark_flags_as_required(["workdir", "data"])
+  flags.DEFINE_string("output", None, "JSON file (default: WORKDIR/eval_<data stem>_L<seq_len>.json or "
+                      "WORKDIR/eval_<task>.json).")
+  flags.mark_flags_as_required(["workdir"])
 
 
 def run(workdir: str, data: str, *, field: str = "text", step: int | None = None, seq_len: int | None = None,
@@ -173,6 +247,10 @@ def run(workdir: str, data: str, *, field: str = "text", step: int | None = None
   loaded = load_run(workdir, step)
   config, model, params, tokenizer, step = (loaded.run.config, loaded.run.model, loaded.params, loaded.run.tokenizer,
                                             loaded.step)
+  fam = family(model.cfg)
+  if not fam.generates or fam.seq2seq:  # an encoder's position t sees token t; an encoder-decoder needs an input
+    raise ConfigError(f"--data scores a decoder's next-token loss; {workdir} is a {model.cfg.family} run: evaluate it "
+                      "on a task (--task)")
   seq_len = config.train.seq_len if seq_len is None else seq_len
   stride = max(1, seq_len // 2) if stride is None else stride or seq_len
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
@@ -214,11 +292,17 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   f = flags.FLAGS
+  if bool(f.data) == bool(f.task):
+    fail("give --data=CORPUS (loss, perplexity, bits per byte) or --task=NAME (a task), one of the two")
+  if f.task:
+    run_reporting_errors(run_tasks, f.workdir, f.task, step=f.step, limit=f.limit, batch_size=f.batch_size or 32,
+                         output=f.output, fewshot=f.fewshot, fewshot_seed=f.fewshot_seed, beam=f.beam)
+    return
   if f.output and f.seq_len and len(f.seq_len) > 1:
     fail("--output names one file: give one --seq_len with it")
   for seq_len in f.seq_len or [None]:
     run_reporting_errors(run, f.workdir, f.data, field=f.field, step=f.step, seq_len=seq_len, stride=f.stride,
-                         batch_size=f.batch_size, max_bytes=f.max_bytes, output=f.output)
+                         batch_size=f.batch_size or 8, max_bytes=f.max_bytes, output=f.output)
 
 
 if __name__ == "__main__":
