@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from data.pipeline import read_splits, tokenizer_for
 from data.prepared import FORMAT, MANIFEST, file_sha256, token_dtype
-from data.sources import DataError, resolve_paths
+from data.sources import HUGGING_FACE, DataError, resolve_paths
 from data.tokenizer import CHAR_FILE, SPM_FILE, load_tokenizer
 
 SETTINGS = ("train_path", "val_path", "val_fraction", "text_field", "max_bytes", "tokenizer", "vocab_size",
@@ -28,10 +28,22 @@ SETTINGS = ("train_path", "val_path", "val_fraction", "text_field", "max_bytes",
 _worker_tokenizer = None
 
 
+def _files(path_spec: str) -> list[str]:
+  """The files a path spec reads: resolve_paths, and every file of a Hugging Face dataset part ("hf:...")."""
+  files = []
+  for part in (p.strip() for p in path_spec.split(",") if p.strip()):
+    if part.startswith(HUGGING_FACE):
+      path = part[len(HUGGING_FACE):].partition("@")[0]
+      files.extend(sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names) if os.path.isdir(path)
+                   else resolve_paths(path))
+    else:
+      files.extend(resolve_paths(part))
+  return files
+
+
 def _sources(data_config) -> list[dict]:
   """path, bytes and sha256 of every file the corpus is read from."""
-  paths = resolve_paths(data_config.train_path) + (resolve_paths(data_config.val_path) if data_config.val_path
-                                                   else [])
+  paths = _files(data_config.train_path) + (_files(data_config.val_path) if data_config.val_path else [])
   return [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": file_sha256(p)} for p in paths]
 
 

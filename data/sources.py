@@ -1,7 +1,8 @@
 """Text sources: resolve path specs to files, read documents, split train / validation.
 
 Offers `DataError`, `resolve_paths`, `read_documents`, `read_records` (JSONL records with required
-fields), `split_documents`; files are UTF-8, other bytes handled as `ENCODING_ERRORS` says.
+fields), `split_documents`; files are UTF-8, other bytes handled as `ENCODING_ERRORS` says. A part "hf:..." of
+a path spec is a Hugging Face dataset read locally with the optional `datasets` package.
 """
 
 import glob
@@ -13,6 +14,7 @@ from typing import Sequence
 DIR_EXTENSIONS = (".txt", ".md", ".py", ".jsonl", ".json")
 JSON_EXTENSIONS = (".jsonl", ".json")
 BUILTIN_STDLIB = "builtin:python_stdlib"
+HUGGING_FACE = "hf:"  # a Hugging Face dataset: hf:DIR (save_to_disk) or hf:FILES (parquet, JSON lines, CSV), @split
 ENCODING_ERRORS = ("strict", "replace", "ignore")  # config.data.encoding_errors
 # Folders of the standard library left out of the built-in corpus (tests, third-party, legacy tools).
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
@@ -140,17 +142,70 @@ def _read_json_lines(path: str, text_field: str, encoding_errors: str) -> list[s
   return docs
 
 
+def _hugging_face_rows(part: str):
+  """("where", row) of a Hugging Face dataset: "hf:DIR[@split]" saved with save_to_disk, or "hf:FILES[@split]"
+  (parquet, JSON lines or CSV files, a glob) read with the datasets library, locally."""
+  try:
+    import datasets  # an optional dependency: only this source needs it
+  except ImportError:
+    raise DataError(f"data path '{part}': reading Hugging Face datasets needs the datasets package "
+                    "(pip install datasets)") from None
+  path, _, split = part[len(HUGGING_FACE):].partition("@")
+  try:
+    if os.path.isdir(path):
+      dataset = datasets.load_from_disk(path)
+    else:
+      files = resolve_paths(path)
+      kinds = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+      kind = kinds.get(os.path.splitext(files[0])[1])
+      if kind is None:
+        raise DataError(f"data path '{part}': expected a dataset directory or {', '.join(kinds)} files")
+      dataset = datasets.load_dataset(kind, data_files=files, split="train")
+  except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"data path '{part}': not a readable dataset ({str(e).splitlines()[0][:200]})") from None
+  if isinstance(dataset, datasets.DatasetDict):
+    if (split or "train") not in dataset:
+      raise DataError(f"data path '{part}': no split '{split or 'train'}' (splits: {', '.join(dataset)})")
+    dataset = dataset[split or "train"]
+  for i, row in enumerate(dataset):
+    yield f"{part}[{i}]", row
+
+
+def _documents(path: str, text_field: str, encoding_errors: str) -> list[str]:
+  """The documents of one file (a text file is one, a JSONL line is one) or Hugging Face dataset."""
+  if path.startswith(HUGGING_FACE):
+    docs = []
+    for where, row in _hugging_face_rows(path):
+      _check_field(where, row, text_field)
+      if not isinstance(row[text_field], str):
+        raise DataError(f"{where}: field '{text_field}' should be a string, got {type(row[text_field]).__name__}")
+      docs.append(row[text_field])
+    return docs
+  if path.endswith(JSON_EXTENSIONS):
+    return _read_json_lines(path, text_field, encoding_errors)
+  return [_read_text(path, encoding_errors)]
+
+
+def _paths(path_spec: str) -> list[str]:
+  """resolve_paths, with each Hugging Face dataset part ("hf:...") kept as it is."""
+  paths = []
+  for part in (p.strip() for p in path_spec.split(",") if p.strip()):
+    paths.extend([part] if part.startswith(HUGGING_FACE) else resolve_paths(part))
+  if not paths:
+    raise DataError(f"data path '{path_spec}': no files match")
+  return paths
+
+
 def read_documents(path_spec: str, text_field: str = "text", max_bytes: int = 0,
                    encoding_errors: str = "strict") -> list[str]:
-  """Documents from the files of `path_spec`: a text file is one document, a JSONL line is one."""
+  """Documents from the files of `path_spec`: a text file is one document, a JSONL line or dataset row is one."""
   _check_encoding_errors(encoding_errors)
-  files = resolve_paths(path_spec)
+  files = _paths(path_spec)
   docs, total = [], 0
   for path in files:
-    if path.endswith(JSON_EXTENSIONS):
-      file_docs = _read_json_lines(path, text_field, encoding_errors)
-    else:
-      file_docs = [_read_text(path, encoding_errors)]
+    file_docs = _documents(path, text_field, encoding_errors)
     for doc in file_docs:
       if max_bytes > 0 and total >= max_bytes:
         break
@@ -169,12 +224,13 @@ def read_records(path_spec: str, fields: Sequence[str], max_records: int = 0,
   """JSON objects (values as parsed) from the .jsonl/.json files of `path_spec`, each holding `fields`."""
   # Other files a directory holds (SOURCE.md, .tsv) are skipped; max_records > 0 stops after that many.
   _check_encoding_errors(encoding_errors)
-  files = [f for f in resolve_paths(path_spec) if f.endswith(JSON_EXTENSIONS)]
+  files = [f for f in _paths(path_spec) if f.endswith(JSON_EXTENSIONS) or f.startswith(HUGGING_FACE)]
   if not files:
     raise DataError(f"data path '{path_spec}': no {' or '.join(JSON_EXTENSIONS)} files")
   records = []
   for path in files:
-    for where, obj in _json_objects(path, encoding_errors):
+    rows = _hugging_face_rows(path) if path.startswith(HUGGING_FACE) else _json_objects(path, encoding_errors)
+    for where, obj in rows:
       for field in fields:
         _check_field(where, obj, field)
       records.append(obj)

@@ -17,7 +17,7 @@ from data.packing import pack_documents
 from data.pipeline import read_splits
 from data.prepare import prepare
 from data.prepared import PreparedRows, permute, read_manifest
-from data.sources import DataError
+from data.sources import DataError, read_documents, read_records
 from data.tokenizer import load_tokenizer
 from test_train import logged, tiny_config
 from train.pretrain import train_and_evaluate
@@ -218,3 +218,25 @@ def test_pretraining_reads_a_prepared_corpus_and_resumes_exactly(prepared, tmp_p
   assert logged(str(tmp_path / "resumed")) == whole and sorted(whole) == list(range(1, 7))
   with open(os.path.join(directory, "tokenizer.json")) as a, open(tmp_path / "whole" / "tokenizer.json") as b:
     assert a.read() == b.read()  # the corpus' tokenizer is the run's
+
+
+def test_hugging_face_datasets_are_a_source(tmp_path, monkeypatch):
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  datasets = pytest.importorskip("datasets")
+  texts = [f"document {i}: " + " ".join(WORDS[:i % 9 + 1]) for i in range(40)]
+  splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:30], "n": list(range(30))}),
+                                 "validation": datasets.Dataset.from_dict({"text": texts[30:], "n": [0] * 10})})
+  splits.save_to_disk(str(tmp_path / "saved"))
+  splits["train"].to_parquet(str(tmp_path / "train.parquet"))
+  assert read_documents(f"hf:{tmp_path / 'saved'}") == texts[:30]
+  assert read_documents(f"hf:{tmp_path / 'saved'}@validation") == texts[30:]
+  assert read_documents(f"hf:{tmp_path / 'train.parquet'}") == texts[:30]
+  assert [r["n"] for r in read_records(f"hf:{tmp_path / 'train.parquet'}", ["text", "n"])] == list(range(30))
+  with pytest.raises(DataError, match=r"train.parquet\[0\]: no field 'body' \(fields: text, n\)"):
+    read_documents(f"hf:{tmp_path / 'train.parquet'}", text_field="body")
+  with pytest.raises(DataError, match="no split 'test'"):
+    read_documents(f"hf:{tmp_path / 'saved'}@test")
+  config = data_config(f"hf:{tmp_path / 'saved'}", val_path=f"hf:{tmp_path / 'saved'}@validation")
+  manifest = prepare(config, str(tmp_path / "corpus"), workers=1)
+  assert manifest["splits"]["train"]["documents"] == 30 and manifest["splits"]["validation"]["documents"] == 10
+  assert len(manifest["sources"]) > 2  # every file of the saved dataset, checksummed
