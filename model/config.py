@@ -139,9 +139,25 @@ class ModelConfig:
       total += self.vocab_size
     return total + (embeddings if include_embeddings else 0)
 
+  def train_flops(self, length: int, target_length: int = 0) -> float:
+    """Training FLOPs of one example, PaLM appendix B: 6 per weight of a matmul per token it reads (the output head
+    included; biases and norms left out) plus 12 * heads * head_dim per query-key pair of every attention. A
+    decoder or encoder reads `length` tokens; an encoder-decoder's encoder reads `length`, its decoder
+    `target_length`, and the decoder's cross-attention projects the encoder's tokens to keys and values."""
+    d, h, g, k = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
+    query_out, key_value = 2 * d * h * k, 2 * d * g * k
+    block = query_out + key_value + d * self.mlp_dim * (3 if self.gated else 2)
+    head = self.vocab_size * d + (d * d if self.head_transform else 0)
+    pair = 12 * h * k  # scores q.k and the weighted sum of values, forward and backward
+    layers = self.num_layers
+    if self.family != "encoder_decoder":
+      return 6 * (layers * block + head) * length + layers * pair * length * length
+    source, target = length, target_length
+    encoder = 6 * layers * block * source + layers * pair * source * source
+    decoder = (6 * (layers * (block + query_out) + head) * target + 6 * layers * key_value * source +
+               layers * pair * (target * target + target * source))
+    return encoder + decoder
+
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM appendix B: 6N (N = weights in matmuls, output head included)
-    plus 12 * layers * heads * head_dim * seq_len for the attention scores and values."""
-    matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
-    attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
-    return 6 * matmul_params + attention
+    """Training FLOPs per token of a decoder or encoder reading rows of seq_len (train_flops / seq_len)."""
+    return self.train_flops(seq_len) / seq_len

@@ -225,6 +225,10 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
       if step == start_step + 1:  # compile ahead, to say what does not fit before it fails
         train_fn = train_fn.lower(state, batch, frozen).compile()
         check_memory(train_fn, mesh)
+        lengths = (batch["inputs_BxL"].shape[1],
+                   batch["decoder_inputs_BxL"].shape[1] if "decoder_inputs_BxL" in batch else 0)
+        step_tokens = train.batch_size * sum(lengths)
+        step_flops = train.batch_size * run.model.cfg.train_flops(*lengths)
       state, metrics = train_fn(state, batch, frozen)
       done = [pending] if pending else []
       pending = (step, metrics)
@@ -248,7 +252,8 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
           elapsed = time.time() - interval["start"]
           last = {"step": done_step, **summarize(interval["sums"], "train"), "train/grad_norm": grad_norm,
                   "train/learning_rate": float(schedule(done_step - 1)),
-                  "train/tokens_per_sec": interval["steps"] * tokens_per_step / max(elapsed, 1e-9)}
+                  "train/tokens_per_sec": interval["steps"] * tokens_per_step / max(elapsed, 1e-9),
+                  "train/tokens": done_step * step_tokens, "train/flops": done_step * step_flops}
           if skip:
             last["train/skipped_updates"] = interval["skipped"]
           counts = loader.counts((done_step - interval["steps"]) * train.batch_size, done_step * train.batch_size)
