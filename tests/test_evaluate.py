@@ -1,4 +1,5 @@
-"""Evaluation: bits per byte by hand, sliding windows vs direct forwards, batch independence, the CLI."""
+"""Evaluation: bits per byte by hand, sliding windows vs direct forwards, batch independence, the CLI (corpora and
+tasks)."""
 
 import functools
 import json
@@ -17,7 +18,9 @@ from data.tokenizer import CharTokenizer
 from model.config import ModelConfig
 from model.families import build_model
 from test_train import REPO, TEXT, load_parts, tiny_config
+from train import eval_tasks
 from train.evaluate import _output_path, evaluate_documents, sliding_windows
+from train.likelihood import Scorer
 from train.pretrain import train_and_evaluate
 
 UNICODE = "Le café à Zürich: 日本語の本, naïve. "  # 1-, 2- and 3-byte characters
@@ -187,3 +190,46 @@ def test_cli_scores_the_runs_validation_split_at_several_lengths(trained_run):
     assert (record["seq_len"], record["stride"], record["tokens"]) == (seq_len, seq_len, len(held_out[0]))
     in_process = evaluate(model_tuple, held_out, window=seq_len, stride=seq_len)
     assert record["loss"] == pytest.approx(in_process["loss"], rel=1e-5)
+
+
+def _task_file(tmp_path, **keys):
+  """A multiple-choice YAML task over 6 records of the run's characters: which word follows "the"."""
+  data = tmp_path / "which.jsonl"
+  data.write_text("".join(json.dumps({"text": f"line {i}: the", "label": i % 2}) + "\n" for i in range(6)))
+  definition = dict(kind="multiple_choice", data=str(data), prompt="{text}", choices=["quick", "slow"],
+                    label_field="label", **keys)
+  (tmp_path / "which.yaml").write_text(json.dumps(definition))
+  return str(tmp_path / "which.yaml")
+
+
+def test_cli_evaluates_a_task(trained_run, tmp_path):
+  workdir, _, (model, params, tokenizer) = trained_run
+  task_file = _task_file(tmp_path, fewshot=1)
+  result = _cli(f"--workdir={workdir}", f"--task={task_file}", "--limit=4")
+  assert result.returncode == 0, result.stderr
+  with open(os.path.join(workdir, "eval_which.json")) as f:
+    record = json.load(f)
+  assert (record["step"], record["examples"], record["limit"], record["task"]["fewshot"]) == (3, 4, 4, 1)
+  task = eval_tasks.load_task(task_file)
+  means, per_example = eval_tasks.evaluate_multiple_choice(task, Scorer(model, params, tokenizer),
+                                                           eval_tasks.examples(task, 4))
+  assert record["metrics"] == pytest.approx(means, abs=1e-9)
+  for ours, theirs in zip(record["per_example"], per_example):
+    assert ours["loglikelihoods"] == pytest.approx(theirs["loglikelihoods"], rel=1e-6)
+  table = [line for line in result.stdout.splitlines() if line.startswith("| which")]
+  assert [line.split("|")[5].strip() for line in table] == ["acc", "acc_norm", "acc_bytes"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--task=no_such_task"], "--task=no_such_task: not a built-in task"),
+    (["--task=sst2", "--data=x.txt"], "give --data=CORPUS"),
+    ([], "give --data=CORPUS"),
+    (["--task=sst2_classify"], "a classification task needs a classification run"),
+    (["--task={task}", "--limit=-1"], "--limit=-1"),
+])
+def test_cli_task_errors_are_one_line(trained_run, tmp_path, args, expected):
+  workdir = trained_run[0]
+  result = _cli(f"--workdir={workdir}", *[a.format(task=_task_file(tmp_path)) for a in args])
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 1
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
