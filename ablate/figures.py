@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
 UNITS = {"loss": "nats per token", "bits_per_byte": "bits per byte", "perplexity": "per token",
-         "tokens_per_sec": "tokens / s", "accuracy": "fraction", "macro_f1": "fraction", "wall_s": "s"}
+         "tokens_per_sec": "tokens / s", "accuracy": "fraction", "macro_f1": "fraction", "wall_s": "s",
+         "train/flops": "FLOPs", "train/tokens": "tokens", "time": "s"}
 
 
 def label(spec: str) -> str:
@@ -33,7 +34,8 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, refer
     ax.plot(steps, mean_T, label=f"{variant} (baseline)" if baseline else variant, color="black" if baseline else None,
             linewidth=2.2 if baseline else 1.4)
     ax.fill_between(steps, mean_T - std_T, mean_T + std_T, alpha=0.15, color="black" if baseline else None)
-  ax.set(xlabel="step", ylabel=label(ablation.curve), title=f"{ablation.curve}: mean and std over seeds")
+  ax.set(xlabel=label(ablation.x_axis), ylabel=label(ablation.curve),
+         title=f"{ablation.curve}: mean and std over seeds")
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "curves.png"), dpi=120)

@@ -18,6 +18,7 @@ import ml_collections
 
 from model.config import ConfigError
 
+X_AXES = ("step", "train/tokens", "train/flops", "time")
 AGGREGATES = {"final": lambda v: v[-1], "min": min, "max": max, "mean": statistics.fmean,
               "median": statistics.median}
 
@@ -36,7 +37,9 @@ def ablation_defaults() -> ml_collections.ConfigDict:
   c.confidence = 0.95                # of the bootstrap intervals
   c.alpha = 0.05                     # a difference is significant when its Holm-adjusted p-value is below
   c.metrics = ("eval/loss",)         # see the module docstring; the first one is the bar chart's
-  c.curve = "eval/loss"              # metrics.jsonl key plotted against the step
+  c.curve = "eval/loss"              # metrics.jsonl key plotted against x_axis
+  c.x_axis = "step"                  # step | train/tokens | train/flops | time: what the runs are compared at; not
+                                     # step: every metric is taken at the largest x all runs reached (equal cost)
   c.eval_lengths = ()                # lengths for `key@L` metrics (python -m train.evaluate --seq_len)
   c.eval_data = "run:validation"     # what train.evaluate scores (default: each run's held-out split)
   c.eval_stride = 0                  # 0: disjoint windows; else tokens between window starts
@@ -66,6 +69,8 @@ def load_ablation(config) -> ml_collections.ConfigDict:
     if length is not None and length not in tuple(merged.eval_lengths):
       raise ConfigError(f"config.metrics: {spec!r} needs {length} in config.eval_lengths "
                         f"{tuple(merged.eval_lengths)}")
+  if merged.x_axis not in X_AXES:
+    raise ConfigError(f"config.x_axis: expected one of {', '.join(X_AXES)}, got {merged.x_axis!r}")
   for key in ("confidence", "alpha"):
     if not 0 < merged[key] < 1:
       raise ConfigError(f"config.{key}: expected a number in (0, 1), got {merged[key]}")

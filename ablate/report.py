@@ -24,11 +24,15 @@ from train.workdir import write_atomic
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "_ms", "wall", "time")
 
 
-def run_metrics(run_dir: str, specs, curve_key: str) -> tuple[dict, list]:
-  """({spec: value or None}, [(step, curve value)]) of a finished run, read from its files."""
+def run_metrics(run_dir: str, specs, curve_key: str, x_axis: str = "step", budget: float | None = None
+                ) -> tuple[dict, list]:
+  """({spec: value or None}, [(x, curve value)]) of a finished run, read from its files; with a `budget`, only
+  what the run logged up to x_axis = budget counts (key@L evaluations are of the final checkpoint)."""
   records = []
   if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+  if budget is not None:
+    records = [r for r in records if r.get(x_axis, float("inf")) <= budget]
   values = {}
   for spec in specs:
     aggregate, key, length = parse_metric(spec)
@@ -40,7 +44,7 @@ def run_metrics(run_dir: str, specs, curve_key: str) -> tuple[dict, list]:
     else:
       series = [r[key] for r in records if key in r]
       values[spec] = AGGREGATES[aggregate](series) if series else None
-  return values, [(r["step"], r[curve_key]) for r in records if curve_key in r]
+  return values, [(r[x_axis], r[curve_key]) for r in records if curve_key in r and x_axis in r]
 
 
 def lower_is_better(spec: str) -> bool:
@@ -86,21 +90,36 @@ def undecided(table: dict, spec: str, reference: str, alpha: float) -> list[str]
           if variant != reference and (cell["p_holm"] is None or cell["p_holm"] >= alpha)]
 
 
+def equal_budget(workdir: str, ablation, runs: list[dict]) -> float | None:
+  """The largest x_axis value every finished run reached (None for x_axis step: runs are compared as they end)."""
+  if ablation.x_axis == "step":
+    return None
+  reached = []
+  for run in runs:
+    path = os.path.join(workdir, "runs", run["name"], "metrics.jsonl")
+    if (read_status(workdir, run["name"]) or {}).get("status") == "done" and os.path.exists(path):
+      reached.append(max((r[ablation.x_axis] for r in read_metrics(path) if ablation.x_axis in r), default=0.0))
+  return min(reached) if reached else None
+
+
 def collect(workdir: str):
-  """(ablation, rows: one per run with status/metrics, curves: {variant: {seed: [(step, value)]}})."""
+  """(ablation, rows: one per run with status/metrics, curves: {variant: {seed: [(x, value)]}}, budget)."""
   with open(os.path.join(workdir, "ablation.json")) as f:
     ablation = load_ablation(ml_collections.ConfigDict(json.load(f)))
+  runs = expand(ablation, extra_seeds(workdir))
+  budget = equal_budget(workdir, ablation, runs)
   rows, curves = [], {}
-  for run in expand(ablation, extra_seeds(workdir)):
+  for run in runs:
     status = read_status(workdir, run["name"]) or {"status": "not run"}
     row = {"run": run["name"], "variant": run["variant"], "seed": run["seed"], "status": status["status"],
            "wall_s": status.get("wall_s")}
     if status["status"] == "done":
-      values, curve = run_metrics(os.path.join(workdir, "runs", run["name"]), ablation.metrics, ablation.curve)
+      values, curve = run_metrics(os.path.join(workdir, "runs", run["name"]), ablation.metrics, ablation.curve,
+                                  ablation.x_axis, budget)
       row.update(values)
       curves.setdefault(run["variant"], {})[run["seed"]] = curve
     rows.append(row)
-  return ablation, rows, curves
+  return ablation, rows, curves, budget
 
 
 def _cell(value) -> str:
@@ -157,7 +176,7 @@ def statistics_table(summary: dict, table: dict, spec: str, reference: str, alph
 
 def write_report(workdir: str) -> str:
   """Writes runs.csv, results.csv, results.md and the figures from the finished runs on disk; returns results.md."""
-  ablation, rows, curves = collect(workdir)
+  ablation, rows, curves, budget = collect(workdir)
   specs, reference = list(ablation.metrics), baseline(ablation)
   done = [row for row in rows if row["status"] == "done"]
   summary = summarize(done, specs)
@@ -180,7 +199,9 @@ def write_report(workdir: str) -> str:
   text = (f"# Ablation: {ablation.entrypoint} {ablation.config}\n\n"
           f"{len(done)} of {len(rows)} runs finished; seeds {tuple(ablation.seeds)}"
           + (f" and added {extra_seeds(workdir)}" if extra_seeds(workdir) else "") +
-          "; mean ± sample std over seeds, best in bold.\n\n" + markdown_table(summary, specs) +
+          "; mean ± sample std over seeds, best in bold."
+          + (f" Compared at equal cost: every metric as logged up to {ablation.x_axis} = {budget:.4g}, the most all "
+             "runs reached." if budget is not None else "") + "\n\n" + markdown_table(summary, specs) +
           f"\nIntervals: {ablation.confidence:.0%} percentile bootstrap of the mean (10,000 resamples). Δ: the mean "
           "difference to the baseline, over the seeds both ran (the runs of a seed share the data order: paired t-test)"
           ", else Welch's t-test. p Holm: adjusted over the variants of a metric; significant when below "

@@ -102,7 +102,7 @@ def run_until_significant(ablation, workdir: str, max_runs: int, max_hours: floa
   failed = run_ablation(ablation, workdir, parallel=parallel, report=False)
   reference, primary = baseline(ablation), ablation.metrics[0]
   while True:
-    _, rows, _ = collect(workdir)
+    _, rows, _, _ = collect(workdir)
     done = [row for row in rows if row["status"] == "done"]
     open_ = undecided(significance(done, [primary], reference, ablation.confidence), primary, reference,
                       ablation.alpha)

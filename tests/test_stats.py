@@ -117,3 +117,30 @@ def test_until_significant_adds_seeds_to_the_undecided_only(tmp_path, monkeypatc
   assert 2 * len(extra["small"]) <= 12
   text = open(os.path.join(workdir, "results.md")).read()
   assert "and added" in text and f"small_seed{extra['small'][-1]}" not in text  # every added run finished
+
+
+def test_equal_cost_comparisons_take_every_metric_at_the_same_flops(tmp_path):
+  workdir = str(tmp_path)
+  config = plan.load_ablation(ml_collections.ConfigDict(dict(
+      config="experiment.py", variants={"cheap": ("model.d_model=16",), "costly": ("model.d_model=32",)},
+      seeds=(0, 1), metrics=("eval/loss", "min:eval/loss"), x_axis="train/flops")))
+  os.makedirs(os.path.join(workdir, "status"), exist_ok=True)
+  with open(os.path.join(workdir, "ablation.json"), "w") as f:
+    json.dump(config.to_dict(), f)
+  for run in plan.expand(config):
+    cost = 1e9 if run["variant"] == "cheap" else 2e9  # per step: the costly variant reaches 4e9 at step 2
+    run_dir = os.path.join(workdir, "runs", run["name"])
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+      for step in range(1, 5):
+        loss = 3.0 - step * (0.2 if run["variant"] == "cheap" else 0.3) + run["seed"] * 0.01
+        f.write(json.dumps({"step": step, "train/flops": step * cost, "eval/loss": loss}) + "\n")
+    with open(plan.status_path(workdir, run["name"]), "w") as f:
+      json.dump({"status": "done", "wall_s": 1.0}, f)
+  _, rows, curves, budget = report.collect(workdir)
+  assert budget == 4e9  # the cheap runs end there
+  costly = [row for row in rows if row["variant"] == "costly"]
+  assert [row["eval/loss"] for row in costly] == [pytest.approx(2.4), pytest.approx(2.41)]  # step 2, not 4
+  assert curves["costly"][0][-1] == (4e9, pytest.approx(2.4))
+  text = report.write_report(workdir)
+  assert "Compared at equal cost: every metric as logged up to train/flops = 4e+09" in text
