@@ -1,6 +1,7 @@
 """The figures of an ablation report: curves.png (the curve over steps, mean and std band per variant),
 bars.png (the first metric: means with their bootstrap intervals, the baseline marked, significant differences
-starred) and lengths_<key>.png (key@L metrics by evaluation length). Offers `plot` and `label`."""
+starred), lengths_<key>.png (key@L metrics by evaluation length) and scaling.png (a size ladder's points and
+fitted laws). Offers `plot`, `scaling_plot` and `label`."""
 
 import os
 
@@ -93,3 +94,28 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, refer
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, f"lengths_{key.replace('/', '_')}.png"), dpi=120)
     plt.close(fig)
+
+
+def scaling_plot(workdir: str, rows: list[dict], spec: str, fits: dict, groups: dict) -> None:
+  """scaling.png: each group's runs (final metric against compute), its fitted law, and the projection."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for group, found in fits.items():
+    points = [(row["final:train/flops"], row[spec]) for row in rows
+              if groups.get(row["variant"]) == group and row.get(spec) is not None and row.get("final:train/flops")]
+    c_N = np.array([c for c, _ in points])
+    line = ax.plot(c_N, [value for _, value in points], "o", alpha=0.6, label=group)[0]
+    grid = np.geomspace(c_N.min(), found.projected_compute, 100)
+    params = (found.params["a"], found.params["b"], found.params.get("c", 0.0))
+    ax.plot(grid, params[0] * grid ** -params[1] + params[2], color=line.get_color())
+    if found.projection_interval:
+      low, high = found.projection_interval
+      ax.errorbar([found.projected_compute], [found.projection],
+                  yerr=[[found.projection - low], [high - found.projection]], fmt="s", color=line.get_color(),
+                  capsize=4)
+  ax.set_xscale("log")
+  ax.set(xlabel="training compute (FLOPs)", ylabel=label(spec),
+         title=f"{spec} against compute: runs, fitted laws, projection (square: interval)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "scaling.png"), dpi=120)
+  plt.close(fig)

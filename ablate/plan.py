@@ -30,7 +30,9 @@ def ablation_defaults() -> ml_collections.ConfigDict:
   c.config = ""                      # the experiment's config file, e.g. configs/shakespeare_char.py
   c.overrides = ()                   # "key=value" for every run, as --config.key=value
   c.variants = {}                    # name -> tuple of "key=value" overrides; or ((name, overrides), ...) in order
-  c.grid = {}                        # axis name -> (key, (values...)): a variant per combination
+  c.grid = {}                        # axis name -> (key, (values...)): a variant per combination; a tuple of keys
+                                     # with tuples of values ties dials: ("model.num_layers", "model.d_model")
+  c.ladder = ""                      # a grid axis of model sizes: the first metric is fitted against compute
   c.seeds = (0, 1, 2)
   c.seed_key = "train.seed"          # the runs of a seed share its data order (data.seed -1 follows train.seed)
   c.baseline = ""                    # the variant the others are compared with (default: the first)
@@ -69,6 +71,11 @@ def load_ablation(config) -> ml_collections.ConfigDict:
     if length is not None and length not in tuple(merged.eval_lengths):
       raise ConfigError(f"config.metrics: {spec!r} needs {length} in config.eval_lengths "
                         f"{tuple(merged.eval_lengths)}")
+  if merged.ladder and merged.ladder not in dict(merged.grid):
+    raise ConfigError(f"config.ladder: {merged.ladder!r} is not a grid axis ({', '.join(dict(merged.grid))})")
+  for axis, (key, values) in dict(merged.grid).items():
+    if isinstance(key, (tuple, list)) and any(not isinstance(v, (tuple, list)) or len(v) != len(key) for v in values):
+      raise ConfigError(f"config.grid.{axis}: a tuple of {len(key)} keys takes tuples of {len(key)} values")
   if merged.x_axis not in X_AXES:
     raise ConfigError(f"config.x_axis: expected one of {', '.join(X_AXES)}, got {merged.x_axis!r}")
   for key in ("confidence", "alpha"):
@@ -97,15 +104,40 @@ def _format(value) -> str:
 def variants(ablation) -> list[tuple[str, tuple]]:
   """(name, overrides) of every variant in order: the named ones, then the grid product."""
   found = [(name, tuple(overrides)) for name, overrides in dict(ablation.variants).items()]  # pairs keep order
-  axes = [(axis, key, tuple(values)) for axis, (key, values) in dict(ablation.grid).items()]
-  for combination in itertools.product(*[[(axis, key, v) for v in values] for axis, key, values in axes]):
+  for combination in _grid(ablation):
     if combination:
-      name = ",".join(f"{axis}={_format(v)}" for axis, _, v in combination)
-      found.append((name, tuple(f"{key}={_format(v)}" for _, key, v in combination)))
+      name = ",".join(f"{axis}={_name(v)}" for axis, _, v in combination)
+      found.append((name, tuple(override for _, key, v in combination for override in _overrides(key, v))))
   names = [name for name, _ in found]
   if len(set(names)) != len(names):
     raise ConfigError(f"config.variants / config.grid: duplicate variant names {names}")
   return found
+
+
+def _grid(ablation):
+  """Every combination of the grid's axes: a tuple of (axis, key, value)."""
+  axes = [(axis, key, tuple(values)) for axis, (key, values) in dict(ablation.grid).items()]
+  return itertools.product(*[[(axis, key, v) for v in values] for axis, key, values in axes])
+
+
+def _name(value) -> str:
+  return "x".join(map(_format, value)) if isinstance(value, (tuple, list)) else _format(value)
+
+
+def _overrides(key, value) -> list[str]:
+  """key=value, or one override per key of a tied axis."""
+  if isinstance(key, (tuple, list)):
+    return [f"{k}={_format(v)}" for k, v in zip(key, value)]
+  return [f"{key}={_format(value)}"]
+
+
+def ladder_groups(ablation) -> dict:
+  """{variant: its group}: the variant's name without the ladder axis (ablation.ladder)."""
+  groups = {}
+  for combination in _grid(ablation):
+    name = ",".join(f"{axis}={_name(v)}" for axis, _, v in combination)
+    groups[name] = ",".join(f"{axis}={_name(v)}" for axis, _, v in combination if axis != ablation.ladder) or "all"
+  return groups
 
 
 def baseline(ablation) -> str:

@@ -16,8 +16,10 @@ import statistics as pystats
 import ml_collections
 
 from ablate import figures
+from ablate import scaling
 from ablate import stats
-from ablate.plan import AGGREGATES, baseline, expand, extra_seeds, load_ablation, parse_metric, read_status
+from ablate.plan import (AGGREGATES, baseline, expand, extra_seeds, ladder_groups, load_ablation, parse_metric,
+                         read_status)
 from train.metrics import read_metrics
 from train.workdir import write_atomic
 
@@ -114,7 +116,8 @@ def collect(workdir: str):
     row = {"run": run["name"], "variant": run["variant"], "seed": run["seed"], "status": status["status"],
            "wall_s": status.get("wall_s")}
     if status["status"] == "done":
-      values, curve = run_metrics(os.path.join(workdir, "runs", run["name"]), ablation.metrics, ablation.curve,
+      specs = [*ablation.metrics, *(["final:train/flops"] if ablation.ladder else [])]  # a ladder's compute
+      values, curve = run_metrics(os.path.join(workdir, "runs", run["name"]), specs, ablation.curve,
                                   ablation.x_axis, budget)
       row.update(values)
       curves.setdefault(run["variant"], {})[run["seed"]] = curve
@@ -174,6 +177,23 @@ def statistics_table(summary: dict, table: dict, spec: str, reference: str, alph
   return "\n".join(lines) + "\n"
 
 
+def scaling_table(fits: dict, spec: str, confidence: float) -> str:
+  """One row per group: the fitted law, its parameters with intervals, and the projection."""
+  if not fits:
+    return f"**Scaling of {spec}**: too few sizes to fit.\n"
+  target = next(iter(fits.values())).projected_compute
+  lines = [f"**Scaling of {spec} with training compute C (FLOPs)**: L(C) = a·C^-b + c (a·C^-b with too few sizes "
+           f"for a floor) per group over its sizes and seeds; {confidence:.0%} bootstrap intervals; projection to "
+           f"C = {target:.3g}, 10x the largest run.\n",
+           "| group | law | a | b | c | L at projected C | points |", "|---|---|---|---|---|---|---|"]
+  for group, found in fits.items():
+    cell = lambda name: ("" if name not in found.params else
+                         f"{found.params[name]:.4g} {_interval(found.intervals.get(name))}")
+    lines.append(f"| {group} | {found.form} | {cell('a')} | {cell('b')} | {cell('c')} | {found.projection:.4f} "
+                 f"{_interval(found.projection_interval)} | {found.points} |")
+  return "\n".join(lines) + "\n"
+
+
 def write_report(workdir: str) -> str:
   """Writes runs.csv, results.csv, results.md and the figures from the finished runs on disk; returns results.md."""
   ablation, rows, curves, budget = collect(workdir)
@@ -207,11 +227,17 @@ def write_report(workdir: str) -> str:
           ", else Welch's t-test. p Holm: adjusted over the variants of a metric; significant when below "
           f"{ablation.alpha}.\n\n" + "\n".join(statistics_table(summary, table, spec, reference, ablation.alpha,
                                                                 ablation.confidence) for spec in specs))
+  fits = {}
+  if ablation.ladder:
+    fits = scaling.ladder_fits(done, specs[0], ladder_groups(ablation), confidence=ablation.confidence)
+    text += "\n" + scaling_table(fits, specs[0], ablation.confidence)
   unfinished = [f"{row['run']} ({row['status']})" for row in rows if row["status"] != "done"]
   if unfinished:
     text += "\nNot finished: " + ", ".join(unfinished) + "\n"
   write_atomic(os.path.join(workdir, "results.md"), text)
   figures.plot(workdir, ablation, summary, table, curves, reference)
+  if fits:
+    figures.scaling_plot(workdir, done, specs[0], fits, ladder_groups(ablation))
   return text
 
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from ablate import plan, report, runner
-from ablate import stats
+from ablate import scaling, stats
 
 
 def test_paired_t_by_hand_and_as_scipy():
@@ -144,3 +144,55 @@ def test_equal_cost_comparisons_take_every_metric_at_the_same_flops(tmp_path):
   assert curves["costly"][0][-1] == (4e9, pytest.approx(2.4))
   text = report.write_report(workdir)
   assert "Compared at equal cost: every metric as logged up to train/flops = 4e+09" in text
+
+
+def test_the_power_law_fit_recovers_known_parameters_and_its_intervals_cover_them():
+  compute, truth = np.repeat([1e12, 4e12, 1.6e13, 6.4e13, 2.56e14], 3), scaling.power_law(2.56e15, 400.0, 0.2, 1.5)
+  exact = scaling.fit(compute, scaling.power_law(compute, 400.0, 0.2, 1.5), project_to=2.56e15, resamples=50)
+  assert exact.form == "a*C^-b+c" and exact.points == 15
+  assert (exact.params["b"], exact.params["c"], exact.projection) == (pytest.approx(0.2, abs=1e-3),
+                                                                       pytest.approx(1.5, abs=1e-3),
+                                                                       pytest.approx(truth, abs=1e-3))
+  covered = {"b": 0, "c": 0, "projection": 0}
+  for trial in range(8):  # noise 0.01 nats: the 95% intervals should cover the truth most of the time
+    noisy = scaling.power_law(compute, 400.0, 0.2, 1.5) + np.random.default_rng(trial).normal(0, 0.01, 15)
+    found = scaling.fit(compute, noisy, project_to=2.56e15, resamples=200, seed=trial)
+    assert found.params["b"] == pytest.approx(0.2, abs=0.06) and found.params["c"] == pytest.approx(1.5, abs=0.15)
+    for name, value in (("b", 0.2), ("c", 1.5)):
+      covered[name] += found.intervals[name][0] <= value <= found.intervals[name][1]
+    covered["projection"] += found.projection_interval[0] <= truth <= found.projection_interval[1]
+  assert min(covered.values()) >= 6, covered  # 10 to 11 of 12 in a longer check
+
+
+def test_two_sizes_fit_the_simpler_law():
+  found = scaling.fit([1e12, 1e12, 8e12, 8e12], [3.0, 3.02, 2.5, 2.51], project_to=8e13)
+  assert found.form == "a*C^-b" and set(found.params) == {"a", "b"}
+  assert found.projection < 2.5
+
+
+def test_a_ladder_report_fits_each_group(tmp_path):
+  workdir = str(tmp_path)
+  config = plan.load_ablation(ml_collections.ConfigDict(dict(
+      config="experiment.py", seeds=(0, 1), ladder="size",
+      grid={"size": (("model.num_layers", "model.d_model"), ((1, 32), (2, 64), (3, 96), (4, 128))),
+            "act": ("model.activation", ("gelu", "swiglu"))})))
+  runs = plan.expand(config)
+  assert runs[0]["overrides"][:3] == ("model.activation=gelu", "model.num_layers=1", "model.d_model=32")
+  assert plan.ladder_groups(config)["act=swiglu,size=2x64"] == "act=swiglu"  # the config orders axes by name
+  os.makedirs(os.path.join(workdir, "status"))
+  with open(os.path.join(workdir, "ablation.json"), "w") as f:
+    json.dump(config.to_dict(), f)
+  for run in runs:
+    size = int(run["variant"].split("size=")[1].split("x")[0])
+    flops = 1e12 * 4 ** size
+    gain = 0.95 if "swiglu" in run["variant"] else 1.0
+    loss = scaling.power_law(flops, 300.0 * gain, 0.2, 1.8) + 0.005 * run["seed"]
+    os.makedirs(os.path.join(workdir, "runs", run["name"]))
+    with open(os.path.join(workdir, "runs", run["name"], "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": 1, "train/flops": flops, "eval/loss": loss}) + "\n")
+    with open(plan.status_path(workdir, run["name"]), "w") as f:
+      json.dump({"status": "done", "wall_s": 1.0}, f)
+  text = report.write_report(workdir)
+  assert "**Scaling of eval/loss with training compute C (FLOPs)**" in text
+  assert "| act=gelu | a*C^-b+c |" in text and "| act=swiglu | a*C^-b+c |" in text
+  assert os.path.getsize(os.path.join(workdir, "scaling.png")) > 1000
