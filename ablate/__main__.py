@@ -2,7 +2,7 @@
 
   python -m ablate --config=configs/ablations/heads.py --workdir=runs/ablate_heads [--parallel=2]
   python -m ablate --config=configs/ablations/heads.py --workdir=runs/ablate_heads --dry_run
-  python -m ablate report runs/ablate_heads
+  python -m ablate report runs/ablate_heads [--x_axis=train/flops --out=runs/ablate_heads/equal_flops]
   python -m ablate --config=... --workdir=... --until_significant [--max_runs=30 --max_hours=4]
 """
 
@@ -23,7 +23,7 @@ def main(argv):
   if len(argv) == 3 and argv[1] == "report":
     if not os.path.exists(os.path.join(argv[2], "ablation.json")):
       fail(f"{argv[2]}: no ablation.json; not an ablation workdir")
-    print(run_reporting_errors(write_report, argv[2]))
+    print(run_reporting_errors(write_report, argv[2], f.out, f.x_axis))
     return
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; usage: --config=FILE --workdir=DIR, or: report DIR")
@@ -46,6 +46,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Ablation directory: runs/, logs/, results.csv, results.md, figures.")
   flags.DEFINE_bool("dry_run", False, "List the runs and their commands; run nothing.")
   flags.DEFINE_integer("parallel", None, "Runs at a time (default: config.parallel).")
+  flags.DEFINE_string("x_axis", None, "report: compare the runs at step, train/tokens, train/flops or time "
+                      "(default: the ablation's).")
+  flags.DEFINE_string("out", None, "report: the directory of the report (default: the ablation's workdir).")
   flags.DEFINE_bool("until_significant", False, "Add seeds to the variants not yet significantly different from the "
                     "baseline (first metric) until they are, or the budget is spent.")
   flags.DEFINE_integer("max_runs", 30, "--until_significant: at most this many added runs.")

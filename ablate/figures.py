@@ -22,8 +22,8 @@ def label(spec: str) -> str:
   return f"{spec} ({unit})" if unit else spec
 
 
-def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, reference: str) -> None:
-  """Writes curves.png, bars.png and one lengths_<key>.png per key@L metric."""
+def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, baselines: set) -> None:
+  """Writes curves.png, bars.png and one lengths_<key>.png per key@L metric; `baselines` are drawn apart."""
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for variant, by_seed in curves.items():
     steps = sorted(set.intersection(*[{s for s, _ in curve} for curve in by_seed.values()]))
@@ -31,7 +31,7 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, refer
       continue
     values_SxT = np.array([[dict(curve)[s] for s in steps] for curve in by_seed.values()])
     mean_T, std_T = values_SxT.mean(0), values_SxT.std(0)
-    baseline = variant == reference
+    baseline = variant in baselines
     ax.plot(steps, mean_T, label=f"{variant} (baseline)" if baseline else variant, color="black" if baseline else None,
             linewidth=2.2 if baseline else 1.4)
     ax.fill_between(steps, mean_T - std_T, mean_T + std_T, alpha=0.15, color="black" if baseline else None)
@@ -49,16 +49,16 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, refer
   intervals = [table[primary][v]["interval"] or (m, m) for v, m in zip(names, means)]
   errors = np.array([[m - low for m, (low, _) in zip(means, intervals)], [high - m for m, (_, high) in
                                                                           zip(means, intervals)]]).reshape(2, -1)
-  colors = ["0.35" if v == reference else "tab:blue" for v in names]
+  colors = ["0.35" if v in baselines else "tab:blue" for v in names]
   bars = ax.bar(range(len(names)), means, yerr=errors, capsize=4, color=colors)
   marks = []
   for v, m in zip(names, means):
     cell = table[primary][v]
     significant = cell["p_holm"] is not None and cell["p_holm"] < ablation.alpha
-    marks.append(f"{m:.4g}" + (" *" if significant else "") + (" (base)" if v == reference else ""))
+    marks.append(f"{m:.4g}" + (" *" if significant else "") + (" (base)" if v in baselines else ""))
   ax.bar_label(bars, labels=marks, fontsize=7, padding=2)
-  if reference in names:
-    ax.axhline(means[names.index(reference)], color="0.35", linestyle="--", linewidth=1)
+  if len(baselines & set(names)) == 1:
+    ax.axhline(means[names.index(next(iter(baselines & set(names))))], color="0.35", linestyle="--", linewidth=1)
   if len(names):  # zoom on the differences: the axis starts near the smallest interval, not at 0
     low, high = float((means - errors[0]).min()), float((means + errors[1]).max())
     margin = max(high - low, 1e-3 * abs(high)) * 0.6
@@ -85,8 +85,8 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, refer
       errors = np.array([[m - lo for m, (lo, _) in zip(means, intervals)], [hi - m for m, (_, hi) in
                                                                             zip(means, intervals)]]).reshape(2, -1)
       ax.errorbar([length for length, _ in known], means, yerr=errors, marker="o", capsize=3,
-                  label=f"{variant} (baseline)" if variant == reference else variant,
-                  color="black" if variant == reference else None)
+                  label=f"{variant} (baseline)" if variant in baselines else variant,
+                  color="black" if variant in baselines else None)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="evaluation length (tokens)", ylabel=label(key),
            title=f"{key} by evaluation length: mean and {ablation.confidence:.0%} bootstrap interval")

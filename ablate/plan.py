@@ -140,6 +140,21 @@ def ladder_groups(ablation) -> dict:
   return groups
 
 
+def references(ablation) -> dict:
+  """{variant: the variant it is compared with, None for a baseline}: the baseline for every variant, or with a
+  ladder, the baseline's setting of the other axes at the variant's own size."""
+  reference = baseline(ablation)
+  if not ablation.ladder:
+    return {name: None if name == reference else reference for name, _ in variants(ablation)}
+  groups, size_of = ladder_groups(ablation), {}
+  for combination in _grid(ablation):
+    name = ",".join(f"{axis}={_name(v)}" for axis, _, v in combination)
+    size_of[name] = next(_name(v) for axis, _, v in combination if axis == ablation.ladder)
+  base_group = groups[reference]
+  same = {(groups[name], size_of[name]): name for name in groups}
+  return {name: None if groups[name] == base_group else same[(base_group, size_of[name])] for name in groups}
+
+
 def baseline(ablation) -> str:
   names = [name for name, _ in variants(ablation)]
   if ablation.baseline and ablation.baseline not in names:

@@ -19,7 +19,7 @@ from ablate import figures
 from ablate import scaling
 from ablate import stats
 from ablate.plan import (AGGREGATES, baseline, expand, extra_seeds, ladder_groups, load_ablation, parse_metric,
-                         read_status)
+                         read_status, references)
 from train.metrics import read_metrics
 from train.workdir import write_atomic
 
@@ -66,9 +66,10 @@ def summarize(rows: list[dict], specs) -> dict:
                            len(v)) for spec, v in cells.items()} for variant, cells in table.items()}
 
 
-def significance(rows: list[dict], specs, reference: str, confidence: float = 0.95) -> dict:
+def significance(rows: list[dict], specs, reference_of: dict, confidence: float = 0.95) -> dict:
   """{spec: {variant: {"interval", "comparison", "p_holm"}}}: each variant's bootstrap interval of the mean and,
-  but for the baseline, its comparison with the baseline (Holm-adjusted over the variants of the metric)."""
+  but for a baseline, its comparison with its reference (plan.references; Holm-adjusted over the variants of the
+  metric)."""
   out = {}
   for spec in specs:
     by_variant = {}
@@ -77,19 +78,19 @@ def significance(rows: list[dict], specs, reference: str, confidence: float = 0.
         by_variant.setdefault(row["variant"], {})[row["seed"]] = row[spec]
     cells = {variant: {"interval": stats.bootstrap_interval(list(values.values()), confidence), "comparison": None,
                        "p_holm": None} for variant, values in by_variant.items()}
-    others = [v for v in by_variant if v != reference and reference in by_variant]
+    others = [v for v in by_variant if reference_of.get(v) in by_variant]
     for variant in others:
-      cells[variant]["comparison"] = stats.compare(by_variant[variant], by_variant[reference], confidence)
+      cells[variant]["comparison"] = stats.compare(by_variant[variant], by_variant[reference_of[variant]], confidence)
     for variant, adjusted in zip(others, stats.holm([cells[v]["comparison"].p for v in others])):
       cells[variant]["p_holm"] = adjusted
     out[spec] = cells
   return out
 
 
-def undecided(table: dict, spec: str, reference: str, alpha: float) -> list[str]:
-  """The variants whose difference to the baseline on `spec` is not significant (yet)."""
+def undecided(table: dict, spec: str, reference_of: dict, alpha: float) -> list[str]:
+  """The variants whose difference to their reference on `spec` is not significant (yet)."""
   return [variant for variant, cell in table[spec].items()
-          if variant != reference and (cell["p_holm"] is None or cell["p_holm"] >= alpha)]
+          if reference_of.get(variant) and (cell["p_holm"] is None or cell["p_holm"] >= alpha)]
 
 
 def equal_budget(workdir: str, ablation, runs: list[dict]) -> float | None:
@@ -104,10 +105,12 @@ def equal_budget(workdir: str, ablation, runs: list[dict]) -> float | None:
   return min(reached) if reached else None
 
 
-def collect(workdir: str):
-  """(ablation, rows: one per run with status/metrics, curves: {variant: {seed: [(x, value)]}}, budget)."""
+def collect(workdir: str, x_axis: str | None = None):
+  """(ablation, rows: one per run with status/metrics, curves: {variant: {seed: [(x, value)]}}, budget); `x_axis`
+  overrides the ablation's."""
   with open(os.path.join(workdir, "ablation.json")) as f:
-    ablation = load_ablation(ml_collections.ConfigDict(json.load(f)))
+    saved = json.load(f)
+  ablation = load_ablation(ml_collections.ConfigDict(dict(saved, **({"x_axis": x_axis} if x_axis else {}))))
   runs = expand(ablation, extra_seeds(workdir))
   budget = equal_budget(workdir, ablation, runs)
   rows, curves = [], {}
@@ -151,17 +154,17 @@ def _interval(interval) -> str:
   return "" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
 
 
-def statistics_table(summary: dict, table: dict, spec: str, reference: str, alpha: float,
-                     confidence: float) -> str:
+def statistics_table(summary: dict, table: dict, spec: str, reference_of: dict, alpha: float,
+                     confidence: float, described: str) -> str:
   """One metric: each variant's mean, its interval, and its difference to the baseline with interval and p."""
   better = "lower" if lower_is_better(spec) else "higher"
-  lines = [f"**{spec}** ({better} is better; baseline {reference})\n",
+  lines = [f"**{spec}** ({better} is better; baseline {described})\n",
            f"| variant | mean ± std (n) | {confidence:.0%} CI | Δ vs baseline [{confidence:.0%} CI] | p (test) | "
            "p Holm | |", "|---|---|---|---|---|---|---|"]
   for variant, cell in table[spec].items():
     mean, std, n = summary[variant][spec]
     comparison, mark = cell["comparison"], ""
-    if variant == reference:
+    if reference_of.get(variant) is None:
       delta, p, p_holm, mark = "baseline", "", "", ""
     elif comparison is None:
       delta, p, p_holm = "", "", ""
@@ -194,15 +197,20 @@ def scaling_table(fits: dict, spec: str, confidence: float) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_report(workdir: str) -> str:
-  """Writes runs.csv, results.csv, results.md and the figures from the finished runs on disk; returns results.md."""
-  ablation, rows, curves, budget = collect(workdir)
-  specs, reference = list(ablation.metrics), baseline(ablation)
+def write_report(workdir: str, out: str | None = None, x_axis: str | None = None) -> str:
+  """Writes runs.csv, results.csv, results.md and the figures from the finished runs on disk into `out` (default:
+  workdir), comparing the runs at `x_axis` (default: the ablation's); returns results.md."""
+  ablation, rows, curves, budget = collect(workdir, x_axis)
+  out = out or workdir
+  os.makedirs(out, exist_ok=True)
+  specs, reference_of = list(ablation.metrics), references(ablation)
+  described = f"{ladder_groups(ablation)[baseline(ablation)]} at each {ablation.ladder}" if ablation.ladder else \
+      baseline(ablation)
   done = [row for row in rows if row["status"] == "done"]
   summary = summarize(done, specs)
-  table = significance(done, specs, reference, ablation.confidence)
+  table = significance(done, specs, reference_of, ablation.confidence)
   columns = ("run", "variant", "seed", "status", "wall_s", *specs)
-  _write_csv(os.path.join(workdir, "runs.csv"), columns, [[row.get(k) for k in columns] for row in rows])
+  _write_csv(os.path.join(out, "runs.csv"), columns, [[row.get(k) for k in columns] for row in rows])
   results = []
   for spec in specs:
     for variant, cell in table[spec].items():
@@ -213,7 +221,7 @@ def write_report(workdir: str) -> str:
                          comparison.test, cell["p_holm"],
                          cell["p_holm"] is not None and cell["p_holm"] < ablation.alpha) if comparison else
                         (None,) * 7)])
-  _write_csv(os.path.join(workdir, "results.csv"),
+  _write_csv(os.path.join(out, "results.csv"),
              ("metric", "variant", "mean", "std", "n", "ci_low", "ci_high", "difference", "difference_low",
               "difference_high", "p", "test", "p_holm", "significant"), results)
   text = (f"# Ablation: {ablation.entrypoint} {ablation.config}\n\n"
@@ -225,8 +233,8 @@ def write_report(workdir: str) -> str:
           f"\nIntervals: {ablation.confidence:.0%} percentile bootstrap of the mean (10,000 resamples). Δ: the mean "
           "difference to the baseline, over the seeds both ran (the runs of a seed share the data order: paired t-test)"
           ", else Welch's t-test. p Holm: adjusted over the variants of a metric; significant when below "
-          f"{ablation.alpha}.\n\n" + "\n".join(statistics_table(summary, table, spec, reference, ablation.alpha,
-                                                                ablation.confidence) for spec in specs))
+          f"{ablation.alpha}.\n\n" + "\n".join(statistics_table(summary, table, spec, reference_of, ablation.alpha,
+                                                                ablation.confidence, described) for spec in specs))
   fits = {}
   if ablation.ladder:
     fits = scaling.ladder_fits(done, specs[0], ladder_groups(ablation), confidence=ablation.confidence)
@@ -234,10 +242,10 @@ def write_report(workdir: str) -> str:
   unfinished = [f"{row['run']} ({row['status']})" for row in rows if row["status"] != "done"]
   if unfinished:
     text += "\nNot finished: " + ", ".join(unfinished) + "\n"
-  write_atomic(os.path.join(workdir, "results.md"), text)
-  figures.plot(workdir, ablation, summary, table, curves, reference)
+  write_atomic(os.path.join(out, "results.md"), text)
+  figures.plot(out, ablation, summary, table, curves, {v for v, r in reference_of.items() if r is None})
   if fits:
-    figures.scaling_plot(workdir, done, specs[0], fits, ladder_groups(ablation))
+    figures.scaling_plot(out, done, specs[0], fits, ladder_groups(ablation))
   return text
 
 

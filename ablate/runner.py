@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from ablate.plan import baseline, expand, extra_seeds, read_status, status_path
+from ablate.plan import expand, extra_seeds, read_status, references, status_path
 from ablate.report import collect, significance, undecided, write_report
 from train.workdir import write_atomic
 
@@ -100,22 +100,23 @@ def run_until_significant(ablation, workdir: str, max_runs: int, max_hours: floa
   were started or `max_hours` passed; returns the variants still undecided."""
   start, added = time.time(), 0
   failed = run_ablation(ablation, workdir, parallel=parallel, report=False)
-  reference, primary = baseline(ablation), ablation.metrics[0]
+  reference_of, primary = references(ablation), ablation.metrics[0]
   while True:
     _, rows, _, _ = collect(workdir)
     done = [row for row in rows if row["status"] == "done"]
-    open_ = undecided(significance(done, [primary], reference, ablation.confidence), primary, reference,
+    open_ = undecided(significance(done, [primary], reference_of, ablation.confidence), primary, reference_of,
                       ablation.alpha)
     hours = (time.time() - start) / 3600
-    if not open_ or failed or added + len(open_) + 1 > max_runs or hours >= max_hours:
+    if not open_ or failed or added + 2 * len(open_) > max_runs or hours >= max_hours:
       break
     extra = extra_seeds(workdir)
     seed = 1 + max([*ablation.seeds, *[s for seeds in extra.values() for s in seeds]])
-    for variant in [reference, *open_]:
+    grow = sorted(set(open_) | {reference_of[v] for v in open_})  # a reference too, so the runs stay paired
+    for variant in grow:
       extra.setdefault(variant, []).append(seed)
     write_atomic(os.path.join(workdir, "extra_seeds.json"), json.dumps(extra, indent=2))
-    print(f"undecided on {primary}: {', '.join(open_)}; adding seed {seed} to them and {reference}")
-    added += len(open_) + 1
+    print(f"undecided on {primary}: {', '.join(open_)}; adding seed {seed} to {', '.join(grow)}")
+    added += len(grow)
     failed = run_ablation(ablation, workdir, parallel=parallel, report=False)
   write_report(workdir)
   print(f"{primary}: " + (f"still undecided after {added} added runs: {', '.join(open_)}" if open_ else

@@ -144,6 +144,9 @@ def test_equal_cost_comparisons_take_every_metric_at_the_same_flops(tmp_path):
   assert curves["costly"][0][-1] == (4e9, pytest.approx(2.4))
   text = report.write_report(workdir)
   assert "Compared at equal cost: every metric as logged up to train/flops = 4e+09" in text
+  at_steps = report.write_report(workdir, out=os.path.join(workdir, "at_steps"), x_axis="step")
+  assert "equal cost" not in at_steps and "| costly | 1.8050 ± 0.0071 (n=2)" in at_steps  # step 4 of each
+  assert os.path.exists(os.path.join(workdir, "at_steps", "results.csv"))
 
 
 def test_the_power_law_fit_recovers_known_parameters_and_its_intervals_cover_them():
@@ -179,6 +182,8 @@ def test_a_ladder_report_fits_each_group(tmp_path):
   runs = plan.expand(config)
   assert runs[0]["overrides"][:3] == ("model.activation=gelu", "model.num_layers=1", "model.d_model=32")
   assert plan.ladder_groups(config)["act=swiglu,size=2x64"] == "act=swiglu"  # the config orders axes by name
+  references = plan.references(config)  # a ladder compares within each size
+  assert references["act=swiglu,size=2x64"] == "act=gelu,size=2x64" and references["act=gelu,size=3x96"] is None
   os.makedirs(os.path.join(workdir, "status"))
   with open(os.path.join(workdir, "ablation.json"), "w") as f:
     json.dump(config.to_dict(), f)
@@ -195,4 +200,7 @@ def test_a_ladder_report_fits_each_group(tmp_path):
   text = report.write_report(workdir)
   assert "**Scaling of eval/loss with training compute C (FLOPs)**" in text
   assert "| act=gelu | a*C^-b+c |" in text and "| act=swiglu | a*C^-b+c |" in text
+  assert "baseline act=gelu at each size" in text
+  swiglu = [line for line in text.splitlines() if line.startswith("| act=swiglu,size=4x128 |") and "paired t" in line][0]
+  assert "significant, better" in swiglu  # 5% below gelu at the same size, seed noise shared
   assert os.path.getsize(os.path.join(workdir, "scaling.png")) > 1000
