@@ -163,7 +163,7 @@ def gpt2(tmp_path_factory):
   """A tiny GPT-2 built with transformers (byte-level BPE tokenizer), imported; its Scorer and an SST-2-like task."""
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  from test_hf import _hf_model, _train_config  # noqa: E402  (torch and transformers are test-only)
+  from test_hf import _hf_model, _train_config  # torch and transformers are test-only
   from test_tokenizers import build_tokenizer
   root = tmp_path_factory.mktemp("gpt2")
   (root / "corpus.txt").write_text(TEXT)
@@ -206,14 +206,15 @@ def test_the_harness_adapter_gives_the_builtin_numbers(gpt2, monkeypatch):
   pytest.importorskip("lm_eval")
   for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     monkeypatch.setenv(name, "1")
-  import lm_eval  # noqa: E402  (optional: the adapter's own dependency)
+  import lm_eval  # optional: the adapter's own dependency
   from lm_eval.tasks import TaskManager
   from train.harness import AblaxLM
   task, root = gpt2["task"], gpt2["root"]
   (root / "harness").mkdir(exist_ok=True)
+  prompt = json.dumps(PROMPT.replace("{text}", "{{text}}"))  # a jinja template, as a YAML string
   (root / "harness" / "local_mc.yaml").write_text(
       f"task: local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {task.data}\n"
-      f"validation_split: validation\noutput_type: multiple_choice\ndoc_to_text: {json.dumps(PROMPT.replace('{text}', '{{text}}'))}\n"
+      f"validation_split: validation\noutput_type: multiple_choice\ndoc_to_text: {prompt}\n"
       "doc_to_target: label\ndoc_to_choice: ['bad', 'good']\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
   results = lm_eval.simple_evaluate(model=AblaxLM(scorer=gpt2["scorer"]), tasks=["local_mc"], log_samples=True,
                                     task_manager=TaskManager(include_path=str(root / "harness")))

@@ -78,7 +78,7 @@ def test_gsm8k_answers_as_the_harness_extracts_them():
 
 
 def test_several_references():
-  means, per_example = scores.generation_scores(["a b", "c"], [["x", "a b"], ["c"]])
+  means, _ = scores.generation_scores(["a b", "c"], [["x", "a b"], ["c"]])
   assert means["rouge1"] == 1.0 and means["exact_match"] == 1.0
   # EM / F1: the best reference; ROUGE: every ROUGE score from the reference of the best ROUGE-1 (SciTLDR).
   _, (example,) = scores.generation_scores(["a b c d"], [["a b c d x y z w", "a c b d"]])

@@ -104,7 +104,7 @@ def _read_definition(spec: str) -> tuple[dict, str]:
     else:
       with open(path) as f:
         definition = yaml.safe_load(f)
-  except Exception as e:  # a user's file: any failure is one line naming it
+  except Exception as e:  # noqa: BLE001  (a user's file: any failure is one line naming it)
     raise ConfigError(f"--task={spec}: cannot load this task file ({type(e).__name__}: {e})".splitlines()[0]) from None
   if not isinstance(definition, dict):
     raise ConfigError(f"--task={spec}: expected a mapping of task keys, got {type(definition).__name__}")

@@ -31,9 +31,8 @@ from data.pipeline import read_splits
 from data.sources import DataError, read_documents, read_records
 from model.config import ConfigError
 from model.families import family
-from train import eval_tasks
+from train import eval_tasks, tasks
 from train import mesh as mesh_lib
-from train import tasks
 from train.checkpoint import read_run_config
 from train.cli import fail, parse_flags, run_reporting_errors
 from train.likelihood import Scorer
@@ -152,11 +151,15 @@ def run_tasks(workdir: str, specs: list[str], *, step: int | None = None, limit:
     raise ConfigError("--output names one file: give one --task with it")
   task_list = [eval_tasks.load_task(spec, **overrides) for spec in specs]  # every definition checked first
   loaded = load_run(workdir, step)
-  records = []
-  for task in task_list:
+  for task in task_list:  # refused before any task runs
     if task.kind == "classification" and loaded.run.labels is None:
       raise ConfigError(f"--task={task.name}: a classification task needs a classification run; {workdir} has "
                         f"config.task={loaded.run.config.get('task', 'none')!r}")
+    if task.kind != "classification" and not family(loaded.run.model.cfg).generates:
+      raise ConfigError(f"--task={task.name}: {workdir} is a {loaded.run.model.cfg.family} run, which predicts no "
+                        f"next token; it takes classification tasks only")
+  records = []
+  for task in task_list:
     result = evaluate_task(loaded, task, limit=limit, batch_size=batch_size)
     record = dict(tool=TOOL, workdir=os.path.abspath(workdir), step=int(loaded.step), data=f"task:{task.name}",
                   task=task.as_dict(), limit=limit, **result)

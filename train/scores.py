@@ -34,7 +34,7 @@ def _sentence_lines(text: str) -> str:
 def rouge(prediction: str, reference: str) -> dict:
   """F-measures of ROUGE-1, -2, -L (one sequence) and -Lsum (union LCS over sentences)."""
   scored = _rouge_scorer().score(_sentence_lines(reference), _sentence_lines(prediction))
-  return {key: scored[key].fmeasure for key in ROUGE_TYPES}
+  return {key: float(scored[key].fmeasure) for key in ROUGE_TYPES}
 
 
 def normalize_answer(text: str) -> str:

@@ -1,4 +1,4 @@
-"""SST-2 (GLUE dev, 872 sentences) zero-shot as multiple choice: lm-evaluation-harness's glue/sst2 prompt and choices."""
+"""SST-2 (GLUE dev, 872 sentences) zero-shot as multiple choice: lm-evaluation-harness's glue/sst2 prompt, choices."""
 
 import ml_collections
 
