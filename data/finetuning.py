@@ -1,9 +1,9 @@
 """Fine-tuning rows: records -> rows of the batch format (data/batch.py), one builder per kind of task.
 
 Offers `render` (a str.format template over a record), `instruct_rows` (prompt -> response rows with the loss on
-the response only, packed or one example per row), `seq2seq_rows` (prompt to an encoder, response to a decoder),
-`classify_rows` (text rows plus an int label per row), `label_vocabulary` / `encode_labels` (label values <->
-class ids) and `split_records` (train / val).
+the response only, packed or one example per row, the prompt optionally a prefix LM's prefix), `seq2seq_rows`
+(prompt to an encoder, response to a decoder), `classify_rows` (text rows plus an int label per row),
+`label_vocabulary` / `encode_labels` (label values <-> class ids) and `split_records` (train / val).
 """
 
 import numpy as np
@@ -37,14 +37,16 @@ def _instruct_stream(tokenizer: Tokenizer, prompt_ids: list[int], response_ids: 
   return stream, len(prompt_ids)
 
 
-def instruct_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: int, pack: bool = True) -> Batch:
+def instruct_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: int, pack: bool = True,
+                  prompt_as_prefix: bool = False) -> Batch:
   """Rows of (prompt, response) examples, loss only on response tokens and eos; arrays [N, seq_len].
 
   Each example is [bos] + prompt + response + [eos]: inputs = stream[:-1], targets = stream[1:], weight 1
   where the target is a response token or the eos. An example over seq_len + 1 tokens loses the start of its
   prompt; if the response alone is too long, the stream is [bos] + the response's first seq_len tokens.
   pack=True puts whole examples greedily, in order, into rows (never across two rows), each its own segment
-  (ids 1, 2, ...; positions from 0); pack=False gives one example per row. Padding is 0 everywhere.
+  (ids 1, 2, ...; positions from 0); pack=False gives one example per row. prompt_as_prefix marks [bos] + prompt
+  in prefix_BxL (a prefix LM reads the prompt bidirectionally). Padding is 0 everywhere.
   """
   if not pairs:
     raise DataError("instruction data: no (prompt, response) pairs")
@@ -65,8 +67,9 @@ def instruct_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: i
     used += length
   # Target j is stream[j + 1]; stream[1 : 1 + num_prompt] is the prompt, so targets j >= num_prompt count.
   weights = [[0.0] * k + [1.0] * (len(s) - 1 - k) for s, k in zip(streams, num_prompts)]
+  prefix_lengths = [1 + k for k in num_prompts] if prompt_as_prefix else None
   return batch_lib.rows([s[:-1] for s in streams], seq_len, targets=[s[1:] for s in streams], weights=weights,
-                        row_of=row_of)
+                        row_of=row_of, prefix_lengths=prefix_lengths)
 
 
 def seq2seq_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], input_len: int, target_len: int) -> Batch:

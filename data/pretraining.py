@@ -1,10 +1,12 @@
 """Pretraining objectives: tokenized documents -> rows of the batch format (data/batch.py).
 
-Offers `objective_rows` (the rows of causal_lm, masked_lm or span_corruption), `special_tokens_for` (the tokens
-an objective reserves in the tokenizer), `masked_lm_rows` (BERT: packed rows, 15% of tokens chosen, 80/10/10
-mask/random/keep, optional whole-word masking), `span_corruption_rows` (T5: one chunk per row, noise spans ->
-sentinels in the encoder, sentinel + span in the decoder), `reconstruct_span_corruption`, `MASK_TOKEN` and
-`sentinel_tokens`. Names carry shapes: N rows, L = seq_len, T = stream tokens, I / J = encoder / decoder length.
+Offers `objective_rows` (the rows of causal_lm, prefix_lm, masked_lm or span_corruption), `special_tokens_for` (the
+tokens an objective reserves in the tokenizer), `prefix_lm_rows` (T5's prefix LM: causal-LM rows whose segments
+start with a bidirectional prefix of random length, no loss inside it), `masked_lm_rows` (BERT: packed rows, 15%
+of tokens chosen, 80/10/10 mask/random/keep, optional whole-word masking), `span_corruption_rows` (T5: one chunk
+per row, noise spans -> sentinels in the encoder, sentinel + span in the decoder), `reconstruct_span_corruption`,
+`MASK_TOKEN` and `sentinel_tokens`. Names carry shapes: N rows, L = seq_len, T = stream tokens, S = segments,
+I / J = encoder / decoder length.
 """
 
 import numpy as np
@@ -26,6 +28,26 @@ def _round_at_random(rng: np.random.Generator, x_N: np.ndarray) -> np.ndarray:
   """floor(x) + 1 with probability frac(x): integers whose mean is x (an unbiased rounding)."""
   floor_N = np.floor(x_N)
   return (floor_N + (rng.random(x_N.shape) < x_N - floor_N)).astype(np.int64)
+
+
+def prefix_lm_rows(token_lists: list[list[int]], seq_len: int, *, bos_id: int, eos_id: int, seed) -> Batch:
+  """Prefix LM rows (T5, section 3.2.3): the causal-LM rows of pack_documents, each segment with a prefix; [N, L].
+
+  A segment (a document's tokens in one row) of n inputs gets a prefix of its first p tokens, p uniform over 1..n
+  (T5 splits a span at a uniform random point; p = 1 is a causal segment), marked 1 in prefix_BxL and attended
+  bidirectionally. A target inside the prefix is visible to it, so its weight is 0: the loss is on the tokens
+  after the prefix, the first of them predicted from the last prefix token (and on a row's last target, the
+  next row's first token, which no input of the row sees). Deterministic for a seed.
+  """
+  rows = pack_documents(token_lists, seq_len, bos_id, eos_id)
+  positions_NxL = rows["positions_BxL"]
+  segment_T = np.cumsum(positions_NxL.ravel() == 0) - 1  # positions restart at 0 exactly where a segment starts
+  length_S = np.bincount(segment_T)
+  prefix_S = 1 + (np.random.default_rng(seed).random(len(length_S)) * length_S).astype(np.int64)
+  prefix_NxL = (positions_NxL.ravel() < prefix_S[segment_T]).reshape(positions_NxL.shape)
+  weights_NxL = rows["weights_BxL"].copy()
+  weights_NxL[:, :-1] *= ~prefix_NxL[:, 1:]
+  return dict(rows, weights_BxL=weights_NxL, prefix_BxL=prefix_NxL.astype(np.int32))
 
 
 def masked_lm_rows(token_lists: list[list[int]], seq_len: int, *, bos_id: int, eos_id: int, mask_id: int,
@@ -233,7 +255,7 @@ def reconstruct_span_corruption(inputs_row, targets_row, sentinel_ids, eos_id: i
 
 def special_tokens_for(objective: str) -> list[str]:
   """The special tokens `objective` needs reserved in the tokenizer."""
-  tokens = {"causal_lm": [], "masked_lm": [MASK_TOKEN], "span_corruption": sentinel_tokens(100)}
+  tokens = {"causal_lm": [], "prefix_lm": [], "masked_lm": [MASK_TOKEN], "span_corruption": sentinel_tokens(100)}
   if objective not in tokens:
     raise DataError(f"objective '{objective}': expected one of {', '.join(tokens)}")
   return tokens[objective]
@@ -250,6 +272,8 @@ def objective_rows(objective: str, tokenizer: Tokenizer, token_lists: list[list[
   """Rows of `objective` from tokenized documents."""
   if objective == "causal_lm":
     return pack_documents(token_lists, seq_len, tokenizer.bos_id, tokenizer.eos_id)
+  if objective == "prefix_lm":
+    return prefix_lm_rows(token_lists, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, seed=seed)
   if objective == "masked_lm":
     mask_id = tokenizer.token_id(MASK_TOKEN)
     special_ids = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, mask_id]

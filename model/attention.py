@@ -1,5 +1,5 @@
-"""Attention: masks, positional schemes (sinusoidal, RoPE, ALiBi, T5's relative bias) and multi-head /
-grouped-query attention.
+"""Attention: masks (causal, bidirectional, prefix LM), positional schemes (sinusoidal, RoPE, ALiBi, T5's
+relative bias) and multi-head / grouped-query attention.
 
 Shape letters as in model/layers.py. Masks are booleans (True = may attend) applied with `where`;
 softmax runs in float32.
@@ -15,15 +15,19 @@ from model.config import ModelConfig
 from model.layers import normal, param, residual_init
 
 
-def attention_mask(q_segment_BxL, k_segment_BxS, causal: bool, q_offset=0):
-  """True where query l may attend key s: same non-zero segment and, if causal, s <= q_offset + l.
+def attention_mask(q_segment_BxL, k_segment_BxS, causal: bool, q_offset=0, q_prefix_BxL=None, k_prefix_BxS=None):
+  """True where query l may attend key s: same non-zero segment and, if causal, s <= q_offset + l or both
+  l and s in the prefix (non-zero q_prefix / k_prefix: a prefix LM, bidirectional within a segment's prefix).
 
   q_offset is the slot of the first query among the keys (non-zero when decoding into a cache).
   """
   mask_BxLxS = (q_segment_BxL[:, :, None] == k_segment_BxS[:, None, :]) & (k_segment_BxS[:, None, :] != 0)
   if causal:
     length, keys = q_segment_BxL.shape[1], k_segment_BxS.shape[1]
-    mask_BxLxS &= (q_offset + jnp.arange(length)[:, None] >= jnp.arange(keys)[None, :])[None]
+    allowed_BxLxS = (q_offset + jnp.arange(length)[:, None] >= jnp.arange(keys)[None, :])[None]
+    if q_prefix_BxL is not None:
+      allowed_BxLxS = allowed_BxLxS | ((q_prefix_BxL[:, :, None] != 0) & (k_prefix_BxS[:, None, :] != 0))
+    mask_BxLxS &= allowed_BxLxS
   return mask_BxLxS
 
 

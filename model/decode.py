@@ -2,7 +2,8 @@
 and beam search (with a length penalty), for decoder-only and encoder-decoder models.
 
 Prompts of different lengths are left-padded (padding has segment id 0, so it is never attended) and
-prefilled in one call; then one jitted step per token, compiled once per batch shape.
+prefilled in one call; then one jitted step per token, compiled once per batch shape. With `prompt_as_prefix`
+(a prefix LM) a decoder-only model's prompt is prefilled as one bidirectional prefix and decoding is causal.
 """
 
 import dataclasses
@@ -65,10 +66,12 @@ def choose(logits_BxV, seen_BxV, rng, row_ids_B, *, sampling: Sampling):
   return jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
 
 
-def _last_logits(model, params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, context):
-  """Feeds L tokens through the cache (and, for an encoder-decoder, attends `context` = (encoded, segments))."""
+def _last_logits(model, params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, context, prefix_BxL=None):
+  """Feeds L tokens through the cache (and, for an encoder-decoder, attends `context` = (encoded, segments));
+  a decoder-only model attends bidirectionally among the tokens of `prefix_BxL`."""
   if context is None:
-    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL, cache=cache)
+    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL, cache=cache,
+                                      prefix_BxL=prefix_BxL)
   else:
     encoded_BxSxD, segment_ids_BxS = context
     logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, encoded_BxSxD, segment_ids_BxS,
@@ -91,9 +94,11 @@ def choose_and_step(params, logits_BxV, seen_BxV, cache, positions_B, rng, row_i
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
-def forward_with_cache(params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, context=None, *, model):
-  """Writes L tokens into the cache; returns the logits after the last one [B, V] and the cache."""
-  return _last_logits(model, params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, context)
+def forward_with_cache(params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, context=None, prefix_BxL=None, *,
+                       model):
+  """Writes L tokens into the cache (those of `prefix_BxL` as one bidirectional prefix); returns the logits after
+  the last one [B, V] and the cache."""
+  return _last_logits(model, params, tokens_BxL, positions_BxL, segment_ids_BxL, cache, context, prefix_BxL)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -108,23 +113,31 @@ def encoder_context(model, params, prompts: list[list[int]]):
   decoder from token 0 (T5's start token is the pad id); decoder-only models keep their prompts."""
   if not family(model.cfg).seq2seq:
     return None, prompts
-  inputs_BxS, positions_BxS, segment_ids_BxS, _ = left_pad(prompts)
+  inputs_BxS, positions_BxS, segment_ids_BxS, _, _ = left_pad(prompts)
   return encode(params, inputs_BxS, positions_BxS, segment_ids_BxS, model=model), [[0] for _ in prompts]
 
 
-def left_pad(prompts: list[list[int]]):
-  """Prompts as right-aligned rows: tokens, positions, segment ids [B, P] (0 on padding) and lengths [B]."""
+def left_pad(prompts: list[list[int]], prefix_lengths=None):
+  """Prompts as right-aligned rows: tokens, positions, segment ids, prefix flags [B, P] (0 on padding; 1 on the
+  first prefix_lengths[i] tokens of prompt i, none without prefix_lengths) and lengths [B]."""
   lengths_B = np.array([len(p) for p in prompts], np.int32)
   if lengths_B.min() == 0:
     raise ValueError("every prompt needs at least one token (start with bos)")
-  batch = rows(prompts, int(lengths_B.max()), left=True)
-  return batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], lengths_B
+  prefix_lengths = [0] * len(prompts) if prefix_lengths is None else prefix_lengths
+  batch = rows(prompts, int(lengths_B.max()), left=True, prefix_lengths=prefix_lengths)
+  return batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], batch["prefix_BxL"], lengths_B
+
+
+def _check_prompt_as_prefix(model, prompt_as_prefix: bool):
+  if prompt_as_prefix and family(model.cfg).seq2seq:
+    raise ValueError("prompt_as_prefix: an encoder-decoder reads its prompt with the encoder")
 
 
 def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sampling: Sampling = Sampling(),
-             seed: int = 0, eos_id: int = -1, should_stop=None, on_token=None) -> list[list[int]]:
+             seed: int = 0, eos_id: int = -1, should_stop=None, on_token=None,
+             prompt_as_prefix: bool = False) -> list[list[int]]:
   """New token ids for each prompt (token id lists, usually starting with bos; an encoder-decoder's
-  prompts are its encoder inputs).
+  prompts are its encoder inputs). `prompt_as_prefix`: each prompt is a prefix LM's bidirectional prefix.
 
   A row ends at `eos_id` (not included) or when `should_stop(row, ids)` says so; `on_token(row, ids)` is
   called after every token, for streaming. Decoding stops when every row has ended. A model with learned
@@ -132,18 +145,23 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int, sa
   row are prefilled into a fresh cache (nanoGPT crops its context the same way, one token at a time).
   """
   cfg = model.cfg
+  _check_prompt_as_prefix(model, prompt_as_prefix)
   context, prompts = encoder_context(model, params, prompts)
   max_context = cfg.max_len if cfg.position == "learned" else None
   histories = [list(p) for p in prompts]
   batch = len(prompts)
 
   def prefill(context_len, remaining):
-    tokens_BxP, positions_BxP, segment_ids_BxP, lengths_B = left_pad([h[-context_len:] for h in histories])
+    windows = [h[-context_len:] for h in histories]
+    # A sliding window keeps as prefix what it keeps of the prompt.
+    prefix_lengths = [max(0, len(p) - (len(h) - len(w))) if prompt_as_prefix else 0
+                      for p, h, w in zip(prompts, histories, windows)]
+    tokens_BxP, positions_BxP, segment_ids_BxP, prefix_BxP, lengths_B = left_pad(windows, prefix_lengths)
     capacity = tokens_BxP.shape[1] + remaining
     capacity = min(capacity, max_context) if max_context else capacity
     cache = init_cache(cfg, batch, capacity)
     logits_BxV, cache = forward_with_cache(params, tokens_BxP, positions_BxP, segment_ids_BxP, cache, context,
-                                           model=model)
+                                           prefix_BxP, model=model)
     return logits_BxV, cache, lengths_B, tokens_BxP.shape[1], capacity
 
   logits_BxV, cache, lengths_B, filled, capacity = prefill(max_context or max(map(len, histories)),
@@ -195,24 +213,27 @@ def _reorder_and_step(params, cache, rows_R, tokens_R, positions_R, context=None
 
 
 def beam_search(model, params, prompts: list[list[int]], *, beam_size: int, max_new_tokens: int, eos_id: int = -1,
-                length_penalty: float = 1.0) -> list[list[int]]:
+                length_penalty: float = 1.0, prompt_as_prefix: bool = False) -> list[list[int]]:
   """The highest-scoring continuation of each prompt; a hypothesis scores sum(log p) / length**length_penalty.
 
   Each prompt keeps `beam_size` live beams (R = B * beam_size cache rows); a beam that emits eos is
   finished, and a prompt is done once it has beam_size finished hypotheses. beam_size 1 is greedy decoding.
+  `prompt_as_prefix` as in `generate`.
   """
   cfg, k = model.cfg, beam_size
+  _check_prompt_as_prefix(model, prompt_as_prefix)
   context, prompts = encoder_context(model, params, prompts)
   batch = len(prompts)
   expanded = [p for p in prompts for _ in range(k)]
   if context is not None:
     context = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), context)
-  tokens_RxP, positions_RxP, segment_ids_RxP, lengths_R = left_pad(expanded)
+  tokens_RxP, positions_RxP, segment_ids_RxP, prefix_RxP, lengths_R = left_pad(
+      expanded, [len(p) if prompt_as_prefix else 0 for p in expanded])
   if cfg.position == "learned" and tokens_RxP.shape[1] + max_new_tokens > cfg.max_len:
     raise ValueError(f"max_new_tokens: prompt plus {max_new_tokens} tokens exceed max_len={cfg.max_len}")
   cache = init_cache(cfg, batch * k, tokens_RxP.shape[1] + max_new_tokens)
   logits_RxV, cache = forward_with_cache(params, tokens_RxP, positions_RxP, segment_ids_RxP, cache, context,
-                                         model=model)
+                                         prefix_RxP, model=model)
   logprobs_BxKxV = np.asarray(jax.nn.log_softmax(logits_RxV, axis=-1)).reshape(batch, k, -1)
   scores_BxK = np.full((batch, k), -np.inf)
   scores_BxK[:, 0] = 0.0  # all beams start identical: expand only the first
@@ -252,10 +273,12 @@ def beam_search(model, params, prompts: list[list[int]], *, beam_size: int, max_
 
 
 def generate_text(model, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
-                  sampling: Sampling = Sampling(), seed: int = 0, stop: tuple = (), stream=None) -> list[str]:
+                  sampling: Sampling = Sampling(), seed: int = 0, stop: tuple = (), stream=None,
+                  prompt_as_prefix: bool = False) -> list[str]:
   """Continuations of text prompts; each ends at eos or just before the first stop string.
 
-  `stream`, if given, receives the new text of row 0 piece by piece as it is generated.
+  `stream`, if given, receives the new text of row 0 piece by piece as it is generated; `prompt_as_prefix`: [bos] +
+  prompt is a prefix LM's bidirectional prefix.
   """
   printed = [0]
 
@@ -270,7 +293,8 @@ def generate_text(model, params, tokenizer, prompts: list[str], *, max_new_token
 
   ids = generate(model, params, [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts],
                  max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, eos_id=tokenizer.eos_id,
-                 should_stop=should_stop if stop else None, on_token=on_token if stream else None)
+                 should_stop=should_stop if stop else None, on_token=on_token if stream else None,
+                 prompt_as_prefix=prompt_as_prefix)
   texts = [tokenizer.decode(row) for row in ids]
   for s in stop:
     texts = [text.split(s)[0] for text in texts]

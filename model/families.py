@@ -1,4 +1,4 @@
-"""The three model families, chosen here once: each one's module, pretraining objective and use of a batch.
+"""The three model families, chosen here once: each one's module, pretraining objectives and use of a batch.
 
 Offers `Family`, `FAMILIES`, `family(cfg)`, `build_model(cfg)` and `init_params(model, rng)`. The modules read a
 batch themselves (`forward`: logits for the batch's targets; `features`: the states a classification head
@@ -19,10 +19,15 @@ from model.transformer import Decoder, Encoder, EncoderDecoder
 class Family:
   """What differs between the decoder, the encoder and the encoder-decoder."""
   module: type[nn.Module]
-  objective: str       # its pretraining objective (data/pretraining.py)
-  pooling: str         # what a classification head reads: the last token | the first token | the mean of all
-  seq2seq: bool        # an encoder reads inputs_*, a decoder predicts decoder_* (generation runs the encoder once)
-  generates: bool      # predicts next tokens: it samples, and fine-tunes on the lm and instruct tasks
+  objectives: tuple[str, ...]  # the pretraining objectives it accepts (data/pretraining.py); the first is its default
+  pooling: str                 # what a classification head reads: the last token | the first token | the mean of all
+  seq2seq: bool                # an encoder reads inputs_*, a decoder predicts decoder_* (generation: encoder once)
+  generates: bool              # predicts next tokens: it samples, and fine-tunes on the lm and instruct tasks
+
+  @property
+  def objective(self) -> str:
+    """Its default pretraining objective."""
+    return self.objectives[0]
 
   @property
   def targets(self) -> tuple[str, str]:
@@ -32,9 +37,9 @@ class Family:
 
 
 FAMILIES = {
-    "decoder": Family(Decoder, "causal_lm", pooling="last", seq2seq=False, generates=True),
-    "encoder": Family(Encoder, "masked_lm", pooling="first", seq2seq=False, generates=False),
-    "encoder_decoder": Family(EncoderDecoder, "span_corruption", pooling="mean", seq2seq=True, generates=True),
+    "decoder": Family(Decoder, ("causal_lm", "prefix_lm"), pooling="last", seq2seq=False, generates=True),
+    "encoder": Family(Encoder, ("masked_lm",), pooling="first", seq2seq=False, generates=False),
+    "encoder_decoder": Family(EncoderDecoder, ("span_corruption",), pooling="mean", seq2seq=True, generates=True),
 }
 assert tuple(FAMILIES) == FAMILY_NAMES
 

@@ -1,7 +1,8 @@
 """Transformer blocks and the three families: decoder-only (GPT / Llama), encoder (BERT), encoder-decoder (T5).
 
 Shape letters as in model/layers.py. Inputs follow the batch format of data/batch.py: token ids, positions
-(restarting at 0 in every packed segment) and segment ids (0 = padding; attention never crosses segments).
+(restarting at 0 in every packed segment), segment ids (0 = padding; attention never crosses segments) and, for a
+prefix LM, the prefix flags (a decoder attends bidirectionally within each segment's prefix, causally after it).
 A stack reads embed -> blocks -> head; `forward` and `features` take a whole batch.
 """
 
@@ -65,11 +66,13 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
                cache=None, prefix_NxD=None, return_hidden: bool = False, context_BxSxD=None,
-               context_segment_ids_BxS=None):
+               context_segment_ids_BxS=None, prefix_BxL=None):
     """Logits [B, L, V]; with a `cache` (see init_cache) returns (logits, updated cache).
 
     With a cache the L tokens are written at slots [end, end + L) and attend every filled slot of
     their own segment: L = prompt length to prefill, then L = 1 per decoded token.
+    `prefix_BxL` (a prefix LM; non-zero on a segment's leading tokens) makes a causal stack attend
+    bidirectionally among those tokens; with a cache it is recorded per slot, so a prefix is written in one call.
     `prefix_NxD` (prompt tuning) prepends N embeddings to every row, in the segment of the row's first
     token, at positions 0..N-1 (the tokens' positions shift by N); the outputs cover the L tokens only.
     `return_hidden` returns the final hidden states [B, L, D] instead of logits (classification heads).
@@ -85,10 +88,12 @@ class Transformer(nn.Module):
                                        positions_BxL + num_prefix], axis=1)
       segment_ids_BxL = jnp.concatenate([jnp.repeat(segment_ids_BxL[:, :1], num_prefix, axis=1), segment_ids_BxL],
                                         axis=1)
+      if prefix_BxL is not None:  # in the bidirectional prefix when the row's first token is
+        prefix_BxL = jnp.concatenate([jnp.repeat(prefix_BxL[:, :1], num_prefix, axis=1), prefix_BxL], axis=1)
     embed = self.shared_embed or Embed(self.cfg, name="embed")
     x_BxLxD = self.embed_tokens(embed, tokens_BxL, positions_BxL, prefix_NxD, deterministic)
     x_BxLxD, cache = self.blocks(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic, cache, context_BxSxD,
-                                 context_segment_ids_BxS)
+                                 context_segment_ids_BxS, prefix_BxL)
     x_BxLxD = x_BxLxD[:, num_prefix:]
     if return_hidden:
       return x_BxLxD
@@ -116,20 +121,22 @@ class Transformer(nn.Module):
     return nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
 
   def blocks(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic, cache, context_BxSxD,
-             context_segment_ids_BxS):
+             context_segment_ids_BxS, prefix_BxL=None):
     """The layers, with their masks and T5's relative bias; returns (x_BxLxD, updated cache or None)."""
     cfg = self.cfg
     context_mask_BxLxS = None
     if self.cross:
       context_mask_BxLxS = attention_mask(segment_ids_BxL, context_segment_ids_BxS, causal=False)
     if cache is None:
-      mask_BxLxS = attention_mask(segment_ids_BxL, segment_ids_BxL, causal=self.causal)
+      mask_BxLxS = attention_mask(segment_ids_BxL, segment_ids_BxL, self.causal, 0, prefix_BxL, prefix_BxL)
     else:
       end = cache["end"]
-      cache = dict(cache, end=end + x_BxLxD.shape[1],
-                   segment_ids=jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, end)),
-                   positions=jax.lax.dynamic_update_slice(cache["positions"], positions_BxL, (0, end)))
-      mask_BxLxS = attention_mask(segment_ids_BxL, cache["segment_ids"], causal=True, q_offset=end)
+      if prefix_BxL is None:
+        prefix_BxL = jnp.zeros_like(segment_ids_BxL)
+      update = lambda key, new_BxL: jax.lax.dynamic_update_slice(cache[key], new_BxL.astype(jnp.int32), (0, end))
+      cache = dict(cache, end=end + x_BxLxD.shape[1], segment_ids=update("segment_ids", segment_ids_BxL),
+                   positions=update("positions", positions_BxL), prefix=update("prefix", prefix_BxL))
+      mask_BxLxS = attention_mask(segment_ids_BxL, cache["segment_ids"], True, end, prefix_BxL, cache["prefix"])
     bias_BxHxLxS = None
     if cfg.position == "relative":  # T5: one table for the whole stack (Hugging Face keeps it in layer 0)
       table_NxH = param(self, "relative_bias", normal(0.02), (cfg.relative_buckets, cfg.num_heads),
@@ -151,16 +158,16 @@ class Transformer(nn.Module):
   def forward(self, batch: Batch, deterministic: bool = True, prefix_NxD=None):
     """Logits [B, L, V] of a batch, for its targets_BxL."""
     return self(batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], deterministic,
-                prefix_NxD=prefix_NxD)
+                prefix_NxD=prefix_NxD, prefix_BxL=batch.get("prefix_BxL"))
 
   def features(self, batch: Batch, deterministic: bool = True, prefix_NxD=None):
     """Final hidden states [B, L, D] of a batch's inputs (what a classification head pools)."""
     return self(batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], deterministic,
-                prefix_NxD=prefix_NxD, return_hidden=True)
+                prefix_NxD=prefix_NxD, return_hidden=True, prefix_BxL=batch.get("prefix_BxL"))
 
 
 class Decoder(Transformer):
-  """Decoder-only language model (causal)."""
+  """Decoder-only language model: causal, or a prefix LM given prefix_BxL."""
 
 
 class Encoder(Transformer):
@@ -208,10 +215,11 @@ class EncoderDecoder(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-  """An empty key/value cache of `max_len` slots for `batch` rows (slots with segment id 0 are empty)."""
+  """An empty key/value cache of `max_len` slots for `batch` rows (slots with segment id 0 are empty); each slot
+  also records its token's segment id, position and prefix flag."""
   kv_shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
   layer = lambda: {"key": jnp.zeros(kv_shape, dtype), "value": jnp.zeros(kv_shape, dtype)}
-  return {"end": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-          "positions": jnp.zeros((batch, max_len), jnp.int32),
+  slots = lambda: jnp.zeros((batch, max_len), jnp.int32)
+  return {"end": jnp.zeros((), jnp.int32), "segment_ids": slots(), "positions": slots(), "prefix": slots(),
           "layers": tuple(layer() for _ in range(cfg.num_layers))}

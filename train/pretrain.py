@@ -20,6 +20,7 @@ from model.families import FAMILIES
 from train import distributed
 from train import mesh as mesh_lib
 from train import runs
+from train import tasks
 from train.cli import parse_flags, run_reporting_errors
 from train.loop import check_train_config, fit
 from train.step import token_loss
@@ -37,7 +38,8 @@ def write_samples(model, params, tokenizer, config, workdir) -> list:
     max_new_tokens = min(max_new_tokens, model.cfg.max_len - 1 - len(tokenizer.encode(train.sample_prompt)))
   continuations = decode.generate_text(model, jax.device_get(params), tokenizer,
                                        [train.sample_prompt] * train.num_samples,
-                                       max_new_tokens=max_new_tokens, sampling=sampling, seed=train.seed)
+                                       max_new_tokens=max_new_tokens, sampling=sampling, seed=train.seed,
+                                       prompt_as_prefix=tasks.prompt_as_prefix(config))
   texts = [train.sample_prompt + text for text in continuations]
   workdir_lib.write_atomic(os.path.join(workdir, "samples.txt"),
                            "".join(f"--- sample {i}\n{text}\n" for i, text in enumerate(texts)))
@@ -58,9 +60,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   family = FAMILIES.get(config.model.family)
   if family is None:
     raise ConfigError(f"config.model.family: expected one of {', '.join(FAMILIES)}, got {config.model.family!r}")
-  if config.objective != family.objective:
+  if config.objective not in family.objectives:
     raise ConfigError(f"config.objective: {config.objective!r} does not pretrain a {config.model.family} "
-                      f"(config.model.family); expected {family.objective!r}")
+                      f"(config.model.family); expected {' or '.join(map(repr, family.objectives))}")
   distributed.writer_first("config", lambda: workdir_lib.prepare_workdir(config, workdir))
   train = config.train
   if config.data.prepared and config.objective != "causal_lm":
@@ -75,7 +77,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   run = runs.pretraining(config, mesh, tokenizer.vocab_size, tokenizer)
   print(f"ablax: vocab {tokenizer.vocab_size}, train: {as_source(train_rows).identity} x {train.seq_len} tokens")
   state, last = fit(config, workdir, run, token_loss(run.model), train_rows, val_rows)
-  if family.objective == "causal_lm" and train.num_samples > 0:
+  if family.generates and not family.seq2seq and train.num_samples > 0:  # a decoder: causal or prefix LM
     params = distributed.gather(state.params)
     if distributed.is_writer():
       write_samples(run.model, params, tokenizer, config, workdir)

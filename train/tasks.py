@@ -2,9 +2,11 @@
 
   lm        continued pretraining on text (packed causal-LM rows)
   instruct  prompt/response pairs from JSONL, loss on response tokens (and eos) only; an encoder-decoder
-            reads the prompt with its encoder and generates the response with its decoder
+            reads the prompt with its encoder and generates the response with its decoder; a decoder with
+            config.data.prompt_as_prefix reads the prompt as a prefix LM's bidirectional prefix
   classify  text/label pairs from JSONL; a linear head on a pooled hidden state (the family's `pooling`)
 A loss function has the signature train/step.py expects and returns sums (the host divides).
+`prompt_as_prefix(config)` says whether a run's decoder reads a prompt as a bidirectional prefix (generation).
 """
 
 import string
@@ -30,6 +32,11 @@ def build_rows(config, tokenizer):
   data, seq_len, task = config.data, config.train.seq_len, config.task
   if task not in TASKS:
     raise ConfigError(f"config.task: expected one of {', '.join(TASKS)}, got {task!r}")
+  as_prefix = bool(data.get("prompt_as_prefix", False))
+  if as_prefix and task != "instruct":
+    raise ConfigError(f"config.data.prompt_as_prefix: only the instruct task has a prompt (config.task is {task!r})")
+  if as_prefix and FAMILIES[config.model.family].seq2seq:
+    raise ConfigError("config.data.prompt_as_prefix: an encoder-decoder reads the prompt with its encoder already")
   if task == "lm":
     pack = lambda docs: pack_documents(tokenizer.encode_batch(docs), seq_len, tokenizer.bos_id, tokenizer.eos_id)
     train, val = read_splits(data)
@@ -48,13 +55,20 @@ def build_rows(config, tokenizer):
     return rows(train), rows(val), None
   if task == "instruct":
     pack = config.peft.method != "prompt"  # a prompt-tuning prefix belongs to exactly one example per row
-    rows = lambda records: finetuning.instruct_rows(tokenizer, pairs(records), seq_len, pack=pack)
+    rows = lambda records: finetuning.instruct_rows(tokenizer, pairs(records), seq_len, pack=pack,
+                                                    prompt_as_prefix=as_prefix)
     return rows(train), rows(val), None
   labels = finetuning.label_vocabulary([r[data.label_field] for r in train])
   rows = lambda records: finetuning.classify_rows(
       tokenizer, [str(r[data.text_field]) for r in records],
       finetuning.encode_labels([r[data.label_field] for r in records], labels), seq_len)
   return rows(train), rows(val), labels
+
+
+def prompt_as_prefix(config) -> bool:
+  """Whether the run of `config` reads a prompt as a bidirectional prefix: a prefix_lm pretraining run, or an
+  instruct fine-tuning run with config.data.prompt_as_prefix."""
+  return config.get("objective") == "prefix_lm" or bool(config.data.get("prompt_as_prefix", False))
 
 
 def _template_fields(template: str) -> list[str]:

@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.label_field = "label"         # classify: JSONL field of the label
     config.data.prompt_template = "{prompt}"  # instruct: str.format template over the record's fields
     config.data.response_field = "response"   # instruct: JSONL field of the target text
+    config.data.prompt_as_prefix = False      # instruct, decoder: read [bos] + prompt bidirectionally (prefix LM)
     config.data.max_records = 0               # read at most this many JSONL records per split (0 = all)
   config.data.train_path = ""
   config.train.update(steps=500, batch_size=32, seq_len=128, learning_rate=1e-4, min_learning_rate=1e-5,
