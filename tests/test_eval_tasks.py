@@ -58,6 +58,7 @@ def test_builtin_and_user_task_files(tmp_path):
     ({"kind": "multiple_choice", "data": "x", "prompt": "p", "choices": ["a"], "label_field": "l", "shots": 2},
      "unknown task key 'shots'"),
     ({"kind": "ranking", "data": "x"}, "kind 'ranking'"),
+    ({"kind": "generation", "data": "x", "prompt": "p", "target": "t", "name": "../up"}, "name '../up'"),
     ({"kind": "generation", "data": "x", "prompt": "p"}, "one of target / references_field"),
     ({"kind": "generation", "data": "x", "prompt": "p", "target": "t", "fewshot": "5"}, "key 'fewshot' is '5'"),
     ({"kind": "generation", "data": "x", "prompt": "p", "target": "t", "metrics": ["bleu"]}, "metrics ['bleu']"),

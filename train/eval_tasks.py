@@ -11,6 +11,7 @@ fewshot_delimiter, then the example's prompt; a choice (or a generated answer) c
 import dataclasses
 import importlib.util
 import os
+import re
 
 import numpy as np
 import yaml
@@ -135,6 +136,8 @@ def load_task(spec: str, **overrides) -> Task:
   values = _checked(spec, {"name": name, **definition, **{k: v for k, v in overrides.items() if v is not None}})
   task = Task(**{"kind": "", "data": "", **values})
   problems = []
+  if not re.fullmatch(r"[\w.-]+", task.name):
+    problems.append(f"name {task.name!r}: letters, digits, '_', '-' and '.' only (it names eval_<name>.json)")
   if task.kind not in KINDS:
     problems.append(f"kind '{task.kind}': expected one of {', '.join(KINDS)}")
   if not task.data:
