@@ -6,7 +6,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  config.objective = "causal_lm"      # causal_lm (decoder) | masked_lm (encoder) | span_corruption (encoder_decoder)
+  config.objective = "causal_lm"      # causal_lm | prefix_lm (decoder) | masked_lm (encoder)
+                                      # | span_corruption (encoder_decoder)
 
   config.model = model = ml_collections.ConfigDict()
   model.family = "decoder"            # decoder (GPT / Llama) | encoder (BERT) | encoder_decoder (T5)

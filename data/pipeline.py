@@ -1,7 +1,7 @@
 """From config.data to a tokenizer and rows: raw text tokenized at start, or a corpus prepared once.
 
 Offers `read_splits` (train / validation documents of config.data), `prepare_lm_data` (config -> tokenizer,
-train rows, val rows for causal_lm, masked_lm or span_corruption), `tokenizer_for` (a workdir's tokenizer, or
+train rows, val rows for causal_lm, prefix_lm, masked_lm or span_corruption), `tokenizer_for` (a workdir's tokenizer, or
 one trained and saved) and `prepared_data` (data.prepared: one prepared corpus or a mixture of several).
 """
 
@@ -37,9 +37,9 @@ def prepare_lm_data(data_config, seq_len: int, workdir: str | None, objective: s
                     ) -> tuple[Tokenizer, Batch, Batch]:
   """Read, split, tokenize (loading or training the tokenizer) and make `objective` rows: (tok, train, val).
 
-  causal_lm: pack_documents; masked_lm: masked_lm_rows (static masks, seed data.seed, validation seed
-  + 1); span_corruption: span_corruption_rows with input_len = seq_len and target_len = data.target_len or
-  a quarter of seq_len rounded up to a multiple of 8. The tokenizer reserves special_tokens_for(objective).
+  causal_lm: pack_documents; prefix_lm: prefix_lm_rows (prefixes drawn with the seed of the masks); masked_lm:
+  masked_lm_rows (static masks, seed data.seed, validation seed + 1); span_corruption: span_corruption_rows with
+  input_len = seq_len and target_len = data.target_len or a quarter of seq_len rounded up to a multiple of 8. The tokenizer reserves special_tokens_for(objective).
   """
   c = data_config
   special_tokens = special_tokens_for(objective)

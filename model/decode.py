@@ -285,6 +285,8 @@ def generate_text(model, params, tokenizer, prompts: list[str], *, max_new_token
   def on_token(row, ids):
     if stream and row == 0:
       text = tokenizer.decode(ids)
+      if text.endswith("\ufffd"):  # a character split over byte-level tokens: wait for its last byte
+        return
       stream(text[printed[0]:])
       printed[0] = len(text)
 
@@ -295,6 +297,8 @@ def generate_text(model, params, tokenizer, prompts: list[str], *, max_new_token
                  max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, eos_id=tokenizer.eos_id,
                  should_stop=should_stop if stop else None, on_token=on_token if stream else None,
                  prompt_as_prefix=prompt_as_prefix)
+  if stream and ids:
+    stream(tokenizer.decode(ids[0])[printed[0]:])
   texts = [tokenizer.decode(row) for row in ids]
   for s in stop:
     texts = [text.split(s)[0] for text in texts]

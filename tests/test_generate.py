@@ -8,6 +8,7 @@ import pytest
 
 from data.tokenizer import CharTokenizer
 from model.config import ModelConfig
+from model import decode as decode_lib
 from model.decode import Sampling, beam_search, choose, filter_logits, generate, generate_text, top_p_mask
 from model.families import build_model, init_params
 from model.transformer import Decoder, init_cache
@@ -209,3 +210,25 @@ def test_beam_search_finds_a_likelier_sequence_than_greedy():
   greedy = generate(model, params, [prompt], max_new_tokens=6, sampling=Sampling(temperature=0.0))[0]
   beam = beam_search(model, params, [prompt], beam_size=8, max_new_tokens=6, length_penalty=0.0)[0]
   assert len(beam) == 6 and log_likelihood(beam) >= log_likelihood(greedy) - 1e-5
+
+
+def test_streaming_waits_for_a_character_split_over_byte_tokens(monkeypatch):
+  """Byte-level tokens can split a character (東 is three bytes): the stream never shows a replacement character,
+  and the pieces it shows add up to the text returned."""
+
+  class Bytes:
+    bos_id, eos_id = 256, 257
+    def encode(self, text):
+      return list(text.encode("utf-8"))
+    def decode(self, ids):
+      return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+  new = list("a東b".encode("utf-8"))
+  def fake_generate(model, params, prompts, *, on_token=None, **kwargs):
+    for n in range(1, len(new) + 1):
+      on_token(0, new[:n])
+    return [new]
+  monkeypatch.setattr(decode_lib, "generate", fake_generate)
+  pieces = []
+  texts = decode_lib.generate_text(None, None, Bytes(), ["x"], max_new_tokens=5, stream=pieces.append)
+  assert texts == ["a東b"] and "".join(pieces) == "a東b" and not any("\ufffd" in p for p in pieces)

@@ -14,6 +14,7 @@ from absl import app, flags
 
 from model.config import ConfigError
 from model.decode import Sampling, generate_text
+from train import tasks
 from train.cli import parse_flags, run_reporting_errors
 from train.runs import load_run
 
@@ -59,7 +60,8 @@ def run() -> None:
   start = time.time()
   texts = generate_text(model, params, tokenizer, rows, max_new_tokens=_MAX_NEW_TOKENS.value,
                         sampling=sampling, seed=_SEED.value, stop=tuple(_STOP.value or ()),
-                        stream=stream if streaming else None)
+                        stream=stream if streaming else None,
+                        prompt_as_prefix=tasks.prompt_as_prefix(loaded.run.config))
   elapsed = time.time() - start
   if streaming:
     sys.stdout.write("\n")
