@@ -198,18 +198,29 @@ def test_beam_search_with_one_beam_is_greedy(family):
     assert beam_search(model, params, prompts, beam_size=1, max_new_tokens=8, eos_id=eos_id) == greedy
 
 
-def test_beam_search_finds_a_likelier_sequence_than_greedy():
+def test_beam_search_finds_the_likeliest_pair_that_greedy_misses():
+  """With as many beams as tokens, two steps of beam search are exhaustive: it must return the most likely pair (by
+  scoring all V^2 pairs), also on the prompts where greedy decoding clearly misses it."""
   model, params = tiny_family("decoder")
-  prompt = [1, 5, 7]
+  params = jax.tree.map(lambda x: 2 * x, params)  # sharper: the second token depends on the first
+  vocab = model.cfg.vocab_size
+  pairs_Px2 = jnp.stack(jnp.meshgrid(jnp.arange(vocab), jnp.arange(vocab), indexing="ij"), -1).reshape(-1, 2)
 
-  def log_likelihood(tokens):
-    logits = model.apply({"params": params}, jnp.asarray([prompt + tokens]))
-    logprobs = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1], axis=-1)
-    return float(jnp.sum(logprobs[jnp.arange(len(tokens)), jnp.asarray(tokens)]))
+  @jax.jit
+  def pair_log_likelihoods(prompt):
+    tokens_PxL = jnp.concatenate([jnp.broadcast_to(prompt, (len(pairs_Px2), len(prompt))), pairs_Px2], axis=1)
+    logprobs = jax.nn.log_softmax(model.apply({"params": params}, tokens_PxL)[:, len(prompt) - 1:-1], axis=-1)
+    return jnp.sum(jnp.take_along_axis(logprobs, pairs_Px2[..., None], -1)[..., 0], axis=1)
 
-  greedy = generate(model, params, [prompt], max_new_tokens=6, sampling=Sampling(temperature=0.0))[0]
-  beam = beam_search(model, params, [prompt], beam_size=8, max_new_tokens=6, length_penalty=0.0)[0]
-  assert len(beam) == 6 and log_likelihood(beam) >= log_likelihood(greedy) - 1e-5
+  missed = 0
+  for prompt in np.random.default_rng(0).integers(2, vocab, (64, 3)).tolist():  # one length: one compilation
+    scores_P = np.asarray(pair_log_likelihoods(jnp.asarray(prompt)))
+    score = lambda pair: scores_P[pair[0] * vocab + pair[1]]
+    greedy = generate(model, params, [prompt], max_new_tokens=2, sampling=Sampling(temperature=0.0))[0]
+    beam = beam_search(model, params, [prompt], beam_size=vocab, max_new_tokens=2, length_penalty=0.0)[0]
+    assert score(beam) >= scores_P.max() - 1e-4, (prompt, beam)
+    missed += score(greedy) < scores_P.max() - 0.01
+  assert missed >= 2, missed  # prompts where a greedy "beam search" would fail this test: 7 of 64 here
 
 
 def test_streaming_waits_for_a_character_split_over_byte_tokens(monkeypatch):
