@@ -259,7 +259,8 @@ def test_num_params_without_embeddings():
   assert cfg.num_params(include_embeddings=False) == real_param_count(cfg) - embeddings
 
 
-def test_flops_per_token_by_hand():
+def test_non_embedding_params_by_hand():
+  """(FLOPs are checked against XLA's own count in tests/test_flops.py.)"""
   cfg = make_cfg()  # V=37 D=32 2 layers H=G=4 K=8 F=64, layernorm with bias, gelu, learned, tied
   per_layer = (32 * 8 * 4 * 4          # q, k, v, out kernels
                + 8 * 4 * 3 + 32        # q, k, v biases [H, K] and out bias [D]
@@ -267,9 +268,6 @@ def test_flops_per_token_by_hand():
                + 2 * 2 * 32)           # two layernorms, scale and bias
   non_embedding = 2 * per_layer + 2 * 32  # + final norm
   assert cfg.num_params(include_embeddings=False) == non_embedding
-  seq_len = 16
-  expected = 6 * (non_embedding + 37 * 32) + 12 * 2 * 4 * 8 * seq_len
-  assert cfg.flops_per_token(seq_len) == expected == 6 * 18_336 + 12_288
 
 
 # ----------------------------------------------------------------------------------------------------------
