@@ -107,12 +107,12 @@ def test_generation_scores_answers_and_references(tmp_path):
 # Log-likelihoods
 
 
-def _random_scorer(family, batch_size, position="rope"):
+def _random_scorer(family, batch_size, prefix=False):
   tokenizer = CharTokenizer(TEXT)
   model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, num_layers=2, d_model=32, num_heads=4,
-                                  num_kv_heads=2, max_len=128, position=position, family=family))
+                                  num_kv_heads=2, max_len=128, position="rope", family=family))
   params = nn.meta.unbox(init_params(model, jax.random.PRNGKey(0), 8))
-  return Scorer(model, params, tokenizer, batch_size=batch_size)
+  return Scorer(model, params, tokenizer, batch_size=batch_size, prefix=prefix)
 
 
 def _pairs(n=40):
@@ -121,15 +121,19 @@ def _pairs(n=40):
   return [(TEXT[s:s + c], " " + TEXT[s + c:s + c + rng.integers(1, 20)]) for s, c in zip(starts, lengths)]
 
 
-@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
-def test_loglikelihoods_do_not_depend_on_batch_size_or_padding(family, monkeypatch):
-  """Each pair is its own right-padded row: 1, 7 or 32 rows per batch, rows of any length, the same scores."""
+@pytest.mark.parametrize("family, prefix", [("decoder", False), ("decoder", True), ("encoder_decoder", False)])
+def test_loglikelihoods_do_not_depend_on_batch_size_or_padding(family, prefix, monkeypatch):
+  """Each pair is its own right-padded row: 1, 7 or 32 rows per batch, rows of any length, the same scores (a prefix
+  LM's contexts read bidirectionally, which changes them)."""
   pairs = _pairs()
-  one = _random_scorer(family, 1).loglikelihood(pairs)
+  one = _random_scorer(family, 1, prefix).loglikelihood(pairs)
   assert len({round(ll, 3) for ll, _ in one}) > 30 and all(ll < 0 for ll, _ in one)
-  runs = {size: _random_scorer(family, size).loglikelihood(pairs) for size in (7, 32)}
+  if prefix:
+    causal = _random_scorer(family, 1).loglikelihood(pairs)
+    assert sum(abs(a - b) > 1e-3 for (a, _), (b, _) in zip(one, causal)) > 30
+  runs = {size: _random_scorer(family, size, prefix).loglikelihood(pairs) for size in (7, 32)}
   monkeypatch.setattr(likelihood, "_bucket", lambda length: length + 45)  # more padding, other shapes
-  runs["padded"] = _random_scorer(family, 7).loglikelihood(pairs)
+  runs["padded"] = _random_scorer(family, 7, prefix).loglikelihood(pairs)
   for name, result in runs.items():
     assert [greedy for _, greedy in result] == [greedy for _, greedy in one], name
     np.testing.assert_allclose([ll for ll, _ in result], [ll for ll, _ in one], rtol=1e-6, atol=0, err_msg=name)

@@ -132,7 +132,8 @@ def evaluate_task(loaded: Loaded, task: eval_tasks.Task, *, limit: int = 0, batc
     result = classifier_scores(loaded, task.data, batch_size=batch_size, max_records=limit)
     metrics, per_example, count = {k: result[k] for k in ("accuracy", "macro_f1", "loss")}, [], result["examples"]
   else:
-    scorer = Scorer(loaded.run.model, loaded.params, loaded.run.tokenizer, batch_size=batch_size)
+    scorer = Scorer(loaded.run.model, loaded.params, loaded.run.tokenizer, batch_size=batch_size,
+                    prefix=tasks.prompt_as_prefix(loaded.run.config))
     items = eval_tasks.examples(task, limit)
     run_kind = (eval_tasks.evaluate_multiple_choice if task.kind == "multiple_choice"
                 else eval_tasks.evaluate_generation)

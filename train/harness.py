@@ -15,6 +15,7 @@ from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from train import tasks
 from train.likelihood import Scorer
 from train.runs import load_run
 
@@ -30,7 +31,8 @@ class AblaxLM(LM):
     if scorer is None:
       loaded = load_run(workdir, None if step is None else int(step))
       scorer = Scorer(loaded.run.model, loaded.params, loaded.run.tokenizer, batch_size=size,
-                      max_len=None if max_len is None else int(max_len))
+                      max_len=None if max_len is None else int(max_len),
+                      prefix=tasks.prompt_as_prefix(loaded.run.config))
     self.scorer = scorer
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

@@ -66,12 +66,14 @@ def _token_scores(params, batch, *, model):
 @dataclasses.dataclass
 class Scorer:
   """Scores and generations of `model` with `params`; requests go `batch_size` rows at a time, each cut to the last
-  `max_len` tokens (default: the model's max_len)."""
+  `max_len` tokens (default: the model's max_len). `prefix`: a prefix LM's decoder reads each context (prompt) as
+  its bidirectional prefix (train/tasks.py `prompt_as_prefix` of the run)."""
   model: object
   params: dict
   tokenizer: Tokenizer
   batch_size: int = 32
   max_len: int | None = None
+  prefix: bool = False
 
   def __post_init__(self):
     fam = family(self.model.cfg)
@@ -80,16 +82,19 @@ class Scorer:
                         "continuation or generation; evaluate it with a classification task")
     if self.batch_size <= 0:
       raise ConfigError(f"batch_size {self.batch_size}: expected a positive integer")
+    if self.prefix and fam.seq2seq:
+      raise ConfigError("prefix: an encoder-decoder reads its context with the encoder")
     self.seq2seq = fam.seq2seq
     self.max_len = self.max_len or self.model.cfg.max_len
 
   def _decoder_row(self, context: list[int], continuation: list[int]):
-    """inputs, targets and weights of a decoder row: the continuation's targets weigh 1, cut to max_len inputs."""
+    """inputs, targets, weights and prefix length of a decoder row: the continuation's targets weigh 1, the context
+    (what is left of it in max_len inputs) is the prefix."""
     if len(continuation) > self.max_len:
       raise DataError(f"a continuation of {len(continuation)} tokens does not fit the window of {self.max_len}")
     stream = (context + continuation)[-(self.max_len + 1):]
     weights = [0.0] * (len(stream) - 1 - len(continuation)) + [1.0] * len(continuation)
-    return stream[:-1], stream[1:], weights
+    return stream[:-1], stream[1:], weights, (len(stream) - len(continuation)) * self.prefix
 
   def _score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
     """(sum of log p, all greedy) of each (context ids, continuation ids) request; the order is the requests'."""
@@ -118,8 +123,10 @@ class Scorer:
       decoder = rows([[self.tokenizer.pad_id] + t[:-1] if t else [] for t in targets], _bucket(longest),
                      targets=targets, weights=[[1.0] * len(t) for t in targets], prefix="decoder_")
       return {**rows(sources, _bucket(max(map(len, sources)))), **decoder}
-    inputs, targets, weights = zip(*[self._decoder_row(*r) for r in requests], *[([], [], [])] * len(padding))
-    return rows(inputs, _bucket(max(map(len, inputs))), targets=targets, weights=weights)
+    inputs, targets, weights, prefixes = zip(*[self._decoder_row(*r) for r in requests],
+                                             *[([], [], [], 0)] * len(padding))
+    return rows(inputs, _bucket(max(map(len, inputs))), targets=targets, weights=weights,
+                prefix_lengths=prefixes if self.prefix else None)
 
   def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
     """(log p(continuation | context), greedy decoding gives the continuation) of each (context, continuation)."""
@@ -157,11 +164,12 @@ class Scorer:
       ids = [([tok.bos_id] + tok.encode(p))[-keep if keep else 0:] for p in prompts[first:first + self.batch_size]]
       if beam > 1:
         new = beam_search(self.model, self.params, ids, beam_size=beam, max_new_tokens=max_new_tokens,
-                          eos_id=tok.eos_id, length_penalty=length_penalty)
+                          eos_id=tok.eos_id, length_penalty=length_penalty, prompt_as_prefix=self.prefix)
       else:
         stop = (lambda row, new: any(s in text_of(new) for s in stops)) if stops else None
         new = generate(self.model, self.params, ids, max_new_tokens=max_new_tokens,
-                       sampling=Sampling(temperature=temperature), seed=seed, eos_id=tok.eos_id, should_stop=stop)
+                       sampling=Sampling(temperature=temperature), seed=seed, eos_id=tok.eos_id, should_stop=stop,
+                       prompt_as_prefix=self.prefix)
       texts += [text_of(row) for row in new]
     for s in stops:
       texts = [text.split(s)[0] for text in texts]
