@@ -25,6 +25,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from data.batch import rows  # noqa: E402
 from train import mesh as mesh_lib  # noqa: E402
+from train.hardware import matmul_peak_flops  # noqa: E402
 from train import runs  # noqa: E402
 from train.cli import run_reporting_errors  # noqa: E402
 from train.loop import check_train_config  # noqa: E402
@@ -39,27 +40,6 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0 = 65+3 for ch
                               "config.data.vocab_size).")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the figures to this JSON file.")
 flags.mark_flags_as_required(["config"])
-
-MATMUL_SIZES = (1024, 2048, 3072)
-MATMUL_REPS = 5
-
-
-def matmul_peak_flops(dtype) -> float:
-  """Best FLOP/s of a jitted square matmul over MATMUL_SIZES (fastest of MATMUL_REPS reps each)."""
-  best = 0.0
-  for n in MATMUL_SIZES:
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()  # compile
-    times = []
-    for _ in range(MATMUL_REPS):
-      start = time.perf_counter()
-      matmul(a, b).block_until_ready()
-      times.append(time.perf_counter() - start)
-    best = max(best, 2 * n**3 / min(times))
-  return best
-
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int, sharding) -> dict:
   """Random tokens as one unpacked batch (one segment per row), placed with the batch sharding."""

@@ -7,7 +7,6 @@ Sharded init (or exact resume from the last checkpoint) -> jitted steps with per
 
 import functools
 import math
-import os
 import signal
 import threading
 import time
@@ -21,6 +20,7 @@ from data import batch as batch_lib
 from data.loader import Loader
 from model.config import ConfigError
 from train import distributed
+from train import hardware
 from train import mesh as mesh_lib
 from train import state as state_lib
 from train.checkpoint import Checkpointer
@@ -120,19 +120,15 @@ def _all_finite(tree):
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def check_memory(compiled, mesh) -> None:
+def check_memory(compiled, mesh, limit: int | None = None) -> None:
   """A RunError naming the knobs when a compiled step needs more memory per device than a device has (GPU/TPU:
-  its limit; CPU: the host's available memory shared by its devices)."""
-  analysis, device = compiled.memory_analysis(), jax.local_devices()[0]
-  if analysis is None:
+  its limit; CPU: the host's available memory shared by its devices; or `limit` bytes)."""
+  need, device = hardware.compiled_memory_bytes(compiled), jax.local_devices()[0]
+  if need is None:
     return
-  need = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes +
-          analysis.temp_size_in_bytes)
-  limit = (device.memory_stats() or {}).get("bytes_limit")
-  if limit is None and device.platform == "cpu":
-    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // len(jax.local_devices())
+  limit = limit or hardware.device_memory_bytes()
   if limit and need > limit:
-    temporaries = analysis.temp_size_in_bytes / 2**30
+    temporaries = compiled.memory_analysis().temp_size_in_bytes / 2**30
     raise RunError(f"a train step needs about {need / 2**30:.1f} GiB per device ({temporaries:.1f} GiB of it "
                    f"temporaries), more than the {limit / 2**30:.1f} GiB a {device.platform} device has: "
                    "lower config.train.batch_size or seq_len, raise config.train.grad_accum, set config.model.remat="
@@ -253,7 +249,8 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
           last = {"step": done_step, **summarize(interval["sums"], "train"), "train/grad_norm": grad_norm,
                   "train/learning_rate": float(schedule(done_step - 1)),
                   "train/tokens_per_sec": interval["steps"] * tokens_per_step / max(elapsed, 1e-9),
-                  "train/tokens": done_step * step_tokens, "train/flops": done_step * step_flops}
+                  "train/tokens": done_step * step_tokens, "train/flops": done_step * step_flops,
+                  "memory/peak_bytes": hardware.peak_memory_bytes()}
           if skip:
             last["train/skipped_updates"] = interval["skipped"]
           counts = loader.counts((done_step - interval["steps"]) * train.batch_size, done_step * train.batch_size)
