@@ -8,7 +8,6 @@ Builds the Run (model, optimizer, sharded state) and jitted train step exactly a
 `ModelConfig.flops_per_token`) by a matmul peak measured in this process.
 """
 
-import functools
 import json
 import os
 import statistics
@@ -28,8 +27,8 @@ from train import mesh as mesh_lib  # noqa: E402
 from train.hardware import matmul_peak_flops  # noqa: E402
 from train import runs  # noqa: E402
 from train.cli import run_reporting_errors  # noqa: E402
-from train.loop import check_train_config  # noqa: E402
-from train.step import token_loss, train_step  # noqa: E402
+from train.loop import check_train_config, jit_train_step  # noqa: E402
+from train.step import token_loss  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -59,23 +58,21 @@ def benchmark(config, steps: int, warmup: int, vocab_size: int) -> dict:
   model, model_cfg = run.model, run.model.cfg
   state = run.init_state()
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_fn = jax.jit(functools.partial(train_step, loss_fn=token_loss(model), tx=run.tx, grad_accum=train.grad_accum),
-                     in_shardings=(run.shardings, batch_sharding),
-                     out_shardings=(run.shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+  train_fn = jit_train_step(run, token_loss(model), train)
   batch = synthetic_batch(train.batch_size, train.seq_len, vocab_size, train.seed, batch_sharding)
   # The peak is measured before and after the steps: a large gap means another process shared the cores.
   peak_f32_before = matmul_peak_flops(jnp.float32)
 
   start = time.perf_counter()
   for i in range(warmup):
-    state, metrics = train_fn(state, batch)
+    state, metrics = train_fn(state, batch, run.frozen)
     jax.block_until_ready((state, metrics))
     if i == 0:
       compile_s = time.perf_counter() - start
   step_times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = train_fn(state, batch)
+    state, metrics = train_fn(state, batch, run.frozen)
     jax.block_until_ready((state, metrics))
     step_times.append(time.perf_counter() - start)
 

@@ -2,7 +2,7 @@
 
 Sharded init (or exact resume from the last checkpoint) -> jitted steps with periodic evaluation, metrics
 (metrics.jsonl, TensorBoard, tqdm) and checkpoints. Offers `check_train_config`, `summarize`, `eval_batches`,
-`evaluate` and `fit`.
+`evaluate`, `check_memory`, `jit_train_step` and `fit`.
 """
 
 import functools
@@ -135,6 +135,15 @@ def check_memory(compiled, mesh, limit: int | None = None) -> None:
                    "True, or shard over more devices (config.mesh.fsdp, config.mesh.tensor)")
 
 
+def jit_train_step(run, loss_fn, train_cfg):
+  """The train step of a run jitted as every run compiles it: state and batch in their shardings, state donated
+  (the loop, train/estimate.py and bench/ share it)."""
+  step = functools.partial(train_step, loss_fn=loss_fn, tx=run.tx, grad_accum=train_cfg.grad_accum,
+                           skip_nonfinite=train_cfg.nonfinite == "skip")
+  return jax.jit(step, in_shardings=(run.shardings, mesh_lib.batch_sharding(run.mesh), run.frozen_shardings),
+                 out_shardings=(run.shardings, mesh_lib.replicated(run.mesh)), donate_argnums=(0,))
+
+
 class _Preemption:
   """Records a SIGTERM (preemption) while installed; the loop checkpoints and stops at a step every process
   agrees on (one process asks the others every `every` steps)."""
@@ -192,10 +201,7 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
   skip = train.nonfinite == "skip"
-  train_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=run.tx, grad_accum=train.grad_accum,
-                                       skip_nonfinite=skip),
-                     in_shardings=(run.shardings, batch_sharding, run.frozen_shardings),
-                     out_shardings=(run.shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+  train_fn = jit_train_step(run, loss_fn, train)
   eval_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
                     in_shardings=(run.shardings.params, batch_sharding, run.frozen_shardings),
                     out_shardings=mesh_lib.replicated(mesh))
