@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay in param_dtype)
   model.param_dtype = "float32"       # storage dtype of parameters and optimizer state
   model.remat = False                 # rematerialise each block in the backward pass (less memory, more FLOPs)
+  model.remat_policy = "full"         # what remat keeps: full (nothing: least memory) | dots (matmul outputs
+                                      # except attention scores) | dots_all (every matmul output)
+  model.scan_layers = False           # run the blocks as one lax.scan (compiled once: fast compiles of deep
+                                      # models); parameters and checkpoints are the same either way
 
   config.data = data = ml_collections.ConfigDict()
   data.train_path = "builtin:python_stdlib"  # file, glob, directory, comma list, or builtin:python_stdlib

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
 GATED = ("swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
+REMAT_POLICIES = ("full", "dots", "dots_all")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
@@ -48,6 +49,8 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "full"
+  scan_layers: bool = False
   family: str = "decoder"
 
   @property
@@ -88,7 +91,7 @@ class ModelConfig:
     """Raises ConfigError naming the first inconsistent key."""
     choices = {"activation": ACTIVATIONS, "norm": NORMS, "norm_position": NORM_POSITIONS,
                "position": POSITIONS, "family": FAMILIES, "dtype": tuple(DTYPES),
-               "param_dtype": tuple(DTYPES)}
+               "param_dtype": tuple(DTYPES), "remat_policy": REMAT_POLICIES}
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
         raise ConfigError(f"config.model.{key}: expected one of {', '.join(allowed)}, "

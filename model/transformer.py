@@ -16,6 +16,12 @@ from model.config import ModelConfig
 from model.layers import Embed, Head, Mlp, Norm, normal, param
 
 
+# What a rematerialised block keeps for the backward pass (config.model.remat_policy).
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "dots_all": jax.checkpoint_policies.dots_saveable}
+
+
 class Block(nn.Module):
   """Attention, optional cross-attention, then MLP: residual branches with pre- or post-normalisation."""
   cfg: ModelConfig
@@ -144,7 +150,11 @@ class Transformer(nn.Module):
       key_positions_BxS = positions_BxL if cache is None else cache["positions"]
       bias_BxHxLxS = relative_bias(table_NxH, positions_BxL, key_positions_BxS, not self.causal,
                                    cfg.relative_max_distance)
-    block = nn.remat(Block) if cfg.remat else Block
+    if cfg.scan_layers and cache is None and not self.is_initializing():
+      x_BxLxD = self.scan_blocks(x_BxLxD, positions_BxL, mask_BxLxS, deterministic, context_BxSxD,
+                                 context_mask_BxLxS, bias_BxHxLxS)
+      return (Norm(cfg, name="final_norm")(x_BxLxD) if cfg.norm_position == "pre" else x_BxLxD), None
+    block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else Block
     new_layers = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else dict(cache["layers"][i], end=end, positions=cache["positions"])
@@ -154,6 +164,28 @@ class Transformer(nn.Module):
     if cfg.norm_position == "pre":
       x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
     return x_BxLxD, None if cache is None else dict(cache, layers=tuple(new_layers))
+
+  def scan_blocks(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic, context_BxSxD, context_mask_BxLxS,
+                  bias_BxHxLxS):
+    """The layers as one lax.scan over their variables stacked on the fly: the block is traced and compiled once,
+    while the parameter tree keeps its `layer_i` entries (checkpoints, PEFT paths, Hugging Face maps are
+    unchanged). Without dropout it equals the loop exactly; dropout masks differ from the loop's."""
+    cfg = self.cfg
+    stacked = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *(tree[f"layer_{i}"] for i in range(cfg.num_layers)))
+               for name, tree in self.variables.items() if "layer_0" in tree}
+    block = Block(cfg, self.cross, deterministic, parent=None)
+    rng = None if deterministic or cfg.dropout == 0 else self.make_rng("dropout")
+
+    def layer(x_BxLxD, variables_and_index):
+      variables, index = variables_and_index
+      rngs = {} if rng is None else {"dropout": jax.random.fold_in(rng, index)}
+      return block.apply(variables, x_BxLxD, positions_BxL, mask_BxLxS, None, context_BxSxD, context_mask_BxLxS,
+                         bias_BxHxLxS, rngs=rngs)[0], None
+
+    if cfg.remat:
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (stacked, jnp.arange(cfg.num_layers)))
+    return x_BxLxD
 
   def forward(self, batch: Batch, deterministic: bool = True, prefix_NxD=None):
     """Logits [B, L, V] of a batch, for its targets_BxL."""

@@ -408,7 +408,7 @@ def test_sinusoidal_embedding():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. remat == no remat
+# 6. remat == no remat; scan over layers == the loop
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("position", ["learned", "rope", "relative"])
@@ -422,6 +422,34 @@ def test_remat_matches_no_remat(position):
   np.testing.assert_allclose(logits_b, logits_a, atol=1e-6, rtol=0)
   np.testing.assert_allclose(loss_b, loss_a, atol=1e-6, rtol=0)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6, rtol=0), grads_a, grads_b)
+
+
+@pytest.mark.parametrize("changes", [dict(scan_layers=True), dict(scan_layers=True, position="relative"),
+                                     dict(scan_layers=True, remat=True, remat_policy="dots", num_kv_heads=2),
+                                     dict(remat=True, remat_policy="dots_all", position="rope")], ids=case_id)
+def test_scan_and_remat_policies_match_the_plain_loop(changes):
+  """How the blocks are computed (a lax.scan over stacked layers, what remat saves) changes neither the parameter
+  tree nor the numbers."""
+  plain_cfg = make_cfg(num_layers=3, position=changes.get("position", "learned"),
+                       num_kv_heads=changes.get("num_kv_heads", 4))
+  cfg = dataclasses.replace(plain_cfg, **changes)
+  params = init_params(plain_cfg)
+  assert jax.tree.structure(params) == jax.tree.structure(init_params(cfg))
+  tokens_BxL = random_tokens(15)
+  (loss_a, logits_a), grads_a = jax.jit(loss_and_grad_fn(plain_cfg))(params, tokens_BxL)
+  (loss_b, logits_b), grads_b = jax.jit(loss_and_grad_fn(cfg))(params, tokens_BxL)
+  np.testing.assert_allclose(logits_b, logits_a, atol=2e-5, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-5), grads_a, grads_b)
+
+
+def test_scanned_encoder_decoder_matches_the_loop():
+  plain_cfg = make_cfg(family="encoder_decoder", position="relative", tie_embeddings=False)
+  scan_cfg = dataclasses.replace(plain_cfg, scan_layers=True)
+  tokens_BxS, tokens_BxL = random_tokens(16), random_tokens(17)[:, :5]
+  model = build_model(plain_cfg)
+  params = model.init(jax.random.key(0), tokens_BxS, None, None, tokens_BxL)["params"]
+  logits = lambda cfg: build_model(cfg).apply({"params": params}, tokens_BxS, None, None, tokens_BxL)
+  np.testing.assert_allclose(logits(scan_cfg), logits(plain_cfg), atol=2e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
