@@ -169,7 +169,7 @@ class Transformer(nn.Module):
                   bias_BxHxLxS):
     """The layers as one lax.scan over their variables stacked on the fly: the block is traced and compiled once,
     while the parameter tree keeps its `layer_i` entries (checkpoints, PEFT paths, Hugging Face maps are
-    unchanged). Without dropout it equals the loop exactly; dropout masks differ from the loop's."""
+    unchanged). Without dropout it equals the loop to float rounding; dropout masks differ from the loop's."""
     cfg = self.cfg
     stacked = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *(tree[f"layer_{i}"] for i in range(cfg.num_layers)))
                for name, tree in self.variables.items() if "layer_0" in tree}
