@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from model.layers import normal, param, residual_init
+from model.layers import linear, normal, residual_init
 
 
 def attention_mask(q_segment_BxL, k_segment_BxS, causal: bool, q_offset=0, q_prefix_BxL=None, k_prefix_BxS=None):
@@ -97,12 +97,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   def project(self, name, x, shape, axes, spec, init, contracted: int = 1):
-    cfg = self.cfg
-    y = jnp.einsum(spec, x, param(self, name, init, shape, axes, cfg.weight_dtype).astype(cfg.compute_dtype))
-    if cfg.use_bias:
-      y = y + param(self, name + "_bias", nn.initializers.zeros, shape[contracted:], axes[contracted:],
-                    cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
-    return y
+    return linear(self, name, x, shape, axes, spec, init, contracted)
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None,

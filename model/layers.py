@@ -1,4 +1,5 @@
-"""Building blocks: parameter helper with logical axes, token embedding, norms, MLPs, the output head.
+"""Building blocks: parameter helper with logical axes, `linear` (every kernel product, with an optional
+low-rank LoRA branch from the "lora" collection), token embedding, norms, MLPs, the output head.
 
 Shape legend (all of model/): B batch, L query length, S key length, D d_model, H query heads,
 G key/value heads, R = H // G heads per group, K head dim, F mlp width, V vocab.
@@ -17,6 +18,29 @@ from model.config import ModelConfig
 def param(module: nn.Module, name: str, init, shape, axes, dtype):
   """Declares a parameter annotated with logical axis names (used to derive its sharding)."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def linear(module: nn.Module, name: str, x, shape, axes, spec: str, init, contracted: int = 1, bias: bool = True):
+  """x times the kernel `name` of `shape` (its first `contracted` dims are the inputs; `spec` is the einsum of x
+  and the kernel), plus a bias over the output dims if the config has biases. Every adaptable kernel goes through
+  here: when the module holds a "lora" variable `name` = {"a": [in..., r], "b": [r, out...]}, the low-rank
+  branch (x A) B is added beside the frozen kernel (LoRA's scale and dropout are already folded into A)."""
+  cfg = module.cfg
+  y = jnp.einsum(spec, x, param(module, name, init, shape, axes, cfg.weight_dtype).astype(cfg.compute_dtype))
+  if module.has_variable("lora", name):
+    ab = module.get_variable("lora", name)
+    x_spec, rest = spec.split(",")
+    kernel_spec, y_spec = rest.split("->")
+    in_spec, out_spec = kernel_spec[:contracted], kernel_spec[contracted:]
+    r = next(c for c in "rzyxwvu" if c not in spec)
+    xa_spec = "".join(c for c in x_spec if c not in in_spec) + r
+    # Never A B [in..., out...]: the branch costs O(r) per token, and its gradients stay low-rank too.
+    xa = jnp.einsum(f"{x_spec},{in_spec}{r}->{xa_spec}", x, ab["a"].astype(cfg.compute_dtype))
+    y = y + jnp.einsum(f"{xa_spec},{r}{out_spec}->{y_spec}", xa, ab["b"].astype(cfg.compute_dtype))
+  if bias and cfg.use_bias:
+    y = y + param(module, name + "_bias", nn.initializers.zeros, shape[contracted:], axes[contracted:],
+                  cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
+  return y
 
 
 def normal(stddev: float):
@@ -73,13 +97,7 @@ class Mlp(nn.Module):
   cfg: ModelConfig
 
   def dense(self, name, x, shape, axes, init, spec):
-    cfg = self.cfg
-    w = param(self, name, init, shape, axes, cfg.weight_dtype).astype(cfg.compute_dtype)
-    y = jnp.einsum(spec, x, w)
-    if cfg.use_bias:
-      y = y + param(self, name + "_bias", nn.initializers.zeros, shape[-1:], axes[-1:],
-                    cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
-    return y
+    return linear(self, name, x, shape, axes, spec, init)
 
   @nn.compact
   def __call__(self, x_BxLxD):
@@ -108,21 +126,16 @@ class Head(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     if cfg.head_transform:
-      w_DxD = param(self, "head_transform", normal(0.02), (cfg.d_model, cfg.d_model), ("embed", None),
-                    cfg.weight_dtype)
-      x_BxLxD = jnp.einsum("bld,de->ble", x_BxLxD, w_DxD.astype(cfg.compute_dtype))
-      if cfg.use_bias:
-        x_BxLxD += param(self, "head_transform_bias", nn.initializers.zeros, (cfg.d_model,), (None,),
-                         cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
+      x_BxLxD = linear(self, "head_transform", x_BxLxD, (cfg.d_model, cfg.d_model), ("embed", None),
+                       "bld,de->ble", normal(0.02))
       x_BxLxD = Norm(cfg, name="head_norm")(activate(cfg.activation, x_BxLxD))
     if cfg.tie_embeddings:
       if cfg.scale_tied_logits:
         x_BxLxD *= cfg.d_model ** -0.5
       logits_BxLxV = self.embed.attend(x_BxLxD)
     else:
-      head_DxV = param(self, "lm_head", normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                       cfg.weight_dtype)
-      logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(cfg.compute_dtype))
+      logits_BxLxV = linear(self, "lm_head", x_BxLxD, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                            "bld,dv->blv", normal(0.02), bias=False)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     if cfg.head_bias:
       logits_BxLxV += param(self, "head_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",),

@@ -5,7 +5,9 @@ parameters are built from both (`effective`):
   full    every base parameter trains
   freeze  base parameters whose path ("layer_3/mlp/wi_bias") matches a `peft.trainable` regex train
   lora    W + (alpha / r) A B for kernels matching `peft.lora_targets`; A [in..., r], B [r, out...] = 0
-          at init; `lora_dropout` drops input features of A (one mask per step, shared by the batch)
+          at init; `lora_dropout` drops input features of A (one mask per step, shared by the batch). Training
+          never forms A B: the model adds (alpha / r) (x A) B beside each frozen kernel (the "lora" collection);
+          only `merge` folds it into W
   ia3     learned rescaling of keys, values (their projection outputs) and the MLP hidden units, folded
           exactly into the key/value kernels and the rows of the MLP output kernel
   prompt  N trainable embeddings prepended to every input (the model's `prefix_NxD` argument)
@@ -125,20 +127,20 @@ class Method:
     return {}
 
   def effective(self, base: dict, adapters: dict, rng=None, deterministic: bool = True):
-    """(model parameters, extra model.apply kwargs) from the base tree and the adapters."""
+    """(the model.apply variables, extra model.apply kwargs) from the base tree and the adapters. LoRA hands the
+    kernels over unchanged and its factors as the "lora" collection, nested like the kernels' paths (model/layers.py
+    `linear` adds (x A) B); A carries the scale alpha / r and, in training, the dropout mask."""
     if self.name == "lora":
-      flat = traverse_util.flatten_dict(base)
+      lora = {}
       for i, (name, ab) in enumerate(sorted(adapters.items())):  # name: the kernel's path with dots
-        key = tuple(name.split("."))
-        n_in = _input_ndim("/".join(key))
         a = ab["a"]
         if self.cfg.lora_dropout > 0 and not deterministic and rng is not None:
+          # Dropping input features of x before x A is dropping rows of A: one [in..., 1] mask, not [B, L, in...].
           keep = jax.random.bernoulli(jax.random.fold_in(rng, 7919 + i), 1 - self.cfg.lora_dropout,
-                                      a.shape[:n_in] + (1,))
+                                      a.shape[:-1] + (1,))
           a = jnp.where(keep, a / (1 - self.cfg.lora_dropout), 0.0)
-        delta = jnp.tensordot(a, ab["b"], axes=1) * (self.cfg.lora_alpha / self.cfg.lora_rank)
-        flat[key] = flat[key] + delta.astype(flat[key].dtype)
-      return traverse_util.unflatten_dict(flat), {}
+        lora[tuple(name.split("."))] = {"a": a * (self.cfg.lora_alpha / self.cfg.lora_rank), "b": ab["b"]}
+      return {"params": base, "lora": traverse_util.unflatten_dict(lora)}, {}
     if self.name == "ia3":
       base = jax.tree.map(lambda x: x, base)  # a copy to edit
       for layer, scales in adapters.items():
@@ -148,13 +150,20 @@ class Method:
           if name + "_bias" in attention:
             attention[name + "_bias"] = attention[name + "_bias"] * scales[name]
         mlp["wo"] = mlp["wo"] * scales["mlp"][:, None]
-      return base, {}
+      return {"params": base}, {}
     if self.name == "prompt":
-      return base, {"prefix_NxD": adapters["prompt"]}
-    return base, {}
+      return {"params": base}, {"prefix_NxD": adapters["prompt"]}
+    return {"params": base}, {}
 
   def merge(self, base: dict, adapters: dict) -> dict:
     """Plain model parameters with the adapters folded in (export, inference at no extra cost)."""
     if self.name == "prompt":
       raise ConfigError("config.peft.method: prompt tuning adds input embeddings and cannot be merged")
-    return self.effective(base, adapters)[0]
+    if self.name == "lora":
+      flat = traverse_util.flatten_dict(base)
+      for name, ab in adapters.items():
+        key = tuple(name.split("."))
+        delta = jnp.tensordot(ab["a"], ab["b"], axes=1) * (self.cfg.lora_alpha / self.cfg.lora_rank)
+        flat[key] = flat[key] + delta.astype(flat[key].dtype)
+      return traverse_util.unflatten_dict(flat)
+    return self.effective(base, adapters)[0]["params"]

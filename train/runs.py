@@ -82,9 +82,9 @@ class Run:
     return jax.jit(self._fresh_state, out_shardings=self.shardings)(jax.random.PRNGKey(self.seed), self.base)
 
   def model_params(self, params, frozen, rng=None, deterministic: bool = True):
-    """(the model's parameters, extra model kwargs) from the trainable and frozen trees (the losses' view)."""
+    """(the model.apply variables, extra model kwargs) from the trainable and frozen trees (the losses' view)."""
     if self.method is None:
-      return params, {}
+      return {"params": params}, {}
     return self.method.effective(peft.combine(params["base"], frozen["base"]), params["adapters"], rng,
                                  deterministic)
 

@@ -27,13 +27,12 @@ def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
 def token_loss(model, model_params=None):
   """Cross entropy of the model's `forward` logits against the batch's targets that its family names: next
   tokens (decoder), masked tokens (encoder) or the decoder's stream (encoder-decoder). `model_params(params,
-  frozen, rng, deterministic)` builds the model's parameters and extra kwargs (default: params alone)."""
+  frozen, rng, deterministic)` builds the model.apply variables and extra kwargs (default: params alone)."""
   targets_key, weights_key = family(model.cfg).targets
 
   def loss_fn(params, frozen, batch, rng, deterministic):
-    full, extra = model_params(params, frozen, rng, deterministic) if model_params else (params, {})
-    logits_BxLxV = model.apply({"params": full}, batch, deterministic, rngs={"dropout": rng}, method="forward",
-                               **extra)
+    variables, extra = model_params(params, frozen, rng, deterministic) if model_params else ({"params": params}, {})
+    logits_BxLxV = model.apply(variables, batch, deterministic, rngs={"dropout": rng}, method="forward", **extra)
     loss_sum, weight_sum, correct_sum = weighted_cross_entropy(logits_BxLxV, batch[targets_key], batch[weights_key])
     return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
   return loss_fn

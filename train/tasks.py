@@ -95,9 +95,8 @@ def pool(hidden_BxLxD, segment_ids_BxL, pooling: str):
 def classify_loss(model, model_params, num_classes: int):
   """Cross entropy of a linear head on the pooled `features` of the model (an encoder-decoder's encoder)."""
   def loss_fn(params, frozen, batch, rng, deterministic):
-    full, extra = model_params(params, frozen, rng, deterministic)
-    hidden_BxLxD = model.apply({"params": full}, batch, deterministic, rngs={"dropout": rng}, method="features",
-                               **extra)
+    variables, extra = model_params(params, frozen, rng, deterministic)
+    hidden_BxLxD = model.apply(variables, batch, deterministic, rngs={"dropout": rng}, method="features", **extra)
     pooled_BxD = pool(hidden_BxLxD, batch["segment_ids_BxL"], family(model.cfg).pooling)
     logits_BxC = pooled_BxD @ params["head"]["kernel"] + params["head"]["bias"][None]
     labels_B, example_weight_B = batch["labels_B"], jnp.max(batch["weights_BxL"], axis=1)  # 0 on filler rows
