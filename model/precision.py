@@ -1,0 +1,45 @@
+"""Matrix products in mixed precision: bfloat16 (or float16) operands, float32 accumulation, forward and backward.
+
+A plain `jnp.einsum` of two bfloat16 arrays returns bfloat16, and on CPUs with AMX / AVX-512 BF16 XLA only takes
+its fast bf16 kernels when the product accumulates into float32 (`preferred_element_type`). JAX's own derivative
+of such a product multiplies the float32 cotangent by the bfloat16 operand, which falls back to a float32 product;
+`einsum` here keeps both backward products in bfloat16 x bfloat16 -> float32 too. Float32 operands take the
+plain path, so float32 models are unchanged.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def einsum(spec: str, x, w, out_dtype=None):
+  """jnp.einsum(spec, x, w) accumulated in float32, returned as `out_dtype` (default x's dtype).
+
+  `spec` has two operands; every contracted letter appears in both (true of every product in model/)."""
+  out_dtype = out_dtype or x.dtype
+  if x.dtype == jnp.float32 and w.dtype == jnp.float32:
+    return jnp.einsum(spec, x, w).astype(out_dtype)
+  return _mixed_einsum(spec, jnp.dtype(out_dtype).name, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mixed_einsum(spec, out_dtype, x, w):
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _forward(spec, out_dtype, x, w):
+  return _mixed_einsum(spec, out_dtype, x, w), (x, w)
+
+
+def _backward(spec, out_dtype, residuals, g):
+  x, w = residuals
+  inputs, out = spec.split("->")
+  x_spec, w_spec = inputs.split(",")
+  g = g.astype(x.dtype)
+  grad_x = jnp.einsum(f"{out},{w_spec}->{x_spec}", g, w, preferred_element_type=jnp.float32)
+  grad_w = jnp.einsum(f"{x_spec},{out}->{w_spec}", x, g, preferred_element_type=jnp.float32)
+  return grad_x.astype(x.dtype), grad_w.astype(w.dtype)
+
+
+_mixed_einsum.defvjp(_forward, _backward)
