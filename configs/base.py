@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_batches = 20             # validation batches per evaluation (fixed, the same every time)
   train.checkpoint_every = 500        # steps between checkpoints (and at the last step)
   train.keep_checkpoints = 3          # checkpoints kept on disk (steps a fine-tuning run is built on are kept too)
+  train.async_checkpoints = False     # write checkpoints in the background while training goes on
   train.restore_step = -1             # resume from this checkpoint (-1 = the latest readable one); later ones are
                                       # moved aside to checkpoints/replaced-<step>, never deleted
   train.nonfinite = "stop"            # a NaN/inf loss or gradient: stop (before any save) | skip (the update, counted)

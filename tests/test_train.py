@@ -72,14 +72,18 @@ def test_meshes_give_the_same_losses(tmp_path):
     np.testing.assert_allclose(list(by_step.values()), reference, atol=1e-5, rtol=0, err_msg=str(shape))
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("async_checkpoints", [False, True])
+def test_resume_is_exact(tmp_path, async_checkpoints):
+  """Also with checkpoints written in the background while the next steps donate the state's buffers."""
   uninterrupted = str(tmp_path / "whole")
   train_and_evaluate(tiny_config(tmp_path, steps=8, checkpoint_every=3), uninterrupted)
   resumed = str(tmp_path / "resumed")
   # "Crash" after step 4: the last checkpoint is step 3, so steps 4.. are recomputed on resume.
-  train_and_evaluate(tiny_config(tmp_path, steps=4, checkpoint_every=3), resumed)
+  train_and_evaluate(tiny_config(tmp_path, steps=4, checkpoint_every=3, async_checkpoints=async_checkpoints),
+                     resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
-  train_and_evaluate(tiny_config(tmp_path, steps=8, checkpoint_every=3), resumed)
+  train_and_evaluate(tiny_config(tmp_path, steps=8, checkpoint_every=3, async_checkpoints=async_checkpoints),
+                     resumed)
   whole, again = logged(uninterrupted), logged(resumed)
   assert sorted(again) == list(range(1, 9))  # stale step-4 line was replaced, not duplicated
   for step in range(1, 9):

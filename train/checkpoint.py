@@ -30,15 +30,16 @@ class Checkpointer:
   previous steps whole; the temporary directories a kill leaves are removed when a writer opens the workdir.
   """
 
-  def __init__(self, workdir: str, keep: int, writer: bool = False):
-    self.workdir, self.keep = os.path.abspath(workdir), keep
+  def __init__(self, workdir: str, keep: int, writer: bool = False, async_save: bool = False):
+    self.workdir, self.keep, self.async_save = os.path.abspath(workdir), keep, async_save
+    self.in_flight = None  # the step an asynchronous save is still writing
     self.directory = os.path.join(self.workdir, "checkpoints")
     if writer and distributed.is_writer():
       for stale in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
         print(f"ablax: removing {stale}, a save that was interrupted")
         shutil.rmtree(stale, ignore_errors=True)
     distributed.barrier("checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
         "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
@@ -46,22 +47,40 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: dict) -> None:
-    """Writes `step` (once), then deletes the oldest steps beyond `keep` that no fine-tuning run pins."""
+    """Writes `step` (once), then deletes the oldest steps beyond `keep` that no fine-tuning run pins. With
+    async_save the write goes on in the background (orbax copies the arrays first, so the next step may donate
+    them); it is finished, checked and counted for `keep` at the next save or at close."""
     if step in self.manager.all_steps():
       return
+    self.wait()
     try:
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       data=ocp.args.JsonSave(data_state)))
-      self.manager.wait_until_finished()
     except Exception as e:  # orbax wraps the OSError of a full disk in its own errors
-      previous = [s for s in self.steps() if s < step]
-      raise RunError(f"{self.directory}: saving step {step} failed ({_reason(e)}); the checkpoints up to step "
-                     f"{previous[-1] if previous else '-'} and metrics.jsonl are intact: free the space and run "
-                     "the same command to resume") from None
+      raise self._failed(step, e) from None
+    self.in_flight = step
+    if not self.async_save:
+      self.wait()
+
+  def wait(self) -> None:
+    """Finishes the save in flight (a RunError if it failed), then applies `keep`."""
+    if self.in_flight is None:
+      return
+    step, self.in_flight = self.in_flight, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._failed(step, e) from None
     pinned = pinned_steps(self.workdir)
     for old in self.steps()[:-self.keep]:
       if old not in pinned:
         self.manager.delete(old)
+
+  def _failed(self, step: int, error: Exception) -> RunError:
+    previous = [s for s in self.steps() if s < step]
+    return RunError(f"{self.directory}: saving step {step} failed ({_reason(error)}); the checkpoints up to step "
+                    f"{previous[-1] if previous else '-'} and metrics.jsonl are intact: free the space and run "
+                    "the same command to resume")
 
   def restore(self, step: int, abstract_state):
     """Returns (state, data_state) of `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
@@ -126,7 +145,10 @@ class Checkpointer:
     return target
 
   def close(self) -> None:
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def _reason(error: BaseException) -> str:

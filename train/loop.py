@@ -174,7 +174,8 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
   train.nonfinite = "skip", skips that update), a non-finite eval loss stops it, and the parameters are checked
   before every save. SIGTERM saves a checkpoint at the current step and raises Preempted.
   """
-  checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, writer=True)
+  checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, writer=True,
+                            async_save=config.train.async_checkpoints)
   try:
     return _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer)
   finally:

@@ -17,8 +17,8 @@ from model.config import ConfigError
 # Keys that may differ when a run is resumed: they change how long or how often, not what is trained
 # (the mesh may change too: a checkpoint restores into any sharding).
 RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-                  "train.keep_checkpoints", "train.log_every", "train.num_samples", "train.sample_tokens",
-                  "train.sample_temperature", "train.sample_top_k", "train.sample_prompt", "train.restore_step",
+                  "train.keep_checkpoints", "train.async_checkpoints", "train.log_every", "train.num_samples",
+                  "train.sample_tokens", "train.sample_temperature", "train.sample_top_k", "train.sample_prompt", "train.restore_step",
                   "train.nonfinite", "train.decay_steps")
 LOCK_FILE = ".lock"
 
