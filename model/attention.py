@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.layers import linear, normal, residual_init
+from model.precision import einsum
 
 
 def attention_mask(q_segment_BxL, k_segment_BxS, causal: bool, q_offset=0, q_prefix_BxL=None, k_prefix_BxS=None):
@@ -133,7 +134,7 @@ class Attention(nn.Module):
 
     batch, length = x_BxLxD.shape[:2]
     q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, g, h // g, k)
-    logits_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+    logits_BxGxRxLxS = einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, jnp.float32)
     if cfg.scale_attention:
       logits_BxGxRxLxS /= math.sqrt(k)
     if bias_BxHxLxS is not None:
@@ -145,7 +146,7 @@ class Attention(nn.Module):
     logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min)
     probs_BxGxRxLxS = nn.softmax(logits_BxGxRxLxS, axis=-1).astype(cfg.compute_dtype)
     probs_BxGxRxLxS = nn.Dropout(cfg.dropout)(probs_BxGxRxLxS, deterministic=deterministic)
-    out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
+    out_BxLxGxRxK = einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
     out_BxLxHxK = out_BxLxGxRxK.reshape(batch, length, h, k)
     y_BxLxD = self.project("out", out_BxLxHxK, (h, k, d), ("heads", "kv", "embed"), "blhk,hkd->bld",
                            residual_init(cfg), contracted=2)

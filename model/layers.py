@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.precision import einsum
 
 
 def param(module: nn.Module, name: str, init, shape, axes, dtype):
@@ -20,13 +21,16 @@ def param(module: nn.Module, name: str, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def linear(module: nn.Module, name: str, x, shape, axes, spec: str, init, contracted: int = 1, bias: bool = True):
+def linear(module: nn.Module, name: str, x, shape, axes, spec: str, init, contracted: int = 1, bias: bool = True,
+           out_dtype=None):
   """x times the kernel `name` of `shape` (its first `contracted` dims are the inputs; `spec` is the einsum of x
   and the kernel), plus a bias over the output dims if the config has biases. Every adaptable kernel goes through
   here: when the module holds a "lora" variable `name` = {"a": [in..., r], "b": [r, out...]}, the low-rank
-  branch (x A) B is added beside the frozen kernel (LoRA's scale and dropout are already folded into A)."""
+  branch (x A) B is added beside the frozen kernel (LoRA's scale and dropout are already folded into A).
+  Products accumulate in float32 (model/precision.py); the result is `out_dtype` (default: the compute dtype)."""
   cfg = module.cfg
-  y = jnp.einsum(spec, x, param(module, name, init, shape, axes, cfg.weight_dtype).astype(cfg.compute_dtype))
+  kernel = param(module, name, init, shape, axes, cfg.weight_dtype).astype(cfg.compute_dtype)
+  y = einsum(spec, x, kernel, out_dtype)
   if module.has_variable("lora", name):
     ab = module.get_variable("lora", name)
     x_spec, rest = spec.split(",")
@@ -35,8 +39,8 @@ def linear(module: nn.Module, name: str, x, shape, axes, spec: str, init, contra
     r = next(c for c in "rzyxwvu" if c not in spec)
     xa_spec = "".join(c for c in x_spec if c not in in_spec) + r
     # Never A B [in..., out...]: the branch costs O(r) per token, and its gradients stay low-rank too.
-    xa = jnp.einsum(f"{x_spec},{in_spec}{r}->{xa_spec}", x, ab["a"].astype(cfg.compute_dtype))
-    y = y + jnp.einsum(f"{xa_spec},{r}{out_spec}->{y_spec}", xa, ab["b"].astype(cfg.compute_dtype))
+    xa = einsum(f"{x_spec},{in_spec}{r}->{xa_spec}", x, ab["a"].astype(cfg.compute_dtype))
+    y = y + einsum(f"{xa_spec},{r}{out_spec}->{y_spec}", xa, ab["b"].astype(cfg.compute_dtype), y.dtype)
   if bias and cfg.use_bias:
     y = y + param(module, name + "_bias", nn.initializers.zeros, shape[contracted:], axes[contracted:],
                   cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
@@ -65,7 +69,7 @@ class Embed(nn.Module):
 
   def attend(self, x_BxLxD):
     table_VxD = self.table_VxD.astype(self.cfg.compute_dtype)
-    return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD)
+    return einsum("bld,vd->blv", x_BxLxD, table_VxD, jnp.float32)
 
 
 class Norm(nn.Module):
@@ -135,7 +139,7 @@ class Head(nn.Module):
       logits_BxLxV = self.embed.attend(x_BxLxD)
     else:
       logits_BxLxV = linear(self, "lm_head", x_BxLxD, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                            "bld,dv->blv", normal(0.02), bias=False)
+                            "bld,dv->blv", normal(0.02), bias=False, out_dtype=jnp.float32)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     if cfg.head_bias:
       logits_BxLxV += param(self, "head_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",),

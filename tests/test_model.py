@@ -19,6 +19,7 @@ import pytest
 from model.attention import alibi_slopes, apply_rope, relative_position_bucket, sinusoidal_embedding
 from model.config import POSITIONS, ConfigError, ModelConfig
 from model.layers import Embed
+from model.precision import einsum as mixed_einsum
 from model.families import build_model
 from model.transformer import Decoder
 
@@ -450,6 +451,39 @@ def test_scanned_encoder_decoder_matches_the_loop():
   params = model.init(jax.random.key(0), tokens_BxS, None, None, tokens_BxL)["params"]
   logits = lambda cfg: build_model(cfg).apply({"params": params}, tokens_BxS, None, None, tokens_BxL)
   np.testing.assert_allclose(logits(scan_cfg), logits(plain_cfg), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape", [("bld,dhk->blhk", (2, 5, 8), (8, 3, 4)),
+                                                    ("blgrk,bsgk->bgrls", (2, 5, 2, 3, 4), (2, 6, 2, 4)),
+                                                    ("blhk,hkd->bld", (2, 5, 3, 4), (3, 4, 8))])
+def test_mixed_precision_products_accumulate_in_float32_forward_and_backward(spec, x_shape, w_shape):
+  """bf16 operands: value and gradients close to float32's, and all three products (forward, both backward) are
+  bf16 x bf16 -> f32 (XLA's fast path on CPUs with AMX / AVX-512 BF16), never a float32 product."""
+  x, w = (jax.random.normal(jax.random.key(i), shape) for i, shape in enumerate((x_shape, w_shape)))
+  loss = lambda product: lambda x, w: jnp.sum(jnp.sin(product(spec, x, w).astype(jnp.float32)))
+  reference = jax.value_and_grad(loss(jnp.einsum), (0, 1))(x, w)
+  mixed_args = (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  mixed = jax.value_and_grad(loss(mixed_einsum), (0, 1))(*mixed_args)
+  for want, got in zip(jax.tree.leaves(reference), jax.tree.leaves(mixed)):
+    assert got.dtype == (jnp.float32 if got.ndim == 0 else jnp.bfloat16)
+    np.testing.assert_allclose(np.float32(got), want, atol=0.03 * float(jnp.max(jnp.abs(want))), rtol=0)
+  jaxpr = jax.make_jaxpr(jax.grad(loss(mixed_einsum), (0, 1)))(*mixed_args)
+  products = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  assert len(products) == 3
+  for e in products:
+    assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16, jnp.bfloat16] and e.outvars[0].aval.dtype == jnp.float32
+  np.testing.assert_array_equal(mixed_einsum(spec, x, w), jnp.einsum(spec, x, w))  # float32 takes the plain path
+
+
+def _all_eqns(jaxpr):
+  """Equations of a jaxpr and of the jaxprs nested in its equations (custom_vjp, pjit)."""
+  for e in jaxpr.eqns:
+    yield e
+    for value in e.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _all_eqns(inner)
 
 
 # ----------------------------------------------------------------------------------------------------------
