@@ -33,14 +33,14 @@ def linear(module: nn.Module, name: str, x, shape, axes, spec: str, init, contra
   y = einsum(spec, x, kernel, out_dtype)
   if module.has_variable("lora", name):
     ab = module.get_variable("lora", name)
-    x_spec, rest = spec.split(",")
-    kernel_spec, y_spec = rest.split("->")
-    in_spec, out_spec = kernel_spec[:contracted], kernel_spec[contracted:]
-    r = next(c for c in "rzyxwvu" if c not in spec)
-    xa_spec = "".join(c for c in x_spec if c not in in_spec) + r
-    # Never A B [in..., out...]: the branch costs O(r) per token, and its gradients stay low-rank too.
-    xa = einsum(f"{x_spec},{in_spec}{r}->{xa_spec}", x, ab["a"].astype(cfg.compute_dtype))
-    y = y + einsum(f"{xa_spec},{r}{out_spec}->{y_spec}", xa, ab["b"].astype(cfg.compute_dtype), y.dtype)
+    a, b = ab["a"].astype(cfg.compute_dtype), ab["b"].astype(cfg.compute_dtype)  # [in..., r], [r, out...]
+    # Never A B [in..., out...]: the branch costs O(r) per token and its gradients stay low-rank. Its products are
+    # plain matrices, T tokens x (in, out flattened): contracting (batch, length) in the backward pass made XLA:CPU
+    # copy every output gradient transposed (slower than the dense delta this replaces), and several output dims
+    # sent bfloat16 products to a CPU kernel without float32 accumulation.
+    x_TxI = x.reshape(-1, math.prod(a.shape[:-1]))
+    xa_TxR = einsum("ti,ir->tr", x_TxI, a.reshape(-1, a.shape[-1]))
+    y = y + einsum("tr,ro->to", xa_TxR, b.reshape(b.shape[0], -1), y.dtype).reshape(y.shape)
   if bias and cfg.use_bias:
     y = y + param(module, name + "_bias", nn.initializers.zeros, shape[contracted:], axes[contracted:],
                   cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]

@@ -197,3 +197,15 @@ def test_steps_train_the_adapters_only_and_the_base_stays_bit_identical():
   variables, _ = method.effective(base, state.params["adapters"])
   np.testing.assert_allclose(_logits(model, {"params": method.merge(base, state.params["adapters"])}, batch),
                              _logits(model, variables, batch), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_branch_trains_every_kernel():
+  """In bfloat16 (float32 accumulation, model/precision.py) the branch compiles for every adaptable kernel, and its
+  gradients stay close to float32's."""
+  model, base, adapters, method, batch = _setup("decoder_gqa_untied_swiglu")
+  bf16 = build_model(dataclasses.replace(model.cfg, dtype="bfloat16"))
+  rng = jax.random.PRNGKey(0)
+  grads = {m: jax.jit(jax.grad(_loss(m, method.effective, base, batch, False)))(adapters, rng) for m in (model, bf16)}
+  for path, g in traverse_util.flatten_dict(grads[model]).items():
+    g_bf16 = np.asarray(traverse_util.flatten_dict(grads[bf16])[path], np.float32)
+    assert np.abs(g_bf16 - g).max() < 0.1 * np.abs(g).max(), "/".join(path)
