@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.relative_buckets = 32         # relative: buckets of the per-stack [buckets, heads] bias table
   model.relative_max_distance = 128   # relative: offsets this far or farther share the last bucket
   model.scale_attention = True        # divide attention logits by sqrt(head_dim) (T5: False)
+  model.attention_impl = "einsum"     # einsum (explicit products) | dot_product (jax.nn.dot_product_attention)
   model.embed_norm = False            # normalise the embedding sum before the blocks (BERT)
   model.tie_embeddings = True         # output head = token embedding transposed
   model.scale_tied_logits = False     # tied head sees the output times d_model**-0.5 (T5 v1.0)

@@ -1,10 +1,12 @@
 """Attention: masks (causal, bidirectional, prefix LM), positional schemes (sinusoidal, RoPE, ALiBi, T5's
-relative bias) and multi-head / grouped-query attention.
+relative bias) and multi-head / grouped-query attention, its core computed by explicit products (`einsum`) or by
+`jax.nn.dot_product_attention` (`dot_product`), as config.model.attention_impl says.
 
 Shape letters as in model/layers.py. Masks are booleans (True = may attend) applied with `where`;
 softmax runs in float32.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -65,6 +67,12 @@ def alibi_slopes(num_heads: int):
   return jnp.asarray(slopes, jnp.float32)
 
 
+def alibi_bias(num_heads: int, q_positions_BxL, k_positions_BxS):
+  """ALiBi's additive attention bias [B, H, L, S]: minus each head's slope times |query - key position|."""
+  distance_BxLxS = jnp.abs(q_positions_BxL[:, :, None] - k_positions_BxS[:, None, :]).astype(jnp.float32)
+  return -alibi_slopes(num_heads)[None, :, None, None] * distance_BxLxS[:, None]
+
+
 def relative_position_bucket(relative, bidirectional: bool, num_buckets: int, max_distance: int):
   """T5's bucket of each key - query offset: one bucket per distance below half the buckets, then
   logarithmically wider ones up to max_distance (farther offsets share the last bucket).
@@ -91,6 +99,31 @@ def relative_bias(table_NxH, q_positions_BxL, k_positions_BxS, bidirectional: bo
   relative_BxLxS = k_positions_BxS[:, None, :] - q_positions_BxL[:, :, None]
   bucket_BxLxS = relative_position_bucket(relative_BxLxS, bidirectional, table_NxH.shape[0], max_distance)
   return jnp.take(table_NxH.astype(jnp.float32), bucket_BxLxS, axis=0).transpose(0, 3, 1, 2)
+
+
+def einsum_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS, scaled: bool, dropout):
+  """Attention of L queries to S keys as explicit products: float32 logits (bf16 products accumulated in
+  float32) and softmax; `dropout` acts on the probabilities. Returns [B, L, H, K]."""
+  batch, length, h, k = q_BxLxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, g, h // g, k)
+  logits_BxGxRxLxS = einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, jnp.float32)
+  if scaled:
+    logits_BxGxRxLxS /= math.sqrt(k)
+  if bias_BxHxLxS is not None:
+    logits_BxGxRxLxS += bias_BxHxLxS.reshape(batch, g, h // g, *bias_BxHxLxS.shape[2:])
+  logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxGxRxLxS = dropout(nn.softmax(logits_BxGxRxLxS, axis=-1).astype(q_BxLxHxK.dtype))
+  out_BxLxGxRxK = einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
+  return out_BxLxGxRxK.reshape(batch, length, h, k)
+
+
+def dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS, scaled: bool):
+  """The same through jax.nn.dot_product_attention, without dropout: float32 logits and softmax, bf16 q/k/v passed
+  as they are. `implementation=None` leaves the kernel to JAX (jax 0.10 takes its XLA path on every backend)."""
+  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, bias=bias_BxHxLxS,
+                                      mask=mask_BxLxS[:, None], scale=None if scaled else 1.0,
+                                      implementation=None)
 
 
 class Attention(nn.Module):
@@ -132,22 +165,16 @@ class Attention(nn.Module):
       cache = {"key": k_BxSxGxK, "value": v_BxSxGxK}
       k_BxSxGxK, v_BxSxGxK = k_BxSxGxK.astype(cfg.compute_dtype), v_BxSxGxK.astype(cfg.compute_dtype)
 
-    batch, length = x_BxLxD.shape[:2]
-    q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, g, h // g, k)
-    logits_BxGxRxLxS = einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, jnp.float32)
-    if cfg.scale_attention:
-      logits_BxGxRxLxS /= math.sqrt(k)
-    if bias_BxHxLxS is not None:
-      logits_BxGxRxLxS += bias_BxHxLxS.reshape(batch, g, h // g, *bias_BxHxLxS.shape[2:])
-    if positioned and cfg.position == "alibi":
-      distance_BxLxS = jnp.abs(positions_BxL[:, :, None] - key_positions_BxS[:, None, :]).astype(jnp.float32)
-      slopes_GxR = alibi_slopes(h).reshape(g, h // g)
-      logits_BxGxRxLxS -= slopes_GxR[None, :, :, None, None] * distance_BxLxS[:, None, None]
-    logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxGxRxLxS = nn.softmax(logits_BxGxRxLxS, axis=-1).astype(cfg.compute_dtype)
-    probs_BxGxRxLxS = nn.Dropout(cfg.dropout)(probs_BxGxRxLxS, deterministic=deterministic)
-    out_BxLxGxRxK = einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
-    out_BxLxHxK = out_BxLxGxRxK.reshape(batch, length, h, k)
+    if positioned and cfg.position == "alibi":  # never with T5's bias: a model has one positional scheme
+      bias_BxHxLxS = alibi_bias(h, positions_BxL, key_positions_BxS)
+    # jax.nn.dot_product_attention has no dropout: training with attention dropout takes the einsum path.
+    if cfg.attention_impl == "dot_product" and (deterministic or cfg.dropout == 0.0):
+      out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS,
+                                          cfg.scale_attention)
+    else:
+      dropout = functools.partial(nn.Dropout(cfg.dropout), deterministic=deterministic)
+      out_BxLxHxK = einsum_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS,
+                                     cfg.scale_attention, dropout)
     y_BxLxD = self.project("out", out_BxLxHxK, (h, k, d), ("heads", "kv", "embed"), "blhk,hkd->bld",
                            residual_init(cfg), contracted=2)
     return y_BxLxD, cache

@@ -9,6 +9,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
 GATED = ("swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
 REMAT_POLICIES = ("full", "dots", "dots_all")
+ATTENTION_IMPLS = ("einsum", "dot_product")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
@@ -39,6 +40,7 @@ class ModelConfig:
   relative_buckets: int = 32
   relative_max_distance: int = 128
   scale_attention: bool = True
+  attention_impl: str = "einsum"
   embed_norm: bool = False
   tie_embeddings: bool = True
   scale_tied_logits: bool = False
@@ -91,7 +93,8 @@ class ModelConfig:
     """Raises ConfigError naming the first inconsistent key."""
     choices = {"activation": ACTIVATIONS, "norm": NORMS, "norm_position": NORM_POSITIONS,
                "position": POSITIONS, "family": FAMILIES, "dtype": tuple(DTYPES),
-               "param_dtype": tuple(DTYPES), "remat_policy": REMAT_POLICIES}
+               "param_dtype": tuple(DTYPES), "remat_policy": REMAT_POLICIES,
+               "attention_impl": ATTENTION_IMPLS}
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
         raise ConfigError(f"config.model.{key}: expected one of {', '.join(allowed)}, "

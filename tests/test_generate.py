@@ -1,5 +1,7 @@
 """KV-cache decoding: cache == full forward, greedy == repeated argmax, sampling filters, batching, seeds."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,19 +41,26 @@ def full_forward_argmax(model, params, prompt, steps, width=32):
   return tokens[len(prompt):]
 
 
+def cached_logits(model, params, tokens_BxL, prefill: int = 6, capacity: int = 20):
+  """Logits of the first `prefill` tokens written into a fresh cache at once, then of one token per step."""
+  batch, length = tokens_BxL.shape
+  step = jax.jit(lambda tokens, positions, cache: model.apply({"params": params}, tokens, positions, cache=cache))
+  logits, cache = step(tokens_BxL[:, :prefill], jnp.broadcast_to(jnp.arange(prefill), (batch, prefill)),
+                       init_cache(model.cfg, batch, capacity))
+  pieces = [logits]
+  for t in range(prefill, length):
+    logits, cache = step(tokens_BxL[:, t:t + 1], jnp.full((batch, 1), t), cache)
+    pieces.append(logits)
+  assert int(cache["end"]) == length
+  return jnp.concatenate(pieces, axis=1)
+
+
 @pytest.mark.parametrize("position, num_kv_heads", [(p, 4) for p in POSITIONS] + [("rope", 2), ("alibi", 1)])
 def test_cached_decoding_equals_full_forward(position, num_kv_heads):
   model, params = tiny(position, num_kv_heads)
   tokens_BxL = jax.random.randint(jax.random.PRNGKey(7), (3, 14), 0, 41)
   full_BxLxV = jax.jit(model.apply)({"params": params}, tokens_BxL)
-  step = jax.jit(lambda tokens, positions, cache: model.apply({"params": params}, tokens, positions, cache=cache))
-  logits, cache = step(tokens_BxL[:, :6], jnp.broadcast_to(jnp.arange(6), (3, 6)), init_cache(model.cfg, 3, 20))
-  pieces = [logits]
-  for t in range(6, 14):
-    logits, cache = step(tokens_BxL[:, t:t + 1], jnp.full((3, 1), t), cache)
-    pieces.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full_BxLxV, atol=1e-5, rtol=0)
-  assert int(cache["end"]) == 14
+  np.testing.assert_allclose(cached_logits(model, params, tokens_BxL), full_BxLxV, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])
@@ -60,6 +69,19 @@ def test_greedy_equals_argmax_of_repeated_full_forward(position):
   prompt = [1, 5, 9, 2, 30]
   expected = full_forward_argmax(model, params, prompt, 12)
   assert generate(model, params, [prompt], max_new_tokens=12, sampling=Sampling(temperature=0.0))[0] == expected
+
+
+def test_dot_product_attention_decodes_as_einsum():
+  """The cache's logits (ALiBi's bias and grouped-query heads over a partly filled cache), and greedy decoding of
+  left-padded prompts, equal the einsum path's."""
+  model, params = tiny("alibi", num_kv_heads=2)
+  dot_model = Decoder(dataclasses.replace(model.cfg, attention_impl="dot_product"))
+  tokens_BxL = jax.random.randint(jax.random.PRNGKey(8), (2, 9), 0, 41)
+  np.testing.assert_allclose(cached_logits(dot_model, params, tokens_BxL, capacity=12),
+                             cached_logits(model, params, tokens_BxL, capacity=12), atol=2e-5, rtol=0)
+  prompts, greedy = [[1, 4, 9, 16, 25], [1, 2]], Sampling(temperature=0.0)
+  assert (generate(dot_model, params, prompts, max_new_tokens=8, sampling=greedy)
+          == generate(model, params, prompts, max_new_tokens=8, sampling=greedy))
 
 
 def test_top_k_1_equals_greedy():

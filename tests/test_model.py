@@ -1,7 +1,7 @@
 """Model invariants and independent references: causality (values and gradients), packed segments,
 every config axis forward+backward, parameter/FLOP counts, a numpy forward pass, GQA == repeated-kv MHA,
-RoPE relativity, ALiBi slopes, T5 relative-position buckets, remat == no remat, dropout, config errors,
-full-size shapes via eval_shape.
+RoPE relativity, ALiBi slopes, T5 relative-position buckets, remat == no remat, dot_product attention == einsum,
+dropout, config errors, full-size shapes via eval_shape.
 
 Tiny dims throughout (V=37, D=32, 2 layers, H=4, K=8, L=16).
 """
@@ -453,6 +453,40 @@ def test_scanned_encoder_decoder_matches_the_loop():
   np.testing.assert_allclose(logits(scan_cfg), logits(plain_cfg), atol=2e-5, rtol=0)
 
 
+ATTENTION_IMPL_CASES = [dict(position="learned"), dict(position="rope"), dict(position="rope", num_kv_heads=2),
+                        dict(position="alibi", num_kv_heads=2), dict(position="relative", scale_attention=False)]
+
+
+@pytest.mark.parametrize("changes", ATTENTION_IMPL_CASES, ids=case_id)
+def test_dot_product_attention_matches_einsum(changes):
+  """jax.nn.dot_product_attention gives the einsum path's logits and gradients: GQA, ALiBi and T5's bias (passed
+  as its bias), unscaled logits."""
+  einsum_cfg = make_cfg(**changes)
+  params = init_params(einsum_cfg)
+  tokens_BxL = random_tokens(16)
+  (_, logits_a), grads_a = loss_and_grad_fn(einsum_cfg)(params, tokens_BxL)
+  (_, logits_b), grads_b = loss_and_grad_fn(dataclasses.replace(einsum_cfg, attention_impl="dot_product"))(
+      params, tokens_BxL)
+  np.testing.assert_allclose(logits_b, logits_a, atol=2e-5, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-5), grads_a, grads_b)
+
+
+def test_dot_product_attention_matches_einsum_on_packed_segments():
+  """Two packed segments and padding (fully masked query rows) in one row; a bf16 model too."""
+  a, b = 6, 7
+  segments_L = np.concatenate([np.full(a, 1), np.full(b, 2), np.zeros(L - a - b, np.int64)])
+  positions_L = np.concatenate([np.arange(a), np.arange(b), np.zeros(L - a - b, np.int64)])
+  segments_BxL = jnp.asarray(np.broadcast_to(segments_L, (B, L)), jnp.int32)
+  positions_BxL = jnp.asarray(np.broadcast_to(positions_L, (B, L)), jnp.int32)
+  tokens_BxL = random_tokens(17)
+  for dtype, atol in [("float32", 2e-5), ("bfloat16", 0.05)]:
+    cfg = make_cfg(position="rope", num_kv_heads=2, dtype=dtype)
+    params = init_params(cfg)
+    logits = lambda impl: np.asarray(forward_fn(dataclasses.replace(cfg, attention_impl=impl))(
+        params, tokens_BxL, positions_BxL, segments_BxL))
+    np.testing.assert_allclose(logits("dot_product"), logits("einsum"), atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("spec, x_shape, w_shape", [("bld,dhk->blhk", (2, 5, 8), (8, 3, 4)),
                                                     ("blgrk,bsgk->bgrls", (2, 5, 2, 3, 4), (2, 6, 2, 4)),
                                                     ("blhk,hkd->bld", (2, 5, 3, 4), (3, 4, 8))])
@@ -515,6 +549,15 @@ def test_dropout():
   np.testing.assert_allclose(train_logits, eval_logits, atol=1e-6, rtol=0)
 
 
+def test_dot_product_attention_trains_with_dropout_on_the_einsum_path():
+  tokens_BxL = random_tokens(14)
+  cfg = make_cfg(dropout=0.2)
+  dot_cfg = dataclasses.replace(cfg, attention_impl="dot_product")
+  params = init_params(cfg)
+  np.testing.assert_array_equal(train_forward_fn(dot_cfg)(params, tokens_BxL, jax.random.key(0)),
+                                train_forward_fn(cfg)(params, tokens_BxL, jax.random.key(0)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 8. Config errors name the key
 # ----------------------------------------------------------------------------------------------------------
@@ -535,6 +578,7 @@ GOOD = dict(d_model=32, num_heads=4, num_layers=2)
     (dict(position="relative", relative_buckets=2), "relative_buckets"),
     (dict(position="relative", relative_max_distance=16), "relative_max_distance"),  # <= 32 // 2
     (dict(scale_tied_logits=True, tie_embeddings=False), "scale_tied_logits"),
+    (dict(attention_impl="flash"), "attention_impl"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_from_config_errors_name_the_key(changes, key):
   with pytest.raises(ConfigError) as info:
