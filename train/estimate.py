@@ -21,7 +21,7 @@ device (train/hardware.py). Where each figure comes from:
   that this run's own non-matmul kernels reach here, measured on a one-layer copy of its step (`kernel_bandwidth`).
   No constant is fitted to runs. A copy's bandwidth rather than a stream's, because on CPU XLA's kernels range from
   about 0.6 GB/s (transposes) to over 20 GB/s (elementwise ops on reused buffers): a single streaming figure put
-  shakespeare_char's step at 0.6x or 1.7x of what it measured. Communication between devices is left out.
+  shakespeare_char's step at 0.5x or 1.7x of what it measured. Communication between devices is left out.
 Offers `estimate`, `measured`, `activation_bytes`, `abstract_batch`, `default_vocab_size` and `report`.
 """
 
@@ -153,12 +153,13 @@ def _compiled_step(config, vocab_size: int, run=None):
                                                                              run.frozen).compile()
 
 
-def kernel_bandwidth(config, vocab_size: int, peak_flops: float, seconds: float = 2.0,
+def kernel_bandwidth(config, vocab_size: int, peak_flops: float, seconds: float = 4.0,
                      budget_s: float = 0.5) -> float | None:
   """Bytes/s that the run's own kernels beyond its matmuls move on this device: XLA's bytes accessed by a one-layer
   copy of the run's train step (its width, lengths, vocabulary and optimizer; its microbatch, halved while the copy
-  would take over `budget_s` at the peak) over that step's median time (at least 5 steps, and `seconds` of them
-  up to 48) beyond its flops at `peak_flops`; None where the copy is compute-bound."""
+  would take over `budget_s` at the peak) over that step's mean time beyond its flops at `peak_flops`; None where
+  the copy is compute-bound. The mean of `seconds` of steps (at least 5), as a run's tokens/s is a mean over its
+  logging interval: on a shared machine both take in the stalls."""
   mesh = mesh_lib.make_mesh(config.mesh)
   parallel = mesh_lib.data_parallel_size(mesh)
   rows = config.train.batch_size // config.train.grad_accum
@@ -172,15 +173,17 @@ def kernel_bandwidth(config, vocab_size: int, peak_flops: float, seconds: float 
   state = run.init_state()
   batch = {key: jnp.ones(x.shape, x.dtype, device=x.sharding)
            for key, x in abstract_batch(small, mesh_lib.batch_sharding(mesh)).items()}
-  times = []
-  while len(times) < 7 or (sum(times[2:]) < seconds and len(times) < 50):  # the first two are not counted
-    start = time.perf_counter()
+  for _ in range(2):
+    state, metrics = step(state, batch, run.frozen)
+  jax.block_until_ready((state, metrics))
+  start, steps = time.perf_counter(), 0
+  while steps < 5 or (time.perf_counter() - start < seconds and steps < 500):
     state, metrics = step(state, batch, run.frozen)
     jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
+    steps += 1
   cost = hardware.compiled_cost(step)
   serial = mesh.devices.size if jax.default_backend() == "cpu" else 1
-  beyond = statistics.median(times[2:]) - serial * cost["flops"] / peak_flops
+  beyond = (time.perf_counter() - start) / steps - serial * cost["flops"] / peak_flops
   return serial * cost["bytes_accessed"] / beyond if beyond > 0 else None
 
 
