@@ -42,10 +42,11 @@ def _best_seconds(fn, *args, reps: int, calls: int) -> float:
 
 
 def matmul_peak_flops(dtype, sizes: tuple = (), reps: int = 5) -> float:
-  """Best FLOP/s of a jitted square matmul in `dtype` (default sizes: 1024-3072 on CPU, 4096 and 8192 on
-  accelerators, where 10 back-to-back calls per timing hide the dispatch)."""
+  """Best FLOP/s of a jitted square matmul of `dtype` operands accumulated in float32, as the model's products are
+  (model/precision.py; a bf16 product rounded to bf16 misses the fast bf16 kernels on CPU) (default sizes:
+  1024-3072 on CPU, 4096 and 8192 on accelerators, where 10 back-to-back calls per timing hide the dispatch)."""
   sizes = sizes or ((4096, 8192) if _accelerator() else (1024, 2048, 3072))
-  matmul = jax.jit(jnp.matmul)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   best = 0.0
   for n in sizes:
     a_NxN = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
