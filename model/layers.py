@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from model.precision import einsum
+from model.precision import add_bias, einsum
 
 
 def param(module: nn.Module, name: str, init, shape, axes, dtype):
@@ -42,8 +42,8 @@ def linear(module: nn.Module, name: str, x, shape, axes, spec: str, init, contra
     xa_TxR = einsum("ti,ir->tr", x_TxI, a.reshape(-1, a.shape[-1]))
     y = y + einsum("tr,ro->to", xa_TxR, b.reshape(b.shape[0], -1), y.dtype).reshape(y.shape)
   if bias and cfg.use_bias:
-    y = y + param(module, name + "_bias", nn.initializers.zeros, shape[contracted:], axes[contracted:],
-                  cfg.weight_dtype).astype(cfg.compute_dtype)[None, None]
+    y = add_bias(y, param(module, name + "_bias", nn.initializers.zeros, shape[contracted:], axes[contracted:],
+                          cfg.weight_dtype))
   return y
 
 

@@ -150,7 +150,7 @@ class Transformer(nn.Module):
       key_positions_BxS = positions_BxL if cache is None else cache["positions"]
       bias_BxHxLxS = relative_bias(table_NxH, positions_BxL, key_positions_BxS, not self.causal,
                                    cfg.relative_max_distance)
-    if cfg.scan_layers and cache is None and not self.is_initializing():
+    if cfg.scan_layers and cache is None and not self.is_initializing() and self.layers_alike():
       x_BxLxD = self.scan_blocks(x_BxLxD, positions_BxL, mask_BxLxS, deterministic, context_BxSxD,
                                  context_mask_BxLxS, bias_BxHxLxS)
       return (Norm(cfg, name="final_norm")(x_BxLxD) if cfg.norm_position == "pre" else x_BxLxD), None
@@ -164,6 +164,14 @@ class Transformer(nn.Module):
     if cfg.norm_position == "pre":
       x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
     return x_BxLxD, None if cache is None else dict(cache, layers=tuple(new_layers))
+
+  def layers_alike(self) -> bool:
+    """Whether every collection holding layer variables holds them for every layer (LoRA on some layers only
+    does not stack: those stacks run as the loop)."""
+    layers = {f"layer_{i}" for i in range(self.cfg.num_layers)}
+    trees = [tree for tree in self.variables.values() if layers & set(tree)]
+    return all(layers <= set(tree) and len({jax.tree.structure(tree[name]) for name in layers}) == 1
+               for tree in trees)
 
   def scan_blocks(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic, context_BxSxD, context_mask_BxLxS,
                   bias_BxHxLxS):

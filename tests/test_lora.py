@@ -125,6 +125,16 @@ def test_lora_branch_logits_equal_the_merged_kernel(name):
   assert np.abs(unmerged - _logits(model, {"params": base}, batch)).max() > 1e-2  # the adapters matter
 
 
+def test_lora_on_some_layers_only_under_scan_layers():
+  """Adapters on layer 1 alone do not stack with layer 0's: that stack runs as the loop, adapters applied."""
+  model, base, adapters, method, batch = _setup("decoder_scan_layers", lora_targets=(r"layer_1/mlp/wo$",))
+  assert list(adapters) == ["layer_1.mlp.wo"]
+  variables, _ = method.effective(base, adapters)
+  merged = _logits(model, {"params": method.merge(base, adapters)}, batch)
+  np.testing.assert_allclose(_logits(model, variables, batch), merged, atol=1e-5, rtol=0)
+  assert np.abs(merged - _logits(model, {"params": base}, batch)).max() > 1e-3
+
+
 @pytest.mark.parametrize("name", ["decoder_gqa_untied_swiglu", "encoder_decoder_untied_gelu"])
 def test_loss_and_gradients_equal_the_dense_delta(name):
   """Same loss and gradients w.r.t. A and B as W + s A B in training, dropout included: one mask of A's rows

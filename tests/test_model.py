@@ -19,6 +19,7 @@ import pytest
 from model.attention import alibi_slopes, apply_rope, relative_position_bucket, sinusoidal_embedding
 from model.config import POSITIONS, ConfigError, ModelConfig
 from model.layers import Embed
+from model.precision import add_bias
 from model.precision import einsum as mixed_einsum
 from model.families import build_model
 from model.transformer import Decoder
@@ -507,6 +508,18 @@ def test_mixed_precision_products_accumulate_in_float32_forward_and_backward(spe
   for e in products:
     assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16, jnp.bfloat16] and e.outvars[0].aval.dtype == jnp.float32
   np.testing.assert_array_equal(mixed_einsum(spec, x, w), jnp.einsum(spec, x, w))  # float32 takes the plain path
+
+
+@pytest.mark.parametrize("bias_shape", [(6,), (3, 4)])
+def test_bias_gradients_in_bfloat16_sum_every_token(bias_shape):
+  y = jax.random.normal(jax.random.key(0), (2, 5, *bias_shape))
+  bias = jax.random.normal(jax.random.key(1), bias_shape)
+  loss = lambda y, b: jnp.sum(jnp.sin(add_bias(y, b).astype(jnp.float32)))
+  want = jax.grad(loss, (0, 1))(y, bias)
+  got = jax.grad(loss, (0, 1))(y.astype(jnp.bfloat16), bias)
+  assert got[1].dtype == jnp.float32 and got[1].shape == bias_shape
+  for w, g in zip(want, got):
+    np.testing.assert_allclose(np.float32(g), w, atol=0.03 * float(jnp.max(jnp.abs(w))), rtol=0)
 
 
 def _all_eqns(jaxpr):
