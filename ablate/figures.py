@@ -64,7 +64,7 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, basel
     margin = max(high - low, 1e-3 * abs(high)) * 0.6
     ax.set_ylim(max(low - margin, 0.0) if low >= 0 else low - margin, high + margin)
   ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-  ax.set(ylabel=label(primary), title=f"{primary}: mean and {ablation.confidence:.0%} bootstrap interval; "
+  ax.set(ylabel=label(primary), title=f"{primary}: mean and {ablation.confidence:.0%} bootstrap interval;\n"
                                       f"* = differs from the baseline (Holm p < {ablation.alpha}); axis not from 0")
   ax.title.set_fontsize(8)
   fig.tight_layout()
