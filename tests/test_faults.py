@@ -260,6 +260,8 @@ def test_extending_a_run_keeps_the_schedule_of_its_past(tmp_path):
     ("train", "b2", 1.0, "expected a number in [0, 1)"),
     ("train", "nonfinite", "ignore", "expected stop or skip"),
     ("data", "val_fraction", 1.5, "expected a number in [0, 1)"),
+    ("model", "remat_policy", "some", "expected one of full, dots, dots_all"),
+    ("model", "dropout", 1.0, "expected a value in [0, 1)"),
 ])
 def test_out_of_range_values_are_refused_before_anything_is_written(tmp_path, section, key, value, expected):
   config = tiny_config(tmp_path)

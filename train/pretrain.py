@@ -15,7 +15,7 @@ from ml_collections import config_flags
 from data.loader import as_source
 from data.pipeline import prepare_lm_data, prepared_data
 from model import decode
-from model.config import ConfigError
+from model.config import ConfigError, ModelConfig
 from model.families import FAMILIES
 from train import distributed
 from train import mesh as mesh_lib
@@ -57,6 +57,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train_and_evaluate(config, workdir: str) -> dict:
   mesh = mesh_lib.make_mesh(config.mesh)
   check_train_config(config, mesh)
+  ModelConfig.from_config(config.model, vocab_size=1)  # every model key checked before anything is written
   family = FAMILIES.get(config.model.family)
   if family is None:
     raise ConfigError(f"config.model.family: expected one of {', '.join(FAMILIES)}, got {config.model.family!r}")
