@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from model.precision import add_bias, einsum
+from model.precision import add_bias, einsum, gelu
 
 
 def param(module: nn.Module, name: str, init, shape, axes, dtype):
@@ -92,7 +92,7 @@ class Norm(nn.Module):
 def activate(activation: str, x):
   """The pointwise non-linearity of `activation`; a gated one (swiglu, geglu) gives its gate's function."""
   if activation in ("gelu", "gelu_tanh", "geglu"):
-    return nn.gelu(x, approximate=activation != "gelu")
+    return gelu(x, approximate=activation != "gelu")
   return nn.relu(x) if activation == "relu" else nn.silu(x)
 
 

@@ -76,3 +76,36 @@ def _add_bias_backward(empty, g):
 
 
 _add_bias.defvjp(_add_bias_forward, _add_bias_backward)
+
+
+def gelu(x, approximate: bool):
+  """GELU of x (exact: x Φ(x); or its tanh approximation). In bfloat16 the exact one is computed in float32 and its
+  derivative Φ(x) + x φ(x) is one elementwise pass over the saved input: JAX's own derivative of erf on a bfloat16
+  input runs as four unfused bf16 <-> f32 passes on XLA:CPU (a fifth of the wide config's MLP time)."""
+  if x.dtype == jnp.float32 or approximate:
+    return jax.nn.gelu(x, approximate=approximate)
+  return _exact_gelu(x)
+
+
+def _gelu_f32(x):
+  x = x.astype(jnp.float32)
+  return x * 0.5 * (1.0 + jax.lax.erf(x * (1 / 2 ** 0.5)))
+
+
+@jax.custom_vjp
+def _exact_gelu(x):
+  return _gelu_f32(x).astype(x.dtype)
+
+
+def _exact_gelu_forward(x):
+  return _exact_gelu(x), x
+
+
+def _exact_gelu_backward(x, g):
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1 / 2 ** 0.5)))
+  pdf = jnp.exp(-0.5 * x32 * x32) * (1 / (2 * jnp.pi) ** 0.5)
+  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+
+
+_exact_gelu.defvjp(_exact_gelu_forward, _exact_gelu_backward)

@@ -19,7 +19,7 @@ import pytest
 from model.attention import alibi_slopes, apply_rope, relative_position_bucket, sinusoidal_embedding
 from model.config import POSITIONS, ConfigError, ModelConfig
 from model.layers import Embed
-from model.precision import add_bias
+from model.precision import add_bias, gelu
 from model.precision import einsum as mixed_einsum
 from model.families import build_model
 from model.transformer import Decoder
@@ -520,6 +520,19 @@ def test_bias_gradients_in_bfloat16_sum_every_token(bias_shape):
   assert got[1].dtype == jnp.float32 and got[1].shape == bias_shape
   for w, g in zip(want, got):
     np.testing.assert_allclose(np.float32(g), w, atol=0.03 * float(jnp.max(jnp.abs(w))), rtol=0)
+
+
+def test_exact_gelu_in_bfloat16_matches_float32_value_and_derivative():
+  """The bf16 exact GELU (float32 inside, derivative Φ(x) + x φ(x) written out) against JAX's float32 GELU and its
+  automatic derivative at the same (bf16-rounded) inputs, where the derivative changes sign and saturates."""
+  x16 = jnp.linspace(-6.0, 6.0, 2001).astype(jnp.bfloat16)
+  got, got_grad = jax.vmap(jax.value_and_grad(lambda v: gelu(v, approximate=False).astype(jnp.float32)))(x16)
+  want, want_grad = jax.vmap(jax.value_and_grad(lambda v: jax.nn.gelu(v, approximate=False)))(np.float32(x16))
+  assert got.dtype == jnp.float32 and got_grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got, want, atol=0.02, rtol=0.01)  # the output is rounded to bf16
+  np.testing.assert_allclose(np.float32(got_grad), want_grad, atol=0.01)
+  x = np.float32(x16)
+  np.testing.assert_array_equal(gelu(x, approximate=False), jax.nn.gelu(x, approximate=False))  # float32: unchanged
 
 
 def _all_eqns(jaxpr):
