@@ -20,6 +20,10 @@ class ConfigError(ValueError):
   """A config value a user can fix; the message names the key and what was expected."""
 
 
+# How a model is computed, not what it is: a fine-tuning run takes these from its own config, the rest from its base.
+EXECUTION_KEYS = ("dtype", "remat", "remat_policy", "scan_layers", "attention_impl")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hyperparameters of a transformer; see configs/base.py for what each one means."""

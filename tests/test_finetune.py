@@ -404,6 +404,23 @@ def test_config_errors(setup, tmp_path):
     finetune_lib.finetune(config, str(tmp_path / "c"))
 
 
+def test_finetuning_computes_as_its_own_config_says(setup, tmp_path):
+  """The base's model section is copied, but for how it is computed (dtype, remat, ...): a float32 base fine-tunes
+  in bfloat16 compute with float32 parameters."""
+  config = ft_config(setup, "lora", steps=2)
+  config.model.update(dtype="bfloat16", remat=True, num_layers=99, param_dtype="bfloat16")
+  workdir = str(tmp_path / "bf16")
+  last = finetune_lib.finetune(config, workdir)
+  with open(os.path.join(setup["base"], "config.json")) as f:
+    base = json.load(f)["model"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    model = json.load(f)["model"]
+  assert (model["dtype"], model["remat"]) == ("bfloat16", True)
+  assert {k: v for k, v in model.items() if k not in ("dtype", "remat")} == \
+      {k: v for k, v in base.items() if k not in ("dtype", "remat")}
+  assert np.isfinite(last["train/loss"])
+
+
 def test_evaluate_cli_reports_classification_metrics(setup, trained):
   """train.evaluate on a classification run: accuracy and macro-F1 over every dev record, equal to the
   fine-tuning loop's own eval (which also covers each dev row once)."""

@@ -3,7 +3,8 @@
   python -m train.finetune --config=configs/finetune/sst2_lora.py --workdir=runs/sst2_lora \\
       --config.init_from=runs/wiki_small [--config.peft.lora_rank=4 ...]
 
-The model (config.model) and tokenizer are the pretrained run's. The TrainState holds only what trains:
+The model (config.model; but for how it is computed: dtype, remat, scan_layers, attention_impl) and tokenizer
+are the pretrained run's. The TrainState holds only what trains:
 {"base": trainable base parameters, "adapters": new parameters, "head": classification head}; the
 frozen base parameters are re-read from `init_from` (its step recorded as `init_step`), so checkpoints
 of adapter methods are small (train/runs.py). Running the same command again resumes exactly.

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from data.sources import DataError
 from data.tokenizer import Tokenizer, load_tokenizer
-from model.config import ConfigError, ModelConfig
+from model.config import EXECUTION_KEYS, ConfigError, ModelConfig
 from model.families import build_model, init_params
 from train import mesh as mesh_lib
 from train import peft
@@ -124,8 +124,9 @@ def pretraining(config, mesh: Mesh, vocab_size: int, tokenizer: Tokenizer | None
 
 
 def resolve_base(config, workdir: str | None = None) -> ml_collections.ConfigDict:
-  """Reads a fine-tuning config's base run: copies its model section into config.model, pins config.init_step
-  (init_step -1: the step this run in `workdir` was built on, else the base's latest)."""
+  """Reads a fine-tuning config's base run: copies its model section into config.model but for the keys of how
+  the model is computed (model.config.EXECUTION_KEYS: dtype, remat, ...), which stay the fine-tuning config's; pins
+  config.init_step (init_step -1: the step this run in `workdir` was built on, else the base's latest)."""
   if not config.init_from:
     raise ConfigError("config.init_from: the workdir of a pretrained run is required")
   if config.init_step < 0 and workdir and os.path.exists(os.path.join(workdir, "config.json")):
@@ -133,7 +134,9 @@ def resolve_base(config, workdir: str | None = None) -> ml_collections.ConfigDic
   base_config = read_run_config(config.init_from)
   if base_config.get("init_from"):
     raise ConfigError(f"config.init_from: {config.init_from} is itself a fine-tuning run; give its base")
+  execution = {key: config.model[key] for key in EXECUTION_KEYS if key in config.model}
   config.model.update(dict(base_config.model))
+  config.model.update(execution)
   config.init_step = resolve_step(config.init_from, None if config.init_step < 0 else config.init_step)
   return base_config
 

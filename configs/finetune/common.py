@@ -6,7 +6,10 @@ from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()  # config.model is replaced by the pretrained run's at start
+  # config.model is replaced by the pretrained run's at start, but for how it is computed (model.dtype, remat,
+  # remat_policy, scan_layers, attention_impl), which are this config's: --config.model.dtype=bfloat16 fine-tunes
+  # a float32 base in mixed precision.
+  config = base.get_config()
   with config.unlocked():
     config.init_from = ""             # workdir of the pretrained run (required)
     config.init_step = -1             # its checkpoint step (-1 = latest; pinned in config.json)
