@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 
+from data.holdout import holdout
 from data.loader import Loader
 from data.packing import pack_documents
 from data.pipeline import prepare_lm_data
@@ -403,3 +404,23 @@ def test_prepare_lm_data_char_and_errors(tmp_path):
   with pytest.raises(DataError) as excinfo:
     prepare_lm_data(data_config(str(path), tokenizer="char", val_fraction=0.01), 16, None)
   assert_one_line_error(excinfo, "validation data", "seq_len+1 = 17")
+
+
+def test_holdout_partitions_the_records_and_is_reproducible(tmp_path):
+  src = tmp_path / "train.jsonl"
+  records = [json.dumps({"text": f"sentence {i}", "label": i % 2}) + "\n" for i in range(50)]
+  src.write_text("".join(records).rstrip("\n"))  # a last line without its newline is still a record
+  holdout(str(src), str(tmp_path / "a"), n=10, seed=3)
+  train, held = ((tmp_path / "a" / name).read_text().splitlines(keepends=True) for name in ("train.jsonl",
+                                                                                          "holdout.jsonl"))
+  assert len(held) == 10 and sorted(train + held) == sorted(records)
+  assert train == [r for r in records if r not in held]  # the source's order is kept
+  holdout(str(src), str(tmp_path / "b"), n=10, seed=3)
+  assert (tmp_path / "b" / "holdout.jsonl").read_text() == "".join(held)
+  holdout(str(src), str(tmp_path / "c"), n=10, seed=4)
+  assert (tmp_path / "c" / "holdout.jsonl").read_text() != "".join(held)
+  holdout(str(src), str(tmp_path / "a"), n=10, seed=3)  # the same split again: nothing to do
+  with pytest.raises(DataError, match="another split"):
+    holdout(str(src), str(tmp_path / "a"), n=11, seed=3)
+  with pytest.raises(DataError, match="--n"):
+    holdout(str(src), str(tmp_path / "d"), n=50)
