@@ -8,6 +8,8 @@ import os
 import matplotlib
 import numpy as np
 
+from ablate.plan import parse_metric
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
@@ -73,9 +75,9 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, basel
 
   by_length = {}  # key -> [(length, spec)]
   for spec in ablation.metrics:
-    if "@" in spec:
-      key, length = spec.rsplit("@", 1)
-      by_length.setdefault(key, []).append((int(length), spec))
+    _, key, length = parse_metric(spec)
+    if isinstance(length, int):
+      by_length.setdefault(key, []).append((length, spec))
   for key, points in by_length.items():
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, cells in summary.items():

@@ -6,7 +6,9 @@ overrides shared by all runs, named variants and/or a grid, seeds and metrics (s
 ended, and how.
 
 Metrics are `[final|min|max|mean|median:]key` over the run's metrics.jsonl (final by default), or
-`key@L`, the value `key` (loss, perplexity, bits_per_byte) of `python -m train.evaluate` at length L.
+`key@L`, the value `key` (loss, perplexity, bits_per_byte) of `python -m train.evaluate` at length L, or `key@data`,
+its value on `eval_data` at the run's own settings (a classifier's accuracy, macro_f1 or loss on a labelled file
+that training never read).
 """
 
 import itertools
@@ -19,6 +21,7 @@ import ml_collections
 from model.config import ConfigError
 
 X_AXES = ("step", "train/tokens", "train/flops", "time")
+DATA = "data"  # `key@data`: evaluated on eval_data at the run's settings, written to RUN/eval_data.json
 AGGREGATES = {"final": lambda v: v[-1], "min": min, "max": max, "mean": statistics.fmean,
               "median": statistics.median}
 
@@ -43,7 +46,8 @@ def ablation_defaults() -> ml_collections.ConfigDict:
   c.x_axis = "step"                  # step | train/tokens | train/flops | time: what the runs are compared at; not
                                      # step: every metric is taken at the largest x all runs reached (equal cost)
   c.eval_lengths = ()                # lengths for `key@L` metrics (python -m train.evaluate --seq_len)
-  c.eval_data = "run:validation"     # what train.evaluate scores (default: each run's held-out split)
+  c.eval_data = "run:validation"     # what train.evaluate scores (default: each run's held-out split); `key@data`
+                                     # metrics read its scores of the final checkpoint
   c.eval_stride = 0                  # 0: disjoint windows; else tokens between window starts
   c.eval_max_bytes = 0               # evaluate at most this many bytes of eval_data (0: all)
   c.parallel = 1                     # runs at a time, each a subprocess
@@ -68,7 +72,7 @@ def load_ablation(config) -> ml_collections.ConfigDict:
     aggregate, _, length = parse_metric(spec)
     if aggregate not in AGGREGATES:
       raise ConfigError(f"config.metrics: {spec!r}: expected one of {', '.join(AGGREGATES)} before ':'")
-    if length is not None and length not in tuple(merged.eval_lengths):
+    if length is not None and length != DATA and length not in tuple(merged.eval_lengths):
       raise ConfigError(f"config.metrics: {spec!r} needs {length} in config.eval_lengths "
                         f"{tuple(merged.eval_lengths)}")
   if merged.ladder and merged.ladder not in dict(merged.grid):
@@ -85,11 +89,12 @@ def load_ablation(config) -> ml_collections.ConfigDict:
   return merged
 
 
-def parse_metric(spec: str) -> tuple[str, str, int | None]:
-  """(aggregate, key, evaluation length or None) of a metric spec such as "min:eval/loss" or "loss@256"."""
-  if "@" in spec and spec.rsplit("@", 1)[1].isdigit():
+def parse_metric(spec: str) -> tuple[str, str, int | str | None]:
+  """(aggregate, key, evaluation length, DATA or None) of a metric spec such as "min:eval/loss", "loss@256" or
+  "accuracy@data"."""
+  if "@" in spec and (spec.rsplit("@", 1)[1].isdigit() or spec.endswith("@" + DATA)):
     key, length = spec.rsplit("@", 1)
-    return "final", key, int(length)
+    return "final", key, length if length == DATA else int(length)
   aggregate, _, key = spec.rpartition(":")
   return aggregate or "final", key, None
 

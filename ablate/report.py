@@ -18,7 +18,7 @@ import ml_collections
 from ablate import figures
 from ablate import scaling
 from ablate import stats
-from ablate.plan import (AGGREGATES, baseline, expand, extra_seeds, ladder_groups, load_ablation, parse_metric,
+from ablate.plan import (AGGREGATES, DATA, baseline, expand, extra_seeds, ladder_groups, load_ablation, parse_metric,
                          read_status, references)
 from train.metrics import read_metrics
 from train.workdir import write_atomic
@@ -38,9 +38,13 @@ def run_metrics(run_dir: str, specs, curve_key: str, x_axis: str = "step", budge
   values = {}
   for spec in specs:
     aggregate, key, length = parse_metric(spec)
-    if length is not None:
+    path = None
+    if length == DATA and os.path.exists(os.path.join(run_dir, "eval_data.json")):
+      path = os.path.join(run_dir, "eval_data.json")
+    elif isinstance(length, int):
       path = next((os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir))
                    if n.startswith("eval_") and n.endswith(f"_L{length}.json")), None)
+    if length is not None:
       with open(path) if path else io.StringIO("{}") as f:
         values[spec] = json.load(f).get(key)
     else:

@@ -15,22 +15,25 @@ import subprocess
 import sys
 import time
 
-from ablate.plan import expand, extra_seeds, read_status, references, status_path
+from ablate.plan import DATA, expand, extra_seeds, parse_metric, read_status, references, status_path
 from ablate.report import collect, significance, undecided, write_report
 from train.workdir import write_atomic
 
 
 def commands(run: dict, ablation, workdir: str) -> list[list[str]]:
-  """The training command of a run, then its evaluation command if the ablation evaluates lengths."""
+  """The training command of a run, then its evaluation commands: at the ablation's lengths, and on eval_data at the
+  run's settings when a metric reads `key@data`."""
   run_dir = os.path.join(workdir, "runs", run["name"])
   train = [sys.executable, "-m", f"train.{ablation.entrypoint}", f"--config={ablation.config}",
            f"--workdir={run_dir}", *[f"--config.{override}" for override in run["overrides"]]]
-  if not ablation.eval_lengths:
-    return [train]
   evaluate = [sys.executable, "-m", "train.evaluate", f"--workdir={run_dir}", f"--data={ablation.eval_data}",
-              f"--stride={ablation.eval_stride}", f"--max_bytes={ablation.eval_max_bytes}",
-              *[f"--seq_len={length}" for length in ablation.eval_lengths]]
-  return [train, evaluate]
+              f"--stride={ablation.eval_stride}", f"--max_bytes={ablation.eval_max_bytes}"]
+  found = [train]
+  if ablation.eval_lengths:
+    found.append([*evaluate, *[f"--seq_len={length}" for length in ablation.eval_lengths]])
+  if any(parse_metric(spec)[2] == DATA for spec in ablation.metrics):
+    found.append([*evaluate, f"--output={os.path.join(run_dir, 'eval_data.json')}"])
+  return found
 
 
 def execute(run: dict, ablation, workdir: str) -> dict:

@@ -98,13 +98,28 @@ def test_run_metrics_read_from_the_run_files(tmp_path):
              {"step": 3, "train/loss": 2.2}, {"step": 4, "train/loss": 1.0, "eval/loss": 2.75}]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   (tmp_path / "eval_validation_L64.json").write_text(json.dumps({"perplexity": 7.5}))
-  values, curve = ablate.report.run_metrics(str(tmp_path), ["eval/loss", "min:eval/loss", "mean:train/loss",
-                                                            "median:train/loss", "perplexity@64", "perplexity@128"],
-                                            "eval/loss")
+  (tmp_path / "eval_data.json").write_text(json.dumps({"accuracy": 0.8, "perplexity": 9.0}))
+  specs = ["eval/loss", "min:eval/loss", "mean:train/loss", "median:train/loss", "perplexity@64", "perplexity@128",
+           "accuracy@data"]
+  values, curve = ablate.report.run_metrics(str(tmp_path), specs, "eval/loss")
   assert values == {"eval/loss": 2.75, "min:eval/loss": 2.5, "mean:train/loss": 2.05,
                     "median:train/loss": statistics.median([3.0, 2.0, 2.2, 1.0]), "perplexity@64": 7.5,
-                    "perplexity@128": None}
+                    "perplexity@128": None, "accuracy@data": 0.8}
   assert curve == [(2, 2.5), (4, 2.75)]
+  os.remove(tmp_path / "eval_data.json")
+  assert ablate.report.run_metrics(str(tmp_path), ["accuracy@data"], "eval/loss")[0] == {"accuracy@data": None}
+
+
+def test_data_metrics_evaluate_the_final_checkpoint_on_eval_data(tmp_path):
+  """`key@data` adds one train.evaluate command on eval_data writing RUN/eval_data.json, after the lengths' one."""
+  config = _tiny_ablation(tmp_path, eval_data="dev.jsonl", metrics=("accuracy@data", "loss@8"), eval_lengths=(8,))
+  run = ablate.plan.expand(config)[0]
+  train, lengths, data = ablate.runner.commands(run, config, "W")
+  assert "--seq_len=8" in lengths and not any(a.startswith("--seq_len") for a in data)
+  assert data[2:5] == ["train.evaluate", f"--workdir={os.path.join('W', 'runs', run['name'])}", "--data=dev.jsonl"]
+  assert data[-1] == f"--output={os.path.join('W', 'runs', run['name'], 'eval_data.json')}"
+  config = _tiny_ablation(tmp_path, metrics=("eval/loss",), eval_lengths=())
+  assert len(ablate.runner.commands(run, config, "W")) == 1
 
 
 def _tiny_ablation(tmp_path, **overrides):
