@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.layers import linear, normal, residual_init
-from model.precision import einsum
+from model.precision import einsum, softmax
 
 
 def attention_mask(q_segment_BxL, k_segment_BxS, causal: bool, q_offset=0, q_prefix_BxL=None, k_prefix_BxS=None):
@@ -113,7 +113,7 @@ def einsum_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS, 
   if bias_BxHxLxS is not None:
     logits_BxGxRxLxS += bias_BxHxLxS.reshape(batch, g, h // g, *bias_BxHxLxS.shape[2:])
   logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min)
-  probs_BxGxRxLxS = dropout(nn.softmax(logits_BxGxRxLxS, axis=-1).astype(q_BxLxHxK.dtype))
+  probs_BxGxRxLxS = dropout(softmax(logits_BxGxRxLxS).astype(q_BxLxHxK.dtype))
   out_BxLxGxRxK = einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
   return out_BxLxGxRxK.reshape(batch, length, h, k)
 

@@ -19,7 +19,7 @@ import pytest
 from model.attention import alibi_slopes, apply_rope, relative_position_bucket, sinusoidal_embedding
 from model.config import POSITIONS, ConfigError, ModelConfig
 from model.layers import Embed
-from model.precision import add_bias, gelu
+from model.precision import add_bias, gelu, softmax
 from model.precision import einsum as mixed_einsum
 from model.families import build_model
 from model.transformer import Decoder
@@ -533,6 +533,18 @@ def test_exact_gelu_in_bfloat16_matches_float32_value_and_derivative():
   np.testing.assert_allclose(np.float32(got_grad), want_grad, atol=0.01)
   x = np.float32(x16)
   np.testing.assert_array_equal(gelu(x, approximate=False), jax.nn.gelu(x, approximate=False))  # float32: unchanged
+
+
+def test_softmax_derivative_equals_jax_softmax_derivative():
+  """The softmax whose backward sums rows by a product with ones: value and vector-Jacobian product equal JAX's, with
+  masked (float32 min) entries as attention has them."""
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 5, 7)) * 4
+  logits = jnp.where(jnp.arange(7) < 5, logits, jnp.finfo(jnp.float32).min)
+  g = jax.random.normal(jax.random.key(1), logits.shape)
+  got, got_vjp = jax.vjp(softmax, logits)
+  want, want_vjp = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), logits)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(got_vjp(g)[0], want_vjp(g)[0], atol=1e-6, rtol=1e-5)
 
 
 def _all_eqns(jaxpr):
