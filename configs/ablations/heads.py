@@ -17,6 +17,7 @@ def get_config():
                  "train.num_samples=0")
   c.grid = {"heads": ("model.num_heads", (1, 2, 4, 8, 16))}
   c.seeds = (0, 1, 2)
+  c.baseline = "heads=8"  # the paper's base model
   c.metrics = ("eval/loss", "min:eval/loss", "median:train/tokens_per_sec")
   c.parallel = 2
   return c
