@@ -19,8 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {  # name: (config file, extra overrides)
     "full": ("sst2_full.py", ["--config.train.learning_rate=2e-4"]),
     "freeze (BitFit)": ("sst2_bitfit.py", []),
+    # alpha fixed across ranks (Hu et al.): with Adam, alpha = 2 r would also scale the first update with the rank
     "lora r=4": ("sst2_lora.py", ["--config.peft.lora_rank=4", "--config.peft.lora_alpha=8"]),
-    "lora r=16": ("sst2_lora.py", ["--config.peft.lora_rank=16", "--config.peft.lora_alpha=32"]),
+    "lora r=16": ("sst2_lora.py", ["--config.peft.lora_rank=16", "--config.peft.lora_alpha=8"]),
     "prompt (20 tokens)": ("sst2_prompt.py", []),
     "ia3": ("sst2_ia3.py", []),
 }
