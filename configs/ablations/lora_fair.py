@@ -34,7 +34,7 @@ METHODS = {  # name: (overrides, learning rates of the sweep)
     "lora_attn": ((*LORA, "peft.lora_targets=('attention/(query|key|value|out)$',)"), (1e-3, 3e-3, 1e-2)),
     "lora_all": ((*LORA, "peft.lora_targets=('attention/(query|key|value|out)$', 'mlp/w')"), (1e-3, 3e-3, 1e-2)),
 }
-CHOSEN = {"full": 1e-3, "full_frozen_embed": 3e-4, "head": 1e-2, "bitfit": 1e-2, "lora_attn": 3e-3,
+CHOSEN = {"full": 1e-3, "full_frozen_embed": 3e-4, "head": 1e-2, "bitfit": 3e-3, "lora_attn": 3e-3,
           "lora_all": 3e-3}  # the best eval/accuracy of lora_fair_sweep (docs/ablations.md)
 
 
