@@ -38,13 +38,10 @@ def run_metrics(run_dir: str, specs, curve_key: str, x_axis: str = "step", budge
   values = {}
   for spec in specs:
     aggregate, key, length = parse_metric(spec)
-    path = None
-    if length == DATA and os.path.exists(os.path.join(run_dir, "eval_data.json")):
-      path = os.path.join(run_dir, "eval_data.json")
-    elif isinstance(length, int):
-      path = next((os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir))
-                   if n.startswith("eval_") and n.endswith(f"_L{length}.json")), None)
     if length is not None:
+      suffix = "eval_data.json" if length == DATA else f"_L{length}.json"  # RUN/eval_data.json, eval_<data>_L<L>.json
+      path = next((os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir))
+                   if n.startswith("eval_") and n.endswith(suffix)), None)
       with open(path) if path else io.StringIO("{}") as f:
         values[spec] = json.load(f).get(key)
     else:

@@ -87,14 +87,9 @@ def gelu(x, approximate: bool):
   return _exact_gelu(x)
 
 
-def _gelu_f32(x):
-  x = x.astype(jnp.float32)
-  return x * 0.5 * (1.0 + jax.lax.erf(x * (1 / 2 ** 0.5)))
-
-
 @jax.custom_vjp
 def _exact_gelu(x):
-  return _gelu_f32(x).astype(x.dtype)
+  return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
 
 
 def _exact_gelu_forward(x):
