@@ -26,6 +26,6 @@ setup(
     ],
     # torch and transformers only build reference models in tests/test_hf.py (tested with transformers 5.24);
     # lm-eval (EleutherAI's harness) is needed only by train/harness.py, its adapter.
-    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0",
+    extras_require={"test": ["pytest>=8.0", "hypothesis>=6.100", "torch==2.13.0",
                              "transformers>=5.0", "lm-eval>=0.4.13"]},
 )
