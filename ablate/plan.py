@@ -36,6 +36,9 @@ def ablation_defaults() -> ml_collections.ConfigDict:
   c.grid = {}                        # axis name -> (key, (values...)): a variant per combination; a tuple of keys
                                      # with tuples of values ties dials: ("model.num_layers", "model.d_model")
   c.ladder = ""                      # a grid axis of model sizes: the first metric is fitted against compute
+  c.sweep = ()                       # (x axis, line axis) of the grid: sweep.png draws the first metric against
+                                     # the x axis's values, a line per line-axis value, a panel per the other axes'
+                                     # values, and results.md gives each line's best x (a learning-rate transfer)
   c.seeds = (0, 1, 2)
   c.seed_key = "train.seed"          # the runs of a seed share its data order (data.seed -1 follows train.seed)
   c.baseline = ""                    # the variant the others are compared with (default: the first)
@@ -77,6 +80,9 @@ def load_ablation(config) -> ml_collections.ConfigDict:
                         f"{tuple(merged.eval_lengths)}")
   if merged.ladder and merged.ladder not in dict(merged.grid):
     raise ConfigError(f"config.ladder: {merged.ladder!r} is not a grid axis ({', '.join(dict(merged.grid))})")
+  if merged.sweep and (len(merged.sweep) != 2 or any(axis not in dict(merged.grid) for axis in merged.sweep)):
+    raise ConfigError(f"config.sweep: expected two grid axes ({', '.join(dict(merged.grid))}), got "
+                      f"{tuple(merged.sweep)}")
   for axis, (key, values) in dict(merged.grid).items():
     if isinstance(key, (tuple, list)) and any(not isinstance(v, (tuple, list)) or len(v) != len(key) for v in values):
       raise ConfigError(f"config.grid.{axis}: a tuple of {len(key)} keys takes tuples of {len(key)} values")

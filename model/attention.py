@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.layers import linear, normal, residual_init
+from model.parametrization import attention_divisor
 from model.precision import einsum, softmax
 
 
@@ -101,15 +102,16 @@ def relative_bias(table_NxH, q_positions_BxL, k_positions_BxS, bidirectional: bo
   return jnp.take(table_NxH.astype(jnp.float32), bucket_BxLxS, axis=0).transpose(0, 3, 1, 2)
 
 
-def einsum_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS, scaled: bool, dropout):
+def einsum_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS, divisor: float | None, dropout):
   """Attention of L queries to S keys as explicit products: float32 logits (bf16 products accumulated in
-  float32) and softmax; `dropout` acts on the probabilities. Returns [B, L, H, K]."""
+  float32) divided by `divisor` (None: not scaled) and softmax; `dropout` acts on the probabilities.
+  Returns [B, L, H, K]."""
   batch, length, h, k = q_BxLxHxK.shape
   g = k_BxSxGxK.shape[2]
   q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, g, h // g, k)
   logits_BxGxRxLxS = einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, jnp.float32)
-  if scaled:
-    logits_BxGxRxLxS /= math.sqrt(k)
+  if divisor is not None:
+    logits_BxGxRxLxS /= divisor
   if bias_BxHxLxS is not None:
     logits_BxGxRxLxS += bias_BxHxLxS.reshape(batch, g, h // g, *bias_BxHxLxS.shape[2:])
   logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min)
@@ -118,11 +120,11 @@ def einsum_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS, 
   return out_BxLxGxRxK.reshape(batch, length, h, k)
 
 
-def dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS, scaled: bool):
+def dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS, divisor: float | None):
   """The same through jax.nn.dot_product_attention, without dropout: float32 logits and softmax, bf16 q/k/v passed
   as they are. `implementation=None` leaves the kernel to JAX (jax 0.10 takes its XLA path on every backend)."""
   return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, bias=bias_BxHxLxS,
-                                      mask=mask_BxLxS[:, None], scale=None if scaled else 1.0,
+                                      mask=mask_BxLxS[:, None], scale=1.0 / (divisor or 1.0),
                                       implementation=None)
 
 
@@ -170,11 +172,11 @@ class Attention(nn.Module):
     # jax.nn.dot_product_attention has no dropout: training with attention dropout takes the einsum path.
     if cfg.attention_impl == "dot_product" and (deterministic or cfg.dropout == 0.0):
       out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS,
-                                          cfg.scale_attention)
+                                          attention_divisor(cfg))
     else:
       dropout = functools.partial(nn.Dropout(cfg.dropout), deterministic=deterministic)
       out_BxLxHxK = einsum_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS,
-                                     cfg.scale_attention, dropout)
+                                     attention_divisor(cfg), dropout)
     y_BxLxD = self.project("out", out_BxLxHxK, (h, k, d), ("heads", "kv", "embed"), "blhk,hkd->bld",
                            residual_init(cfg), contracted=2)
     return y_BxLxD, cache

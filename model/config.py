@@ -13,6 +13,7 @@ ATTENTION_IMPLS = ("einsum", "dot_product")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
+PARAMETRIZATIONS = ("sp", "mup")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -58,6 +59,15 @@ class ModelConfig:
   remat_policy: str = "full"
   scan_layers: bool = False
   family: str = "decoder"
+  parametrization: str = "sp"
+  base_width: int = 0
+
+  @property
+  def width_mult(self) -> float:
+    """µP's width multiplier m = d_model / base_width (1.0 under the standard parametrization)."""
+    if self.parametrization == "sp" or not self.base_width:
+      return 1.0
+    return self.d_model / self.base_width
 
   @property
   def gated(self) -> bool:
@@ -98,7 +108,7 @@ class ModelConfig:
     choices = {"activation": ACTIVATIONS, "norm": NORMS, "norm_position": NORM_POSITIONS,
                "position": POSITIONS, "family": FAMILIES, "dtype": tuple(DTYPES),
                "param_dtype": tuple(DTYPES), "remat_policy": REMAT_POLICIES,
-               "attention_impl": ATTENTION_IMPLS}
+               "attention_impl": ATTENTION_IMPLS, "parametrization": PARAMETRIZATIONS}
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
         raise ConfigError(f"config.model.{key}: expected one of {', '.join(allowed)}, "
@@ -119,6 +129,8 @@ class ModelConfig:
                         f"{self.relative_buckets // 2}, got {self.relative_max_distance}")
     if self.scale_tied_logits and not self.tie_embeddings:
       raise ConfigError("config.model.scale_tied_logits: needs tie_embeddings=True")
+    if self.base_width < 0:
+      raise ConfigError(f"config.model.base_width: expected 0 (= d_model) or a positive width, got {self.base_width}")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"config.model.dropout: expected a value in [0, 1), got {self.dropout}")
 

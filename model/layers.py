@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model import parametrization
 from model.config import ModelConfig
 from model.precision import add_bias, einsum, gelu
 
@@ -29,6 +30,7 @@ def linear(module: nn.Module, name: str, x, shape, axes, spec: str, init, contra
   branch (x A) B is added beside the frozen kernel (LoRA's scale and dropout are already folded into A).
   Products accumulate in float32 (model/precision.py); the result is `out_dtype` (default: the compute dtype)."""
   cfg = module.cfg
+  init = parametrization.scale_init(cfg, init, axes)
   kernel = param(module, name, init, shape, axes, cfg.weight_dtype).astype(cfg.compute_dtype)
   y = einsum(spec, x, kernel, out_dtype)
   if module.has_variable("lora", name):
@@ -133,6 +135,8 @@ class Head(nn.Module):
       x_BxLxD = linear(self, "head_transform", x_BxLxD, (cfg.d_model, cfg.d_model), ("embed", None),
                        "bld,de->ble", normal(0.02))
       x_BxLxD = Norm(cfg, name="head_norm")(activate(cfg.activation, x_BxLxD))
+    if parametrization.output_multiplier(cfg) != 1.0:
+      x_BxLxD *= parametrization.output_multiplier(cfg)
     if cfg.tie_embeddings:
       if cfg.scale_tied_logits:
         x_BxLxD *= cfg.d_model ** -0.5

@@ -22,10 +22,11 @@ import ml_collections
 import optax
 from flax import traverse_util
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from data.sources import DataError
 from data.tokenizer import Tokenizer, load_tokenizer
+from model import parametrization
 from model.config import EXECUTION_KEYS, ConfigError, ModelConfig
 from model.families import build_model, init_params
 from train import mesh as mesh_lib
@@ -108,18 +109,27 @@ class Loaded:
     return self.run.merge(self.state.params)
 
 
+def logical_axes(model: nn.Module):
+  """The logical axis names (a PartitionSpec) of every parameter of `model`."""
+  return nn.get_partition_spec(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0))))
+
+
 def for_model(model: nn.Module, tx, mesh: Mesh, rules, seq_len: int = 1, seed: int = 0, **fields) -> Run:
   """The Run that trains every parameter of `model` from a fresh initialisation."""
-  boxed = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
   fresh = lambda rng, base: nn.meta.unbox(init_params(model, jax.random.fold_in(rng, 1), seq_len))
-  return Run(model=model, tx=tx, mesh=mesh, rules=tuple(rules), param_axes=nn.get_partition_spec(boxed),
+  return Run(model=model, tx=tx, mesh=mesh, rules=tuple(rules), param_axes=logical_axes(model),
              init_params=fresh, seed=seed, **fields)
 
 
 def pretraining(config, mesh: Mesh, vocab_size: int, tokenizer: Tokenizer | None = None) -> Run:
-  """The Run of a pretraining config."""
-  model = build_model(ModelConfig.from_config(config.model, vocab_size))
-  return for_model(model, make_optimizer(config.train), mesh, mesh_lib.config_rules(config.mesh),
+  """The Run of a pretraining config (under µP its optimizer scales the hidden matrices' updates)."""
+  model_cfg = ModelConfig.from_config(config.model, vocab_size)
+  model = build_model(model_cfg)
+  scales = None
+  if model_cfg.width_mult != 1.0:
+    scales = jax.tree.map(functools.partial(parametrization.update_scale, model_cfg), logical_axes(model),
+                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return for_model(model, make_optimizer(config.train, scales), mesh, mesh_lib.config_rules(config.mesh),
                    config.train.seq_len, config.train.seed, tokenizer=tokenizer, config=config)
 
 

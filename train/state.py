@@ -31,12 +31,23 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
+def scale_updates(scales) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its factor in `scales` (a tree of floats shaped like the parameters)."""
+  def update(updates, state, params=None):
+    return jax.tree.map(lambda u, factor: u * factor, updates, scales), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(train_cfg, update_scales=None) -> optax.GradientTransformation:
+  """AdamW with the config's schedule, global-norm clipping, and per-parameter factors on its updates (µP's 1/m for
+  hidden matrices; None: none)."""
   adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
                       eps=train_cfg.eps, weight_decay=train_cfg.weight_decay, mask=weight_decay_mask)
-  if train_cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw)
-  return adamw
+  parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
+  parts.append(adamw)
+  if update_scales is not None:
+    parts.append(scale_updates(update_scales))
+  return optax.chain(*parts) if len(parts) > 1 else adamw
 
 
 def fresh_state(params, tx: optax.GradientTransformation, rng) -> TrainState:

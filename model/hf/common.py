@@ -222,6 +222,9 @@ def import_params(hf_dir: str) -> tuple[dict, dict, ModelConfig, dict]:
 def export_tensors(cfg: ModelConfig, params: dict, model_type: str | None = None) -> tuple[dict, dict]:
   """(HF config.json contents, {name: array}) of an ablax model: the first architecture that fits `cfg`,
   or the one handling `model_type`."""
+  if cfg.width_mult != 1.0:
+    raise ConversionError(f"config.model.parametrization: a µP model of d_model {cfg.d_model} over base_width "
+                          f"{cfg.base_width} has multipliers no Hugging Face architecture holds")
   reasons = []
   for name in ARCHITECTURES:
     module = architecture(name)
