@@ -80,9 +80,10 @@ def load_ablation(config) -> ml_collections.ConfigDict:
                         f"{tuple(merged.eval_lengths)}")
   if merged.ladder and merged.ladder not in dict(merged.grid):
     raise ConfigError(f"config.ladder: {merged.ladder!r} is not a grid axis ({', '.join(dict(merged.grid))})")
-  if merged.sweep and (len(merged.sweep) != 2 or any(axis not in dict(merged.grid) for axis in merged.sweep)):
+  sweep = tuple(merged.sweep) if isinstance(merged.sweep, (tuple, list)) else (merged.sweep,)
+  if sweep and (len(sweep) != 2 or any(axis not in dict(merged.grid) for axis in sweep)):
     raise ConfigError(f"config.sweep: expected two grid axes ({', '.join(dict(merged.grid))}), got "
-                      f"{tuple(merged.sweep)}")
+                      f"{sweep}")
   for axis, (key, values) in dict(merged.grid).items():
     if isinstance(key, (tuple, list)) and any(not isinstance(v, (tuple, list)) or len(v) != len(key) for v in values):
       raise ConfigError(f"config.grid.{axis}: a tuple of {len(key)} keys takes tuples of {len(key)} values")

@@ -59,7 +59,8 @@ def test_tuple_values_are_written_as_python_literals():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    ({"sweep": 1}, "config.sweep: not an ablation key"),
+    ({"sweeps": 1}, "config.sweeps: not an ablation key"),
+    ({"sweep": ("lr", "width")}, r"config.sweep: expected two grid axes \(\), got \('lr', 'width'\)"),
     ({"entrypoint": "train"}, "config.entrypoint: expected pretrain or finetune"),
     ({"variants": {}}, "the ablation has no variants"),
     ({"metrics": ("loss@128",)}, "needs 128 in config.eval_lengths"),
