@@ -1,7 +1,8 @@
 """The figures of an ablation report: curves.png (the curve over steps, mean and std band per variant),
 bars.png (the first metric: means with their bootstrap intervals, the baseline marked, significant differences
-starred), lengths_<key>.png (key@L metrics by evaluation length) and scaling.png (a size ladder's points and
-fitted laws). Offers `plot`, `scaling_plot` and `label`."""
+starred), lengths_<key>.png (key@L metrics by evaluation length), scaling.png (a size ladder's points and
+fitted laws) and sweep.png (a hyperparameter sweep across another axis). Offers `plot`, `scaling_plot`,
+`sweep_plot` and `label`."""
 
 import os
 
@@ -120,4 +121,23 @@ def scaling_plot(workdir: str, rows: list[dict], spec: str, fits: dict, groups: 
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "scaling.png"), dpi=120)
+  plt.close(fig)
+
+
+def sweep_plot(workdir: str, points: dict, spec: str, x_axis: str, line_axis: str, lower_is_better: bool) -> None:
+  """sweep.png: spec against the x axis (log scale), a line per line-axis value and a panel per `points` key
+  (ablate/sweep.py), each line's best point starred; the panels share the y axis."""
+  fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4.2), sharey=True, squeeze=False)
+  for ax, (panel, lines) in zip(axes[0], points.items()):
+    for line, xs in lines.items():
+      drawn = ax.plot([x for x, _ in xs], [v for _, v in xs], "o-", markersize=3, label=f"{line_axis}={line}")[0]
+      best_x, best = (min if lower_is_better else max)(xs, key=lambda point: point[1])
+      ax.plot([best_x], [best], "*", markersize=12, color=drawn.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel=x_axis, title=panel)
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel(label(spec))
+  fig.suptitle(f"{spec} against {x_axis}, a line per {line_axis} (star: each line's best)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "sweep.png"), dpi=120)
   plt.close(fig)

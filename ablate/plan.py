@@ -143,6 +143,12 @@ def _overrides(key, value) -> list[str]:
   return [f"{key}={_format(value)}"]
 
 
+def grid_cells(ablation) -> dict:
+  """{variant: {axis: value}} of the grid's variants."""
+  return {",".join(f"{axis}={_name(v)}" for axis, _, v in combination): {axis: v for axis, _, v in combination}
+          for combination in _grid(ablation) if combination}
+
+
 def ladder_groups(ablation) -> dict:
   """{variant: its group}: the variant's name without the ladder axis (ablation.ladder)."""
   groups = {}

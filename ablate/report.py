@@ -1,6 +1,7 @@
 """An ablation's report from its files on disk: runs.csv (one row per run), results.csv and results.md (per
 variant and metric: mean ± std, a bootstrap interval, the difference to the baseline with its interval, a
-p-value, Holm-adjusted over the variants, and whether it is significant) and the figures (ablate/figures.py).
+p-value, Holm-adjusted over the variants, and whether it is significant; a ladder's fits, ablate/scaling.py; a
+sweep's best values, ablate/sweep.py) and the figures (ablate/figures.py).
 
 Offers `run_metrics` (one finished run's metrics and curve), `summarize` (mean, std, n per variant),
 `lower_is_better`, `significance` (the comparisons of every metric), `collect` (every run of a workdir),
@@ -18,6 +19,7 @@ import ml_collections
 from ablate import figures
 from ablate import scaling
 from ablate import stats
+from ablate import sweep
 from ablate.plan import (AGGREGATES, DATA, baseline, expand, extra_seeds, ladder_groups, load_ablation, parse_metric,
                          read_status, references)
 from train.metrics import read_metrics
@@ -240,6 +242,8 @@ def write_report(workdir: str, out: str | None = None, x_axis: str | None = None
   if ablation.ladder:
     fits = scaling.ladder_fits(done, specs[0], ladder_groups(ablation), confidence=ablation.confidence)
     text += "\n" + scaling_table(fits, specs[0], ablation.confidence)
+  if ablation.sweep:
+    text += "\n" + sweep.table(ablation, summary, specs[0], lower_is_better(specs[0]))
   unfinished = [f"{row['run']} ({row['status']})" for row in rows if row["status"] != "done"]
   if unfinished:
     text += "\nNot finished: " + ", ".join(unfinished) + "\n"
@@ -247,6 +251,9 @@ def write_report(workdir: str, out: str | None = None, x_axis: str | None = None
   figures.plot(out, ablation, summary, table, curves, {v for v, r in reference_of.items() if r is None})
   if fits:
     figures.scaling_plot(out, done, specs[0], fits, ladder_groups(ablation))
+  if ablation.sweep:
+    figures.sweep_plot(out, sweep.points(ablation, summary, specs[0]), specs[0], *ablation.sweep,
+                       lower_is_better(specs[0]))
   return text
 
 

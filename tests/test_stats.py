@@ -204,3 +204,30 @@ def test_a_ladder_report_fits_each_group(tmp_path):
   swiglu = [line for line in text.splitlines() if line.startswith("| act=swiglu,size=4x128 |") and "paired t" in line][0]
   assert "significant, better" in swiglu  # 5% below gelu at the same size, seed noise shared
   assert os.path.getsize(os.path.join(workdir, "scaling.png")) > 1000
+
+
+def test_a_sweep_report_finds_each_lines_best_x_and_the_cost_of_transferring_the_first(tmp_path):
+  # Written runs: loss = 2 + (log2 lr - log2 best)^2 / 10, the best rate 2^-6 at width 32 and 2^-7 at width 64
+  # under "sp", 2^-6 at both under "mup".
+  workdir = str(tmp_path)
+  config = plan.load_ablation(ml_collections.ConfigDict(dict(
+      config="experiment.py", seeds=(0,), sweep=("lr", "width"),
+      grid={"param": ("model.parametrization", ("sp", "mup")), "width": ("model.d_model", (32, 64)),
+            "lr": ("train.learning_rate", tuple(2.0 ** k for k in range(-9, -3)))})))
+  os.makedirs(os.path.join(workdir, "status"))
+  with open(os.path.join(workdir, "ablation.json"), "w") as f:
+    json.dump(config.to_dict(), f)
+  for run in plan.expand(config):
+    cell = plan.grid_cells(config)[run["variant"]]
+    best = -7 if cell["param"] == "sp" and cell["width"] == 64 else -6
+    loss = 2.0 + (np.log2(cell["lr"]) - best) ** 2 / 10
+    os.makedirs(os.path.join(workdir, "runs", run["name"]))
+    with open(os.path.join(workdir, "runs", run["name"], "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": 1, "eval/loss": loss}) + "\n")
+    with open(plan.status_path(workdir, run["name"]), "w") as f:
+      json.dump({"status": "done", "wall_s": 1.0}, f)
+  text = report.write_report(workdir)
+  assert "| param=sp | 32 | 0.01562 | 2.0000 | 2.0000 | +0.0000 |" in text
+  assert "| param=sp | 64 | 0.007812 | 2.0000 | 2.1000 | +0.1000 |" in text  # 2^-6 is one factor of 2 off: +1/10
+  assert "| param=mup | 64 | 0.01562 | 2.0000 | 2.0000 | +0.0000 |" in text
+  assert os.path.getsize(os.path.join(workdir, "sweep.png")) > 1000
