@@ -118,7 +118,7 @@ def variants(ablation) -> list[tuple[str, tuple]]:
   found = [(name, tuple(overrides)) for name, overrides in dict(ablation.variants).items()]  # pairs keep order
   for combination in _grid(ablation):
     if combination:
-      name = ",".join(f"{axis}={_name(v)}" for axis, _, v in combination)
+      name = ",".join(f"{axis}={value_name(v)}" for axis, _, v in combination)
       found.append((name, tuple(override for _, key, v in combination for override in _overrides(key, v))))
   names = [name for name, _ in found]
   if len(set(names)) != len(names):
@@ -132,7 +132,7 @@ def _grid(ablation):
   return itertools.product(*[[(axis, key, v) for v in values] for axis, key, values in axes])
 
 
-def _name(value) -> str:
+def value_name(value) -> str:
   return "x".join(map(_format, value)) if isinstance(value, (tuple, list)) else _format(value)
 
 
@@ -145,7 +145,7 @@ def _overrides(key, value) -> list[str]:
 
 def grid_cells(ablation) -> dict:
   """{variant: {axis: value}} of the grid's variants."""
-  return {",".join(f"{axis}={_name(v)}" for axis, _, v in combination): {axis: v for axis, _, v in combination}
+  return {",".join(f"{axis}={value_name(v)}" for axis, _, v in combination): {axis: v for axis, _, v in combination}
           for combination in _grid(ablation) if combination}
 
 
@@ -153,8 +153,8 @@ def ladder_groups(ablation) -> dict:
   """{variant: its group}: the variant's name without the ladder axis (ablation.ladder)."""
   groups = {}
   for combination in _grid(ablation):
-    name = ",".join(f"{axis}={_name(v)}" for axis, _, v in combination)
-    groups[name] = ",".join(f"{axis}={_name(v)}" for axis, _, v in combination if axis != ablation.ladder) or "all"
+    name = ",".join(f"{axis}={value_name(v)}" for axis, _, v in combination)
+    groups[name] = ",".join(f"{axis}={value_name(v)}" for axis, _, v in combination if axis != ablation.ladder) or "all"
   return groups
 
 
@@ -166,8 +166,8 @@ def references(ablation) -> dict:
     return {name: None if name == reference else reference for name, _ in variants(ablation)}
   groups, size_of = ladder_groups(ablation), {}
   for combination in _grid(ablation):
-    name = ",".join(f"{axis}={_name(v)}" for axis, _, v in combination)
-    size_of[name] = next(_name(v) for axis, _, v in combination if axis == ablation.ladder)
+    name = ",".join(f"{axis}={value_name(v)}" for axis, _, v in combination)
+    size_of[name] = next(value_name(v) for axis, _, v in combination if axis == ablation.ladder)
   base_group = groups[reference]
   same = {(groups[name], size_of[name]): name for name in groups}
   return {name: None if groups[name] == base_group else same[(base_group, size_of[name])] for name in groups}

@@ -20,8 +20,8 @@ from ablate import figures
 from ablate import scaling
 from ablate import stats
 from ablate import sweep
-from ablate.plan import (AGGREGATES, DATA, baseline, expand, extra_seeds, ladder_groups, load_ablation, parse_metric,
-                         read_status, references)
+from ablate.plan import (AGGREGATES, DATA, baseline, expand, extra_seeds, grid_cells, ladder_groups,
+                         load_ablation, parse_metric, read_status, references, value_name)
 from train.metrics import read_metrics
 from train.workdir import write_atomic
 
@@ -96,16 +96,21 @@ def undecided(table: dict, spec: str, reference_of: dict, alpha: float) -> list[
           if reference_of.get(variant) and (cell["p_holm"] is None or cell["p_holm"] >= alpha)]
 
 
-def equal_budget(workdir: str, ablation, runs: list[dict]) -> float | None:
-  """The largest x_axis value every finished run reached (None for x_axis step: runs are compared as they end)."""
+def equal_budget(workdir: str, ablation, runs: list[dict]) -> dict:
+  """{variant: the largest x_axis value every finished run it is compared with reached}: all runs, or with a ladder
+  the runs of its size (a small model's compute says nothing of a large one's); empty for x_axis step."""
   if ablation.x_axis == "step":
-    return None
-  reached = []
+    return {}
+  rung = lambda variant: grid_cells(ablation)[variant][ablation.ladder] if ablation.ladder else None
+  reached = {}
   for run in runs:
     path = os.path.join(workdir, "runs", run["name"], "metrics.jsonl")
     if (read_status(workdir, run["name"]) or {}).get("status") == "done" and os.path.exists(path):
-      reached.append(max((r[ablation.x_axis] for r in read_metrics(path) if ablation.x_axis in r), default=0.0))
-  return min(reached) if reached else None
+      x = max((r[ablation.x_axis] for r in read_metrics(path) if ablation.x_axis in r), default=0.0)
+      key = value_name(rung(run["variant"]))
+      reached[key] = min(reached.get(key, x), x)
+  return {run["variant"]: reached[value_name(rung(run["variant"]))] for run in runs
+          if value_name(rung(run["variant"])) in reached}
 
 
 def collect(workdir: str, x_axis: str | None = None):
@@ -124,7 +129,7 @@ def collect(workdir: str, x_axis: str | None = None):
     if status["status"] == "done":
       specs = [*ablation.metrics, *(["final:train/flops"] if ablation.ladder else [])]  # a ladder's compute
       values, curve = run_metrics(os.path.join(workdir, "runs", run["name"]), specs, ablation.curve,
-                                  ablation.x_axis, budget)
+                                  ablation.x_axis, budget.get(run["variant"]))
       row.update(values)
       curves.setdefault(run["variant"], {})[run["seed"]] = curve
     rows.append(row)
@@ -231,8 +236,7 @@ def write_report(workdir: str, out: str | None = None, x_axis: str | None = None
           f"{len(done)} of {len(rows)} runs finished; seeds {tuple(ablation.seeds)}"
           + (f" and added {extra_seeds(workdir)}" if extra_seeds(workdir) else "") +
           "; mean ± sample std over seeds, best in bold."
-          + (f" Compared at equal cost: every metric as logged up to {ablation.x_axis} = {budget:.4g}, the most all "
-             "runs reached." if budget is not None else "") + "\n\n" + markdown_table(summary, specs) +
+          + _budget_text(ablation, budget) + "\n\n" + markdown_table(summary, specs) +
           f"\nIntervals: {ablation.confidence:.0%} percentile bootstrap of the mean (10,000 resamples). Δ: the mean "
           "difference to the baseline, over the seeds both ran (the runs of a seed share the data order: paired t-test)"
           ", else Welch's t-test. p Holm: adjusted over the variants of a metric; significant when below "
@@ -255,6 +259,20 @@ def write_report(workdir: str, out: str | None = None, x_axis: str | None = None
     figures.sweep_plot(out, sweep.points(ablation, summary, specs[0]), specs[0], *ablation.sweep,
                        lower_is_better(specs[0]))
   return text
+
+
+def _budget_text(ablation, budget: dict) -> str:
+  if not budget:
+    return ""
+  if not ablation.ladder:
+    return (f" Compared at equal cost: every metric as logged up to {ablation.x_axis} = "
+            f"{next(iter(budget.values())):.4g}, the most all runs reached.")
+  by_rung = {}
+  for variant, value in budget.items():
+    by_rung.setdefault(value_name(grid_cells(ablation)[variant][ablation.ladder]), value)
+  return (f" Compared at equal cost within each {ablation.ladder}: every metric as logged up to the {ablation.x_axis} "
+          "all runs of that size reached (" + ", ".join(f"{rung}: {value:.4g}" for rung, value in by_rung.items())
+          + ").")
 
 
 def _write_csv(path: str, header, rows) -> None:

@@ -138,7 +138,7 @@ def test_equal_cost_comparisons_take_every_metric_at_the_same_flops(tmp_path):
     with open(plan.status_path(workdir, run["name"]), "w") as f:
       json.dump({"status": "done", "wall_s": 1.0}, f)
   _, rows, curves, budget = report.collect(workdir)
-  assert budget == 4e9  # the cheap runs end there
+  assert budget == {"cheap": 4e9, "costly": 4e9}  # the cheap runs end there
   costly = [row for row in rows if row["variant"] == "costly"]
   assert [row["eval/loss"] for row in costly] == [pytest.approx(2.4), pytest.approx(2.41)]  # step 2, not 4
   assert curves["costly"][0][-1] == (4e9, pytest.approx(2.4))
@@ -197,6 +197,9 @@ def test_a_ladder_report_fits_each_group(tmp_path):
       f.write(json.dumps({"step": 1, "train/flops": flops, "eval/loss": loss}) + "\n")
     with open(plan.status_path(workdir, run["name"]), "w") as f:
       json.dump({"status": "done", "wall_s": 1.0}, f)
+  budget = report.collect(workdir, x_axis="train/flops")[3]  # equal cost within each size, not across sizes
+  assert budget["act=swiglu,size=1x32"] == budget["act=gelu,size=1x32"] == 4e12
+  assert budget["act=swiglu,size=4x128"] == 1e12 * 4 ** 4
   text = report.write_report(workdir)
   assert "**Scaling of eval/loss with training compute C (FLOPs)**" in text
   assert "| act=gelu | a*C^-b+c |" in text and "| act=swiglu | a*C^-b+c |" in text

@@ -17,7 +17,7 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.entrypoint = "pretrain"
   c.config = "configs/shakespeare_char.py"
-  c.overrides = ("train.steps=600", "train.eval_every=150", "train.checkpoint_every=600", "train.eval_batches=20",
+  c.overrides = ("train.steps=600", "train.eval_every=50", "train.checkpoint_every=600", "train.eval_batches=20",
                  "train.num_samples=0", "model.num_heads=4")
   c.grid = {"size": (("model.num_layers", "model.d_model"), ((1, 64), (2, 96), (3, 128), (4, 160))),
             "act": ("model.activation", ("gelu", "swiglu"))}
