@@ -33,8 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.scale_tied_logits = False     # tied head sees the output times d_model**-0.5 (T5 v1.0)
   model.head_transform = False        # dense D->D, activation, norm before the output head (BERT's MLM head)
   model.head_bias = False             # a bias on the vocabulary logits (BERT)
-  model.parametrization = "sp"        # sp (standard) | mup: µP init, Adam rates and multipliers (model/parametrization.py)
-  model.base_width = 0                # µP: the d_model at which mup equals sp, where learning rates are tuned (0 = d_model)
+  model.parametrization = "sp"        # sp (standard) | mup: µP's init, Adam rates, multipliers (model/parametrization.py)
+  model.base_width = 0                # µP: the d_model where mup equals sp and rates are tuned (0 = d_model)
   model.use_bias = True               # biases in dense layers and LayerNorm
   model.dropout = 0.0                 # dropout on embeddings, attention probabilities and residual branches
   model.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay in param_dtype)

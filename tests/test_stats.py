@@ -231,6 +231,6 @@ def test_a_sweep_report_finds_each_lines_best_x_and_the_cost_of_transferring_the
       json.dump({"status": "done", "wall_s": 1.0}, f)
   text = report.write_report(workdir)
   assert "| param=sp | 32 | 0.01562 | 2.0000 | 2.0000 | +0.0000 |" in text
-  assert "| param=sp | 64 | 0.007812 | 2.0000 | 2.1000 | +0.1000 |" in text  # 2^-6 is one factor of 2 off: +1/10
+  assert "| param=sp | 64 | 0.007812 | 2.0000 | 2.1000 | +0.1000 |" in text  # 2^-6: one factor of 2 off, +1/10
   assert "| param=mup | 64 | 0.01562 | 2.0000 | 2.0000 | +0.0000 |" in text
   assert os.path.getsize(os.path.join(workdir, "sweep.png")) > 1000

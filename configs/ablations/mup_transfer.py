@@ -2,8 +2,8 @@
 (model/parametrization.py; Yang et al., Tensor Programs V, 2021), widths 64 to 512.
 
 Char-level tinyshakespeare (configs/shakespeare_char.py), 2 layers of 4 heads (the head width grows with the model),
-d_model 64, 128, 256, 512 (0.11M, 0.41M, 1.6M, 6.4M parameters), 500 steps of 12 x 64 characters in bfloat16, the peak learning rate swept in factors of 2 from 2^-10 to 2^-4;
-µP's base width is 64, where the two parametrizations are the same model. sweep.png draws the final validation
+d_model 64, 128, 256, 512 (0.11M, 0.41M, 1.6M, 6.4M parameters), 500 steps of 12 x 64 characters in bfloat16,
+the peak learning rate swept in factors of 2 from 2^-10 to 2^-4; µP's base width is 64, where the two parametrizations are the same model. sweep.png draws the final validation
 loss against the learning rate, a curve per width, SP beside µP; results.md gives each width's best rate.
 
   python -m ablate --config=configs/ablations/mup_transfer.py --workdir=runs/ablate_mup
