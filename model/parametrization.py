@@ -17,7 +17,8 @@ import math
 
 from model.config import ModelConfig
 
-# Logical axes whose size grows with the model's width (a fixed head count: the head width "kv" grows).
+# Logical axes whose size grows with the model's width (a fixed head count: the head width "kv" grows). BERT's head
+# transform, axes ("embed", None) so that its two dims never shard alike, counts as vector-like.
 WIDTH_AXES = ("embed", "mlp", "kv")
 
 
