@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,21 +46,31 @@ def get_config():
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-  """A config file and the workdir of its uninterrupted run (a subprocess, as every run below)."""
+  """A config file, and a function that returns the workdir of its uninterrupted run (a subprocess, as every run
+  below) once that run is done: it runs beside the first test, which starts one run after another."""
   root = tmp_path_factory.mktemp("faults")
   (root / "corpus.txt").write_text(TEXT)
   (root / "experiment.py").write_text(CONFIG.format(corpus=str(root / "corpus.txt")))
   reference = str(root / "reference")
-  assert start(root, reference).wait(timeout=300) == 0
-  return root, reference
+  with open(root / "reference.log", "w") as log:
+    process = start(root, reference, log=log)
+
+  def finished():
+    assert process.wait(timeout=300) == 0, open(root / "reference.log").read()[-3000:]
+    return reference
+  yield root, finished
+  process.kill()
+  process.wait()
 
 
-def start(root, workdir, *overrides):
+def start(root, workdir, *overrides, log=None):
+  """The run of the experiment in `workdir`; its output piped, or written to the open file `log`."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   return subprocess.Popen([sys.executable, "-m", "train.pretrain", f"--config={root / 'experiment.py'}",
-                           f"--workdir={workdir}", *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                           f"--workdir={workdir}", *overrides], cwd=REPO, env=env,
+                          stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                          text=True)
 
 
 def final_params(workdir):
@@ -104,7 +115,7 @@ def test_killed_anywhere_then_resumed_equals_uninterrupted(experiment):
   assert process.returncode == 0, stderr
   assert kills["inside a save"] >= 2 and kills["at a random moment"] >= 1, kills
   assert "removing" in output + stdout and "skipping a torn line" in stdout
-  assert_same_run(workdir, reference)
+  assert_same_run(workdir, reference())
   assert not glob.glob(os.path.join(checkpoints, "*.orbax-checkpoint-tmp*"))
   assert sorted(os.listdir(checkpoints)) == ["22", "24"]
 
@@ -121,7 +132,7 @@ def test_sigterm_checkpoints_and_exits_0_then_resumes(experiment):
   step = int(stderr.split("SIGTERM at step ")[1].split(":")[0])
   assert 3 <= step < 24 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
   assert start(root, workdir).wait(timeout=300) == 0
-  assert_same_run(workdir, reference)
+  assert_same_run(workdir, reference())
 
 
 def test_a_second_copy_is_refused_and_a_dead_ones_lock_is_replaced(experiment):
@@ -144,8 +155,7 @@ def test_a_second_copy_is_refused_and_a_dead_ones_lock_is_replaced(experiment):
   assert not os.path.exists(os.path.join(workdir, ".lock"))
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
-  train_and_evaluate(tiny_config(tmp_path, steps=8, checkpoint_every=3), str(tmp_path / "whole"))
+def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, uninterrupted, capsys):
   workdir = str(tmp_path / "run")
   train_and_evaluate(tiny_config(tmp_path, steps=6, checkpoint_every=3), workdir)
   for path in glob.glob(os.path.join(workdir, "checkpoints", "6", "state", "**", "*"), recursive=True):
@@ -156,7 +166,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
   train_and_evaluate(tiny_config(tmp_path, steps=8, checkpoint_every=3), workdir)
   out = capsys.readouterr().out
   assert "checkpoints/6: unreadable" in out and "resuming from step 3" in out
-  assert logged(workdir) == logged(str(tmp_path / "whole"))
+  assert logged(workdir) == logged(uninterrupted)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6", "8", "corrupt-6"]
 
 
@@ -221,9 +231,7 @@ def test_a_nonfinite_parameter_is_never_saved(tmp_path):
   assert _finite_checkpoints(workdir) == []
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_the_metrics(tmp_path, monkeypatch):
-  whole = str(tmp_path / "whole")
-  train_and_evaluate(tiny_config(tmp_path, steps=6, checkpoint_every=2), whole)
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_metrics(tmp_path, uninterrupted, monkeypatch):
   workdir = str(tmp_path / "run")
   save = ocp.CheckpointManager.save
 
@@ -239,7 +247,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_metrics(tmp_path, monkeyp
   monkeypatch.undo()
   assert sorted(logged(workdir)) == [1, 2, 3, 4]  # every line whole
   train_and_evaluate(tiny_config(tmp_path, steps=6, checkpoint_every=2), workdir)
-  assert logged(workdir) == logged(whole)
+  assert logged(workdir) == {step: loss for step, loss in logged(uninterrupted).items() if step <= 6}
 
 
 def test_extending_a_run_keeps_the_schedule_of_its_past(tmp_path):
@@ -280,9 +288,18 @@ def test_a_step_that_cannot_fit_is_refused_before_it_runs(tmp_path):
   assert not os.listdir(tmp_path / "run" / "checkpoints")
 
 
-def test_an_old_runs_config_gets_the_defaults_of_keys_added_since(tmp_path):
-  workdir = str(tmp_path / "run")
-  train_and_evaluate(tiny_config(tmp_path, steps=2, checkpoint_every=2), workdir)
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+  """The root (its corpus) and workdir of a 2-step run that checkpoints step 2, for tests to copy and change."""
+  root = tmp_path_factory.mktemp("two_steps")
+  workdir = str(root / "run")
+  train_and_evaluate(tiny_config(root, steps=2, checkpoint_every=2), workdir)
+  return root, workdir
+
+
+def test_an_old_runs_config_gets_the_defaults_of_keys_added_since(tmp_path, two_steps):
+  root, workdir = two_steps[0], str(tmp_path / "run")
+  shutil.copytree(two_steps[1], workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   for section, key in (("data", "encoding_errors"), ("data", "seed"), ("train", "nonfinite"),
@@ -291,12 +308,12 @@ def test_an_old_runs_config_gets_the_defaults_of_keys_added_since(tmp_path):
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(saved, f)
   assert runs.load_run(workdir).run.config.data.encoding_errors == "strict"
-  assert train_and_evaluate(tiny_config(tmp_path, steps=4, checkpoint_every=2), workdir)["step"] == 4
+  assert train_and_evaluate(tiny_config(root, steps=4, checkpoint_every=2), workdir)["step"] == 4
 
 
-def test_a_tokenizer_or_model_that_does_not_match_the_checkpoint_is_one_line(tmp_path):
+def test_a_tokenizer_or_model_that_does_not_match_the_checkpoint_is_one_line(tmp_path, two_steps):
   workdir = str(tmp_path / "run")
-  train_and_evaluate(tiny_config(tmp_path, steps=2, checkpoint_every=2), workdir)
+  shutil.copytree(two_steps[1], workdir)
   with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
     json.dump({"kind": "char", "chars": "abc"}, f)  # another vocabulary size than the checkpoint's
   with pytest.raises(RunError, match=r"checkpoints/2: holds \(43, 32\) for embed/embedding, the model needs \(6, 32\)"):
