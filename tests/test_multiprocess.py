@@ -55,7 +55,7 @@ def _wait(processes, root, workdir):
 def test_two_processes_equal_one_and_resume_after_both_are_killed(experiment):
   root = experiment
   reference = str(root / "one_process")
-  assert _run(root, reference, 8, log="one_process.log").wait(timeout=600) == 0
+  one_process = _run(root, reference, 8, log="one_process.log")  # runs beside the job, its kill and its resume
 
   workdir = str(root / "two_processes")
   job = _job(root, workdir)
@@ -66,6 +66,7 @@ def test_two_processes_equal_one_and_resume_after_both_are_killed(experiment):
     process.wait()
   assert max(logged(workdir)) < 24  # killed before the end
   _wait(_job(root, workdir), root, workdir)
+  assert one_process.wait(timeout=600) == 0, open(root / "one_process.log").read()[-3000:]
 
   whole, resumed = logged(reference), logged(workdir)
   assert sorted(resumed) == list(range(1, 25))
