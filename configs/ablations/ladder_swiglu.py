@@ -22,7 +22,7 @@ def get_config():
   c.grid = {"size": (("model.num_layers", "model.d_model"), ((1, 64), (2, 96), (3, 128), (4, 160))),
             "act": ("model.activation", ("gelu", "swiglu"))}
   c.ladder = "size"
-  c.seeds = (0, 1)
+  c.seeds = (0, 1, 2)
   c.metrics = ("eval/loss", "final:train/flops", "median:train/tokens_per_sec")
   c.parallel = 2
   return c
