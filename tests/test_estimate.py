@@ -25,12 +25,19 @@ def _config(tmp_path, **model):
   return config
 
 
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+  """The estimate of the tiny decoder's config (causal_lm, the defaults), which several tests read."""
+  return estimate_lib.estimate(_config(tmp_path_factory.mktemp("plain")), VOCAB, **GIVEN)
+
+
 @pytest.mark.parametrize("family, objective", [("decoder", "causal_lm"), ("encoder", "masked_lm"),
                                                ("encoder_decoder", "span_corruption")])
-def test_the_parameter_count_is_the_models_and_flops_follow_the_batch(tmp_path, family, objective):
+def test_the_parameter_count_is_the_models_and_flops_follow_the_batch(tmp_path, request, family, objective):
   config = _config(tmp_path, family=family)
   config.objective = objective
-  figures = estimate_lib.estimate(config, VOCAB, **GIVEN)
+  # The decoder's config is plain's: its estimate is shared.
+  figures = request.getfixturevalue("plain") if family == "decoder" else estimate_lib.estimate(config, VOCAB, **GIVEN)
   assert figures["parameters"]["analytic"] == figures["parameters"]["model"] > 0
   lengths = (16, 8) if family == "encoder_decoder" else (16,)  # span corruption: seq_len / 4 rounded up to 8
   cfg = ModelConfig.from_config(config.model, VOCAB)
@@ -38,8 +45,7 @@ def test_the_parameter_count_is_the_models_and_flops_follow_the_batch(tmp_path, 
   assert figures["flops"]["per_step"] == pytest.approx(8 * cfg.train_flops(*lengths))
 
 
-def test_memory_figures_hang_together(tmp_path):
-  plain = estimate_lib.estimate(_config(tmp_path), VOCAB, **GIVEN)
+def test_memory_figures_hang_together(tmp_path, plain):
   memory = plain["memory"]
   # AdamW keeps two float32 moments per parameter; its step counts are scalars.
   assert 0 <= memory["optimizer"] - 2 * memory["params"] <= 64
@@ -58,9 +64,8 @@ def test_memory_figures_hang_together(tmp_path):
   assert sharded["activations"] == pytest.approx(memory["activations"] / 8)  # 8 rows over 8 devices
 
 
-def test_accumulated_microbatches_are_costed_in_full(tmp_path):
+def test_accumulated_microbatches_are_costed_in_full(tmp_path, plain):
   # XLA's cost analysis counts a loop's body once; the estimate costs a flat microbatch grad_accum times.
-  plain = estimate_lib.estimate(_config(tmp_path), VOCAB, **GIVEN)
   config = _config(tmp_path)
   config.train.grad_accum = 2
   accumulated = estimate_lib.estimate(config, VOCAB, **GIVEN)
@@ -81,14 +86,13 @@ def test_the_activation_count_by_hand():
   assert estimate_lib.activation_bytes(cfg, rows=5, length=3, remat=True) == 5 * 3 * remat_per_token
 
 
-def test_measured_reads_a_finished_run(tmp_path):
+def test_measured_reads_a_finished_run(tmp_path, plain):
   workdir = tmp_path / "run"
   train_and_evaluate(tiny_config(tmp_path, steps=3), str(workdir))
   measured = estimate_lib.measured(str(workdir))
   assert measured["intervals"] == 2 and measured["tokens_per_s"] > 0 and measured["peak_memory"] > 2**20
   assert measured["step_s"] == pytest.approx(8 * 16 / measured["tokens_per_s"])
-  figures = estimate_lib.estimate(_config(tmp_path), VOCAB, **GIVEN)
-  table = estimate_lib.report(figures, measured).splitlines()
+  table = estimate_lib.report(plain, measured).splitlines()
   assert any(line.startswith("step time (ms)") for line in table) and "ratio" in "".join(table)
 
   with open(workdir / "metrics.jsonl", "w") as f:
@@ -97,22 +101,31 @@ def test_measured_reads_a_finished_run(tmp_path):
     estimate_lib.measured(str(workdir))
 
 
-def _cli(*args):
+def _start(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "train.estimate", "--config=configs/shakespeare_char.py",
-                         "--peak_tflops=0.2", "--bandwidth_gbs=10", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.Popen([sys.executable, "-m", "train.estimate", "--config=configs/shakespeare_char.py",
+                           "--peak_tflops=0.2", "--bandwidth_gbs=10", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(process):
+  stdout, stderr = process.communicate(timeout=300)
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _cli(*args):
+  return _finished(_start(*args))
 
 
 def test_cli_prints_the_prediction_and_warns_in_one_line():
-  result = _cli()
+  fits, tight = _start(), _start("--device_memory_gib=0.01")  # the two commands run side by side
+  result, tight = _finished(fits), _finished(tight)
   assert result.returncode == 0 and not result.stderr.strip(), result.stderr
   for name in ("parameters", "FLOPs", "memory / device", "step time"):
     assert any(line.startswith(name) for line in result.stdout.splitlines()), result.stdout
   assert "810,240" in result.stdout and ": fits" in result.stdout
 
-  tight = _cli("--device_memory_gib=0.01")
   lines = [line for line in tight.stderr.splitlines() if line.strip()]
   assert tight.returncode == 0 and len(lines) == 1, tight.stderr
   assert lines[0].startswith("warning: a train step needs about") and "does NOT fit" in tight.stdout
