@@ -126,9 +126,18 @@ def test_objective_must_match_the_family(tmp_path):
     train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def _pretrained(tmp_path, family, objective):
-  train_and_evaluate(pretraining_config(tmp_path, family, objective), str(tmp_path / "base"))
-  return str(tmp_path / "base")
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """(family, objective) -> the workdir of a 2-step pretraining run, trained once for the tests that fine-tune it."""
+  cache = {}
+
+  def get(family, objective):
+    if (family, objective) not in cache:
+      root = tmp_path_factory.mktemp(family)
+      train_and_evaluate(pretraining_config(root, family, objective), str(root / "base"))
+      cache[family, objective] = str(root / "base")
+    return cache[family, objective]
+  return get
 
 
 def _jsonl(path, records):
@@ -139,12 +148,12 @@ def _jsonl(path, records):
 
 @pytest.mark.parametrize("family, objective, method", [("encoder", "masked_lm", "full"),
                                                        ("encoder_decoder", "span_corruption", "lora")])
-def test_families_fine_tune_on_classification(tmp_path, family, objective, method):
+def test_families_fine_tune_on_classification(tmp_path, pretrained, family, objective, method):
   rng = np.random.default_rng(0)
   words = {0: ["bad", "awful", "dull"], 1: ["good", "great", "fine"]}
   records = [{"text": f"the {rng.choice(words[i % 2])} fox {i % 7}", "label": i % 2} for i in range(240)]
   config = common.get_config()
-  config.init_from = _pretrained(tmp_path, family, objective)
+  config.init_from = pretrained(family, objective)
   config.task = "classify"
   config.data.update(train_path=_jsonl(tmp_path / "train.jsonl", records[:200]),
                      val_path=_jsonl(tmp_path / "dev.jsonl", records[200:]))
@@ -158,23 +167,26 @@ def test_families_fine_tune_on_classification(tmp_path, family, objective, metho
 
 def _greedy_without_cache(model, params, tokenizer, prompt: str, max_new_tokens: int) -> str:
   """Greedy decoding by whole forward passes (no cache): the encoder reads [bos] + prompt, the decoder starts
-  from token 0 (T5's start token), as model.decode does."""
+  from token 0 (T5's start token), as model.decode does. The decoder reads a fixed-width buffer (one compilation,
+  not one a token): causality keeps the zeros after the last real token from its logits."""
   inputs = jnp.asarray([[tokenizer.bos_id] + tokenizer.encode(prompt)])
-  decoded = [0]
+  decoded, forward = [0], jax.jit(model.apply)
   for _ in range(max_new_tokens):
-    logits = model.apply({"params": params}, inputs, None, None, jnp.asarray([decoded]))
-    token = int(jnp.argmax(logits[0, -1]))
+    buffer = np.zeros((1, max_new_tokens + 1), np.int32)
+    buffer[0, :len(decoded)] = decoded
+    logits = forward({"params": params}, inputs, None, None, buffer)
+    token = int(jnp.argmax(logits[0, len(decoded) - 1]))
     if token == tokenizer.eos_id:
       break
     decoded.append(token)
   return tokenizer.decode(decoded[1:])
 
 
-def test_encoder_decoder_fine_tunes_on_seq2seq_and_generates(tmp_path):
+def test_encoder_decoder_fine_tunes_on_seq2seq_and_generates(tmp_path, pretrained):
   words = ["fox", "dog", "red", "slow"]
   pairs = [{"prompt": f"copy {w}", "response": w} for w in words * 20]
   config = common.get_config()
-  config.init_from = _pretrained(tmp_path, "encoder_decoder", "span_corruption")
+  config.init_from = pretrained("encoder_decoder", "span_corruption")
   config.task = "instruct"
   config.data.update(train_path=_jsonl(tmp_path / "pairs.jsonl", pairs), val_fraction=0.2, target_len=8)
   config.peft.method = "full"
