@@ -12,9 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
 from model import parametrization
 from model.config import ModelConfig
 from model.precision import add_bias, einsum, gelu
+from model.sharding import constrain
 
 
 def param(module: nn.Module, name: str, init, shape, axes, dtype):
@@ -32,7 +35,8 @@ def linear(module: nn.Module, name: str, x, shape, axes, spec: str, init, contra
   cfg = module.cfg
   init = parametrization.scale_init(cfg, init, axes)
   kernel = param(module, name, init, shape, axes, cfg.weight_dtype).astype(cfg.compute_dtype)
-  y = einsum(spec, x, kernel, out_dtype)
+  # Named outside precision.einsum's custom VJP, where remat policies can see it (model/transformer.REMAT_POLICIES).
+  y = checkpoint_name(einsum(spec, x, kernel, out_dtype), "dense")
   if module.has_variable("lora", name):
     ab = module.get_variable("lora", name)
     a, b = ab["a"].astype(cfg.compute_dtype), ab["b"].astype(cfg.compute_dtype)  # [in..., r], [r, out...]
@@ -116,6 +120,7 @@ class Mlp(nn.Module):
       h_BxLxF = activate(cfg.activation, gate_BxLxF) * up_BxLxF
     else:
       h_BxLxF = activate(cfg.activation, self.dense("wi", x_BxLxD, (d, f), up, normal(0.02), "bld,df->blf"))
+    h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
     return self.dense("wo", h_BxLxF, (f, d), ("mlp", "embed"), residual_init(cfg), "blf,fd->bld")
 
 
@@ -144,7 +149,7 @@ class Head(nn.Module):
     else:
       logits_BxLxV = linear(self, "lm_head", x_BxLxD, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                             "bld,dv->blv", normal(0.02), bias=False, out_dtype=jnp.float32)
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    logits_BxLxV = constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
     if cfg.head_bias:
       logits_BxLxV += param(self, "head_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",),
                             cfg.weight_dtype).astype(jnp.float32)[None, None]

@@ -1,16 +1,31 @@
-"""Matrix products in mixed precision: bfloat16 (or float16) operands, float32 accumulation, forward and backward.
+"""Matrix products in mixed precision: bfloat16 (or float16) operands, float32 accumulation, forward and backward;
+and the reductions whose XLA:CPU lowering needs a workaround.
 
 A plain `jnp.einsum` of two bfloat16 arrays returns bfloat16, and on CPUs with AMX / AVX-512 BF16 XLA only takes
 its fast bf16 kernels when the product accumulates into float32 (`preferred_element_type`). JAX's own derivative
-of such a product multiplies the float32 cotangent by the bfloat16 operand, which falls back to a float32 product;
-`einsum` here keeps both backward products in bfloat16 x bfloat16 -> float32 too. Float32 operands take the
-plain path, so float32 models are unchanged.
+of such a product multiplies the float32 cotangent by the bfloat16 operand, which falls back to a float32 product
+(on every backend); `einsum` here keeps both backward products in bfloat16 x bfloat16 -> float32 too. Float32
+operands take the plain path, so float32 models are unchanged.
+
+The CPU workarounds (`add_bias`'s gradient and `softmax`'s derivative as products with a vector of ones, the exact
+GELU's fused derivative) act only where the computation runs on CPUs (`on_cpu`): on a GPU such a product is a TF32
+one and on a TPU a single bfloat16 pass, which loses accuracy where the terms nearly cancel, so there the plain
+reductions run, accumulated in float32. Tests check that both forms agree.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+
+
+def on_cpu() -> bool:
+  """Whether the program being traced runs on CPUs: the platform of the mesh in context (a TPU topology compiled
+  on a CPU host is not), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform == "cpu"
+  return jax.default_backend() == "cpu"
 
 
 def einsum(spec: str, x, w, out_dtype=None):
@@ -47,42 +62,44 @@ _mixed_einsum.defvjp(_forward, _backward)
 
 def add_bias(y, bias):
   """y [..., *bias.shape] + bias (cast to y's dtype). In bfloat16 the bias gradient (a sum over every token) is
-  taken as a product with a vector of ones, accumulated in float32: XLA:CPU otherwise lowers that sum of a
+  accumulated in float32; on CPUs as a product with a vector of ones: XLA:CPU otherwise lowers that sum of a
   converted bf16 tensor as a slow reduce-window (a fifth of a bf16 step of the wide shakespeare config)."""
   if y.dtype == jnp.float32:
     return _plus(y, bias)
-  return _add_bias(y, bias)
+  return _add_bias_cpu(y, bias) if on_cpu() else _add_bias(y, bias)
 
 
 def _plus(y, bias):
   return y + bias.astype(y.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
-@jax.custom_vjp
-def _add_bias(y, bias):
-  return _plus(y, bias)
+def _bias_vjp(sum_rows):
+  """y + bias whose bias gradient is `sum_rows(g_TxO)` [O...] (float32) over every token T."""
+  @jax.custom_vjp
+  def plus(y, bias):
+    return _plus(y, bias)
+
+  def forward(y, bias):
+    return _plus(y, bias), jnp.zeros((0,) + bias.shape, bias.dtype)  # only the bias's shape and dtype
+
+  def backward(empty, g):
+    grad_bias = sum_rows(g.reshape(-1, *empty.shape[1:]))
+    return g, grad_bias.astype(empty.dtype)
+
+  plus.defvjp(forward, backward)
+  return plus
 
 
-def _add_bias_forward(y, bias):
-  return _add_bias(y, bias), jnp.zeros((0,) + bias.shape, bias.dtype)  # only the bias's shape and dtype
-
-
-def _add_bias_backward(empty, g):
-  bias_shape = empty.shape[1:]
-  g_TxO = g.reshape(-1, *bias_shape)
-  ones_T = jnp.ones((g_TxO.shape[0],), g.dtype)
-  grad_bias = jnp.tensordot(ones_T, g_TxO, axes=1, preferred_element_type=jnp.float32)
-  return g, grad_bias.astype(empty.dtype)
-
-
-_add_bias.defvjp(_add_bias_forward, _add_bias_backward)
+_add_bias = _bias_vjp(lambda g_TxO: jnp.sum(g_TxO, axis=0, dtype=jnp.float32))
+_add_bias_cpu = _bias_vjp(lambda g_TxO: jnp.tensordot(jnp.ones((g_TxO.shape[0],), g_TxO.dtype), g_TxO, axes=1,
+                                                      preferred_element_type=jnp.float32))
 
 
 def gelu(x, approximate: bool):
   """GELU of x (exact: x Φ(x); or its tanh approximation). In bfloat16 the exact one is computed in float32 and its
   derivative Φ(x) + x φ(x) is one elementwise pass over the saved input: JAX's own derivative of erf on a bfloat16
   input runs as four unfused bf16 <-> f32 passes on XLA:CPU (a fifth of the wide config's MLP time)."""
-  if x.dtype == jnp.float32 or approximate:
+  if x.dtype == jnp.float32 or approximate or not on_cpu():
     return jax.nn.gelu(x, approximate=approximate)
   return _exact_gelu(x)
 
@@ -106,15 +123,20 @@ def _exact_gelu_backward(x, g):
 _exact_gelu.defvjp(_exact_gelu_forward, _exact_gelu_backward)
 
 
-@jax.custom_vjp
 def softmax(logits):
-  """jax.nn.softmax over the last axis, whose derivative y (g - Σ g y) takes the row sum as a product with a vector of
-  ones: XLA:CPU lowers JAX's own sum there as a reduce-window (an eighth of a bf16 step of the wide config)."""
+  """jax.nn.softmax over the last axis. On CPUs its derivative y (g - Σ g y) takes the row sum as a product with a
+  vector of ones: XLA:CPU lowers JAX's own sum there as a reduce-window (an eighth of a bf16 step of the wide
+  config). Elsewhere JAX's own derivative (a float32 sum: the logits are float32)."""
+  return _softmax_cpu(logits) if on_cpu() else jax.nn.softmax(logits, axis=-1)
+
+
+@jax.custom_vjp
+def _softmax_cpu(logits):
   return jax.nn.softmax(logits, axis=-1)
 
 
 def _softmax_forward(logits):
-  y = softmax(logits)
+  y = _softmax_cpu(logits)
   return y, y
 
 
@@ -124,4 +146,4 @@ def _softmax_backward(y, g):
   return (y * (g - row_sums[..., None]),)
 
 
-softmax.defvjp(_softmax_forward, _softmax_backward)
+_softmax_cpu.defvjp(_softmax_forward, _softmax_backward)

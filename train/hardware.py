@@ -7,6 +7,7 @@ peak on accelerators, resident set on CPU), `resident_bytes` and `datasheet_bf16
 known accelerators). bench/ and train/estimate.py measure through these, train/loop.py checks memory with them.
 """
 
+import dataclasses
 import os
 import resource
 import time
@@ -15,8 +16,39 @@ import jax
 import jax.numpy as jnp
 
 # Vendor datasheet dense bf16 peaks (tensor cores, no sparsity) in FLOP/s, by a substring of jax's device_kind; the
-# first match wins, so "H100 PCIe" precedes "H100" (SXM).
-DATASHEET_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
+# first match wins, so "H100 PCIe" precedes "H100" (SXM) and "TPU v5 lite" (v5e) precedes "TPU v5" (v5p).
+DATASHEET_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+                  ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v4", 275e12))
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU chip as its Cloud TPU datasheet gives it: dense bf16 FLOP/s, HBM bytes and bytes/s, and the
+  bidirectional inter-chip interconnect (ICI) bytes/s of one chip."""
+  name: str
+  device_kind: str  # what jax.devices()[0].device_kind says of it
+  bf16_flops: float
+  hbm_bytes: float
+  hbm_bandwidth: float
+  ici_bandwidth: float
+  source: str
+
+
+# Sources: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (system architecture tables), read 2026-12.
+TPU_CHIPS = {
+    "v4": Chip("v4", "TPU v4", 275e12, 32 * 2**30, 1200e9, 300e9, "cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("v5e", "TPU v5 lite", 197e12, 16 * 2**30, 819e9, 400e9, "cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("v5p", "TPU v5", 459e12, 95 * 2**30, 2765e9, 600e9, "cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 32 * 2**30, 1640e9, 800e9, "cloud.google.com/tpu/docs/v6e"),
+}
+
+
+def tpu_chip(topology: str) -> Chip:
+  """The chip of a topology name such as "v5e:2x4" (its part before the colon)."""
+  name = topology.split(":")[0]
+  if name not in TPU_CHIPS:
+    raise KeyError(f"unknown TPU generation {name!r} (known: {', '.join(TPU_CHIPS)})")
+  return TPU_CHIPS[name]
 
 
 def datasheet_bf16_peak(device_kind: str) -> float | None:

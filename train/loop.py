@@ -1,12 +1,14 @@
 """fit(): the training loop shared by the entrypoints, for any Run (train/runs.py) and loss.
 
 Sharded init (or exact resume from the last checkpoint) -> jitted steps with periodic evaluation, metrics
-(metrics.jsonl, TensorBoard, tqdm) and checkpoints. Offers `check_train_config`, `summarize`, `eval_batches`,
+(metrics.jsonl, TensorBoard, tqdm, a line at each evaluation) and checkpoints; SIGTERM and Ctrl-C save a checkpoint
+and stop. Offers `check_train_config`, `summarize`, `eval_batches`,
 `evaluate`, `check_memory`, `jit_train_step` and `fit`.
 """
 
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -23,6 +25,7 @@ from train import distributed
 from train import hardware
 from train import mesh as mesh_lib
 from train import state as state_lib
+from train import terminal
 from train.checkpoint import Checkpointer
 from train.cli import Preempted, RunError
 from train.metrics import MetricWriter
@@ -135,35 +138,58 @@ def check_memory(compiled, mesh, limit: int | None = None) -> None:
                    "True, or shard over more devices (config.mesh.fsdp, config.mesh.tensor)")
 
 
+def in_sharding_context(run, fn):
+  """fn traced under the run's mesh and logical rules, so the model's activation constraints act."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with mesh_lib.sharding_context(run.mesh, run.rules):
+      return fn(*args)
+  return traced
+
+
 def jit_train_step(run, loss_fn, train_cfg):
   """The train step of a run jitted as every run compiles it: state and batch in their shardings, state donated
   (the loop, train/estimate.py and bench/ share it)."""
-  step = functools.partial(train_step, loss_fn=loss_fn, tx=run.tx, grad_accum=train_cfg.grad_accum,
-                           skip_nonfinite=train_cfg.nonfinite == "skip")
+  step = in_sharding_context(run, functools.partial(train_step, loss_fn=loss_fn, tx=run.tx,
+                                                    grad_accum=train_cfg.grad_accum,
+                                                    skip_nonfinite=train_cfg.nonfinite == "skip"))
   return jax.jit(step, in_shardings=(run.shardings, mesh_lib.batch_sharding(run.mesh), run.frozen_shardings),
                  out_shardings=(run.shardings, mesh_lib.replicated(run.mesh)), donate_argnums=(0,))
 
 
 class _Preemption:
-  """Records a SIGTERM (preemption) while installed; the loop checkpoints and stops at a step every process
-  agrees on (one process asks the others every `every` steps)."""
+  """Records a SIGTERM (preemption) or a Ctrl-C (SIGINT) while installed; the loop checkpoints and stops at a step
+  every process agrees on (one process asks the others every `every` steps). A second Ctrl-C stops the process at
+  once: the run resumes from its last complete checkpoint."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, every: int):
-    self.received, self.previous, self.every = False, None, every
+    self.received, self.signum, self.previous, self.every = False, None, {}, every
 
   def at(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self.received
     return step % self.every == 0 and distributed.agree(self.received)
 
+  def _handle(self, signum, _):
+    # os.write, not print: a handler may interrupt a print (tqdm's, say), and buffered writes are not reentrant.
+    if signum == signal.SIGINT and self.received:
+      os.write(2, b"\nablax: second Ctrl-C: stopped at once; the same command resumes from the last complete "
+                  b"checkpoint\n")
+      os._exit(130)
+    if signum == signal.SIGINT:
+      os.write(2, b"\nablax: Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)\n")
+    self.received, self.signum = True, self.signum or signum
+
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "received", True))
+      self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
     return self
 
   def __exit__(self, *exc):
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
+    for signum, handler in self.previous.items():
+      signal.signal(signum, handler)
 
 
 def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
@@ -172,7 +198,7 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
   Returns (final state, last metrics logged). The run's `frozen` parameters are inputs of every step, never saved.
   Nothing non-finite is saved: a NaN/inf loss or gradient stops the run before the next save (or, with
   train.nonfinite = "skip", skips that update), a non-finite eval loss stops it, and the parameters are checked
-  before every save. SIGTERM saves a checkpoint at the current step and raises Preempted.
+  before every save. SIGTERM or Ctrl-C saves a checkpoint at the current step and raises Preempted.
   """
   checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, writer=True,
                             async_save=config.train.async_checkpoints)
@@ -203,7 +229,7 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
   batch_sharding = mesh_lib.batch_sharding(mesh)
   skip = train.nonfinite == "skip"
   train_fn = jit_train_step(run, loss_fn, train)
-  eval_fn = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
+  eval_fn = jax.jit(in_sharding_context(run, functools.partial(eval_step, loss_fn=loss_fn)),
                     in_shardings=(run.shardings.params, batch_sharding, run.frozen_shardings),
                     out_shardings=mesh_lib.replicated(mesh))
   schedule = state_lib.learning_rate_schedule(train)
@@ -222,6 +248,7 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
   progress = tqdm.tqdm(total=train.steps, initial=start_step, desc="train", dynamic_ncols=True,
                        mininterval=1.0, disable=jax.process_index() != 0)
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
+  peak = None  # the devices' matmul peak (MFU), measured at the first evaluation line
   with writer, _Preemption(train.log_every) as preemption:
     for step in range(start_step + 1, train.steps + 1):
       batch = _to_device(next(loader), batch_sharding)
@@ -267,6 +294,9 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
                                  batch_sharding))
             check(done_step, "eval/loss", last["eval/loss"])
           writer.write(last)
+          if "eval/loss" in last and jax.process_index() == 0:
+            peak = terminal.peak_flops(run.model.cfg.dtype) if peak is None else peak
+            tqdm.tqdm.write(terminal.eval_line(last, train.steps, step_flops, tokens_per_step, peak))
           progress.set_postfix(loss=f"{last['train/loss']:.3f}",
                                tok_s=f"{last['train/tokens_per_sec']:.0f}", refresh=False)
           interval = {"sums": None, "steps": 0, "skipped": 0, "start": time.time()}
@@ -278,6 +308,9 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
       progress.update(1)
       if preempted and step < train.steps:
         progress.close()
-        raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {workdir}; run the same command to resume")
+        signum = preemption.signum or signal.SIGTERM  # another process's signal: a preemption
+        name = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM"
+        raise Preempted(f"{name} at step {step}: checkpoint saved in {workdir}; run the same command to resume",
+                        signum)
   progress.close()
   return state, last

@@ -1,12 +1,16 @@
-"""The device mesh (axes data, fsdp, tensor) and logical-axis rules -> NamedShardings."""
+"""The device mesh (axes data, fsdp, tensor; several slices) and logical-axis rules -> NamedShardings, and the
+context in which the model's activation constraints act."""
 
+import contextlib
 import math
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from model import sharding
 from model.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -14,9 +18,12 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A mesh of shape (data, fsdp, tensor) from `config.mesh`; data=-1 takes the remaining devices."""
+  """A mesh of shape (data, fsdp, tensor) from `config.mesh`; data=-1 takes the remaining devices. The devices are
+  laid out by jax.make_mesh, which knows the physical topology (TPU torus, GPU NVLink islands); with
+  `mesh_cfg.slices` > 1 the data axis spans slices (TPU slices, or GPU hosts) joined over the data-center
+  network, the fsdp and tensor axes staying within a slice (a hybrid mesh)."""
   devices = list(jax.devices() if devices is None else devices)
-  fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
+  fsdp, tensor, slices = mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.get("slices", 1)
   data = mesh_cfg.data if mesh_cfg.data != -1 else len(devices) // max(fsdp * tensor, 1)
   size = data * fsdp * tensor
   # An explicit smaller mesh takes the first devices (single process only: hosts must all take part).
@@ -24,19 +31,32 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
                                                              (mesh_cfg.data == -1 or jax.process_count() > 1)):
     raise ConfigError(f"config.mesh: data={mesh_cfg.data} x fsdp={fsdp} x tensor={tensor} does not fit "
                       f"the {len(devices)} available devices")
+  if slices < 1 or data % slices:
+    raise ConfigError(f"config.mesh.slices: {slices} must be >= 1 and divide the data axis ({data})")
   devices = devices[:size]
-  device_grid = np.asarray(devices).reshape(data, fsdp, tensor)
-  return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  axis_types = (jax.sharding.AxisType.Auto,) * 3
+  if slices > 1:
+    granule = {"process_is_granule": not hasattr(devices[0], "slice_index") or devices[0].slice_index is None}
+    device_grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1), devices,
+                                                       **granule)
+    return Mesh(device_grid, MESH_AXES, axis_types=axis_types)
+  try:
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=axis_types, devices=devices)
+  except (ValueError, NotImplementedError):  # a subset of a topology's devices has no physical layout to follow
+    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES, axis_types=axis_types)
 
 
 def _fit(spec: P, shape, mesh: Mesh) -> P:
   """Replicates the dimensions whose size does not divide by their mesh axes (e.g. 1 kv head, tensor=2)."""
-  fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = math.prod(mesh.shape[name] for name in names)
-    fitted.append(axes if names and dim % size == 0 else None)
-  return P(*fitted)
+  return sharding.fit(spec, shape, dict(mesh.shape))
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules):
+  """The mesh and logical rules under which the model's activation constraints (model/sharding.py) act; entered
+  inside a traced step."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def logical_shardings(axes_tree, shapes_tree, mesh: Mesh, rules):
