@@ -22,7 +22,8 @@ device (train/hardware.py). Where each figure comes from:
   No constant is fitted to runs. A copy's bandwidth rather than a stream's, because on CPU XLA's kernels range from
   about 0.6 GB/s (transposes) to over 20 GB/s (elementwise ops on reused buffers): a single streaming figure put
   shakespeare_char's step at 0.5x or 1.7x of what it measured. Communication between devices is left out.
-Offers `estimate`, `measured`, `activation_bytes`, `abstract_batch`, `default_vocab_size` and `report`.
+Offers `estimate`, `measured`, `activation_bytes`, `abstract_batch`, `default_vocab_size`, `per_device_bytes` and
+`report`.
 """
 
 import json
@@ -77,7 +78,7 @@ def abstract_batch(config, sharding=None) -> dict:
           for key, value in rows.items()}
 
 
-def _per_device_bytes(abstract_tree, shardings) -> int:
+def per_device_bytes(abstract_tree, shardings) -> int:
   """Bytes of the leaves' shards on one device."""
   leaves = jax.tree.leaves(abstract_tree)
   return sum(math.prod(sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
@@ -204,8 +205,8 @@ def estimate(config, vocab_size: int = 0, device_memory: int | None = None, peak
 
   state = run.abstract_state()
   model_params = sum(x.size for x in jax.tree.leaves(state.params))
-  params = _per_device_bytes(state.params, run.shardings.params)
-  optimizer = _per_device_bytes(state.opt_state, run.shardings.opt_state)
+  params = per_device_bytes(state.params, run.shardings.params)
+  optimizer = per_device_bytes(state.opt_state, run.shardings.opt_state)
   gradients = params * (2 if train.grad_accum > 1 else 1)  # accumulating microbatches adds the running sum
   rows = train.batch_size // train.grad_accum // mesh_lib.data_parallel_size(mesh)
   tensor = mesh.shape["tensor"]  # heads and MLP widths split over it: their activations too (roughly)
@@ -353,6 +354,9 @@ def main(argv):
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if config is None and not workdir:
     fail("--config: a config file is required (or --workdir of a run, to read its config.json)")
+  if workdir and not os.path.isdir(workdir):
+    fail(f"--workdir={workdir}: {'a file' if os.path.exists(workdir) else 'no such directory'}; name a finished "
+         "run's directory")
   if config is None:
     config = run_reporting_errors(read_run_config, workdir)
   vocab_size = flags.FLAGS.vocab_size
