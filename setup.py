@@ -19,6 +19,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        "tensorboard>=2.16",  # the `tensorboard --logdir runs/` command that reads what tensorboardX writes
         "safetensors>=0.4",
         "ml-dtypes>=0.4",  # bfloat16 safetensors (also a jax dependency)
         "rouge-score>=0.1.2",  # Google's ROUGE (T5 / seqio's), train/scores.py

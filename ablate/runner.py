@@ -15,9 +15,10 @@ import subprocess
 import sys
 import time
 
+from ablate.cost import describe
 from ablate.plan import DATA, expand, extra_seeds, parse_metric, read_status, references, status_path
 from ablate.report import collect, significance, undecided, write_report
-from train.workdir import write_atomic
+from train.workdir import check_directory, write_atomic
 
 
 def commands(run: dict, ablation, workdir: str) -> list[list[str]]:
@@ -62,13 +63,15 @@ def _duration(seconds: float) -> str:
 def run_ablation(ablation, workdir: str, dry_run: bool = False, parallel: int | None = None,
                  report: bool = True) -> int:
   """Runs what is not finished, writes the report; returns the number of failed runs."""
+  check_directory(workdir, create=not dry_run)
   runs = expand(ablation, extra_seeds(workdir))
   if dry_run:
     for run in runs:
       print(f"{run['name']}: {' '.join(run['overrides'])}")
       for command in commands(run, ablation, workdir):
         print("  " + " ".join(command[1:]))
-    print(f"{len(runs)} runs")
+    for line in describe(ablation, runs):
+      print(line, flush=True)
     return 0
   for sub in ("runs", "logs", "status"):
     os.makedirs(os.path.join(workdir, sub), exist_ok=True)

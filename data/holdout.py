@@ -20,6 +20,8 @@ from data.sources import DataError
 
 def holdout(src: str, out: str, n: int, seed: int = 0) -> dict:
   """Split `src` into out/train.jsonl and out/holdout.jsonl; returns the record of out/split.json."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise DataError(f"--out={out}: a file, not a directory; name a new directory or a split's")
   with open(src, "rb") as f:
     raw = f.read()
   lines = [line for line in raw.splitlines(keepends=True) if line.strip()]

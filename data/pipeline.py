@@ -1,6 +1,7 @@
 """From config.data to a tokenizer and rows: raw text tokenized at start, or a corpus prepared once.
 
-Offers `read_splits` (train / validation documents of config.data), `prepare_lm_data` (config -> tokenizer,
+Offers `check_sources` (what can be checked of config.data's sources before a run writes anything),
+`read_splits` (train / validation documents of config.data), `prepare_lm_data` (config -> tokenizer,
 train rows, val rows for causal_lm, prefix_lm, masked_lm or span_corruption), `tokenizer_for` (a workdir's tokenizer, or
 one trained and saved) and `prepared_data` (data.prepared: one prepared corpus or a mixture of several).
 """
@@ -14,9 +15,22 @@ from data.batch import Batch
 from data.loader import Mixture
 from data.prepared import PreparedRows, file_sha256, read_manifest
 from data.pretraining import objective_rows, special_tokens_for
-from data.sources import DataError, read_documents, split_documents
+from data.sources import DataError, probe, read_documents, split_documents
 from data.tokenizer import (CHAR_FILE, SPM_FILE, CharTokenizer, HuggingFaceTokenizer, SentencePieceTokenizer,
                             Tokenizer, load_tokenizer, train_tokenizer)
+
+
+def check_sources(data_config) -> None:
+  """The DataError that reading config.data's sources would raise, as far as the start of each file tells
+  (sources.probe), or a prepared corpus's manifest; cheap enough to run before a run writes anything."""
+  c = data_config
+  if getattr(c, "prepared", ""):
+    for directory, _ in _prepared_spec(c.prepared):
+      read_manifest(directory)
+    return
+  probe(c.train_path, c.encoding_errors, c.max_bytes)
+  if c.val_path:
+    probe(c.val_path, c.encoding_errors, c.max_bytes)
 
 
 def read_splits(data_config) -> tuple[list[str], list[str]]:

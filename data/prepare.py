@@ -99,6 +99,10 @@ def prepare(data_config, out: str, workers: int | None = None, shard_mb: float =
             tokenizer_from: str | None = None) -> dict:
   """Prepares config.data into `out` (or finds it prepared); returns the manifest. `tokenizer_from` (a prepared
   DIR or a run) gives the tokenizer instead of training one: corpora of a mixture share theirs."""
+  if not out:
+    raise DataError("--out: name the directory of the prepared corpus")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise DataError(f"--out={out}: a file, not a directory; name a new directory or a prepared one")
   sources, settings = _sources(data_config), {k: getattr(data_config, k) for k in SETTINGS}
   manifest_path = os.path.join(out, MANIFEST)
   if os.path.exists(manifest_path):
@@ -113,10 +117,13 @@ def prepare(data_config, out: str, workers: int | None = None, shard_mb: float =
                       f"{settings[changed[0]]!r}; prepare into a new --out")
     print(f"ablax: {out} is prepared already ({manifest['splits']['train']['tokens']:,} train tokens); nothing to do")
     return manifest
-  os.makedirs(out, exist_ok=True)
+  train_docs, val_docs = read_splits(data_config)  # a data error leaves nothing behind
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"--out={out}: cannot create this directory ({e.strerror or e})") from None
   if tokenizer_from and not any(os.path.exists(os.path.join(out, name)) for name in (SPM_FILE, CHAR_FILE)):
     load_tokenizer(tokenizer_from).save(out)
-  train_docs, val_docs = read_splits(data_config)
   tokenizer = tokenizer_for(data_config, train_docs, val_docs, out)  # trained once; kept on resume
   tokenizer_file = SPM_FILE if os.path.exists(os.path.join(out, SPM_FILE)) else CHAR_FILE
   dtype = token_dtype(tokenizer.vocab_size)

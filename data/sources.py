@@ -1,10 +1,11 @@
 """Text sources: resolve path specs to files, read documents, split train / validation.
 
-Offers `DataError`, `resolve_paths`, `read_documents`, `read_records` (JSONL records with required
-fields), `split_documents`; files are UTF-8, other bytes handled as `ENCODING_ERRORS` says. A part "hf:..." of
+Offers `DataError`, `resolve_paths`, `probe` (what can be checked of a source from the start of its files, before a
+run writes anything), `read_documents`, `read_records` (JSONL records with required fields), `split_documents`; files are UTF-8, other bytes handled as `ENCODING_ERRORS` says. A part "hf:..." of
 a path spec is a Hugging Face dataset read locally with the optional `datasets` package.
 """
 
+import codecs
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ JSON_EXTENSIONS = (".jsonl", ".json")
 BUILTIN_STDLIB = "builtin:python_stdlib"
 HUGGING_FACE = "hf:"  # a Hugging Face dataset: hf:DIR (save_to_disk) or hf:FILES (parquet, JSON lines, CSV), @split
 ENCODING_ERRORS = ("strict", "replace", "ignore")  # config.data.encoding_errors
+PROBE_BYTES = 1 << 16  # what `probe` reads of each file
 # Folders of the standard library left out of the built-in corpus (tests, third-party, legacy tools).
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
 
@@ -196,6 +198,38 @@ def _paths(path_spec: str) -> list[str]:
   if not paths:
     raise DataError(f"data path '{path_spec}': no files match")
   return paths
+
+
+def probe(path_spec: str, encoding_errors: str = "strict", max_bytes: int = 0, records: bool = False) -> None:
+  """The DataError that reading `path_spec` would raise, as far as the first PROBE_BYTES of each file tell: a part
+  that matches no file, a file that cannot be opened, bytes that are not UTF-8 (under `encoding_errors`), a corpus
+  of blank files. Cheap enough to run before a run writes anything; errors further into a file come later. With
+  `max_bytes`, only the files that reading surely opens are probed (those before max_bytes of files); `records`:
+  only the JSON files, as read_records reads them."""
+  _check_encoding_errors(encoding_errors)
+  files = _paths(path_spec)
+  if records:
+    files = [f for f in files if f.endswith(JSON_EXTENSIONS) or f.startswith(HUGGING_FACE)]
+    if not files:
+      raise DataError(f"data path '{path_spec}': no {' or '.join(JSON_EXTENSIONS)} files")
+  blank, seen = True, 0
+  for path in files:
+    if path.startswith(HUGGING_FACE) or (max_bytes > 0 and seen >= max_bytes):  # hf: read by the datasets package
+      blank = False
+      break
+    try:
+      with open(path, "rb") as f:
+        head = f.read(PROBE_BYTES + 1)
+    except OSError as e:
+      raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    whole = len(head) <= PROBE_BYTES
+    try:  # an incremental decoder: a character cut at the end of the chunk is not an error
+      text = codecs.getincrementaldecoder("utf-8")(errors=encoding_errors).decode(head[:PROBE_BYTES], final=whole)
+    except UnicodeDecodeError:
+      raise _not_utf8(path) from None
+    blank, seen = blank and whole and not text.strip(), seen + os.path.getsize(path)
+  if blank:
+    raise DataError(f"data path '{path_spec}': the corpus is empty ({len(files)} files, no text)")
 
 
 def read_documents(path_spec: str, text_field: str = "text", max_bytes: int = 0,

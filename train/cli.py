@@ -1,8 +1,9 @@
 """Shared command-line plumbing: user errors become one line on stderr and exit status 1; a preempted run
-(SIGTERM, after its checkpoint) exits 0. Offers `RunError`, `Preempted`, `fail`, `parse_flags` and
-`run_reporting_errors`."""
+(SIGTERM, after its checkpoint) exits 0, an interrupted one (Ctrl-C) 130 as shells expect. Offers `RunError`,
+`Preempted`, `fail`, `parse_flags` and `run_reporting_errors`."""
 
 import re
+import signal
 import sys
 
 from absl import flags, logging
@@ -16,7 +17,15 @@ class RunError(RuntimeError):
 
 
 class Preempted(Exception):
-  """The run saved a checkpoint and stopped on SIGTERM; the same command resumes it."""
+  """The run saved a checkpoint and stopped on SIGTERM or SIGINT (`signum`); the same command resumes it."""
+
+  def __init__(self, message: str, signum: int = signal.SIGTERM):
+    super().__init__(message)
+    self.signum = signum
+
+  @property
+  def exit_code(self) -> int:
+    return 130 if self.signum == signal.SIGINT else 0  # Ctrl-C: 128 + SIGINT, as a shell reports it
 
 
 USER_ERRORS = (ConfigError, DataError, RunError, FloatingPointError, FileNotFoundError)
@@ -27,7 +36,7 @@ def fail(message: str):
   sys.exit(1)
 
 
-def _flag_error(exc: Exception, argv) -> str:
+def flag_error(exc: Exception, argv) -> str:
   """One line naming the offending --config flag or file, from an absl / ml-collections exception."""
   while exc.args and isinstance(exc.args[0], Exception):  # ml-collections wraps KeyError in AttributeError
     exc = exc.args[0]
@@ -53,9 +62,9 @@ def parse_flags(argv):
       flags.FLAGS["config"].value.keys()  # loading is lazy: force it so a bad file fails here
     return remaining
   except flags.IllegalFlagValueError as e:
-    fail(_flag_error(e.__cause__ or e, argv))
+    fail(flag_error(e.__cause__ or e, argv))
   except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
-    fail(_flag_error(e, argv))
+    fail(flag_error(e, argv))
 
 
 def run_reporting_errors(fn, *args, **kwargs):
@@ -66,7 +75,10 @@ def run_reporting_errors(fn, *args, **kwargs):
     fail(str(e))
   except Preempted as e:
     print(f"ablax: {e}", file=sys.stderr)
-    sys.exit(0)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first, then raises Preempted)
+    print("ablax: interrupted (Ctrl-C)", file=sys.stderr)
+    sys.exit(130)
   except RuntimeError as e:  # jax's out-of-memory error, when the check before training could not know
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

@@ -24,6 +24,7 @@ from train import distributed
 from train import mesh as mesh_lib
 from train import runs
 from train import tasks
+from train import terminal
 from train.cli import parse_flags, run_reporting_errors
 from train.loop import check_train_config, fit
 from train import workdir as workdir_lib
@@ -44,6 +45,7 @@ def _finetune(config, workdir: str) -> dict:
     raise ConfigError(f"config.peft.num_prompt_tokens: {config.peft.num_prompt_tokens} virtual tokens + seq_len "
                       f"{config.train.seq_len} exceed the learned positions (max_len {config.model.max_len})")
   tokenizer, _ = runs.run_tokenizer(config.init_from, base_config)
+  tasks.check_sources(config)  # what can fail on a fresh workdir fails before anything is written in it
   def prepare():
     workdir_lib.prepare_workdir(config, workdir)
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
@@ -69,6 +71,8 @@ def _finetune(config, workdir: str) -> dict:
         "base": {"workdir": os.path.abspath(config.init_from), "step": config.init_step},
         "base_fingerprint": run.base_fingerprint}, indent=2))
   _, last = fit(config, workdir, run, tasks.make_loss(config.task, run), train_rows, val_rows)
+  if distributed.is_writer():
+    print(terminal.summary(workdir, config.train.steps))
   return last
 
 

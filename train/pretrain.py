@@ -13,7 +13,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data.loader import as_source
-from data.pipeline import prepare_lm_data, prepared_data
+from data.pipeline import check_sources, prepare_lm_data, prepared_data
+from data.sources import DataError
 from model import decode
 from model.config import ConfigError, ModelConfig
 from model.families import FAMILIES
@@ -21,6 +22,7 @@ from train import distributed
 from train import mesh as mesh_lib
 from train import runs
 from train import tasks
+from train import terminal
 from train.cli import parse_flags, run_reporting_errors
 from train.loop import check_train_config, fit
 from train.step import token_loss
@@ -64,24 +66,33 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   if config.objective not in family.objectives:
     raise ConfigError(f"config.objective: {config.objective!r} does not pretrain a {config.model.family} "
                       f"(config.model.family); expected {' or '.join(map(repr, family.objectives))}")
-  distributed.writer_first("config", lambda: workdir_lib.prepare_workdir(config, workdir))
-  train = config.train
   if config.data.prepared and config.objective != "causal_lm":
     raise ConfigError(f"config.data.prepared: a prepared corpus serves causal_lm, not {config.objective!r} (which "
                       "reads data.train_path)")
+  check_sources(config.data)  # what can fail on a fresh workdir fails before anything is written in it
+  distributed.writer_first("config", lambda: workdir_lib.prepare_workdir(config, workdir))
+  train = config.train
   if config.data.prepared:
     tokenizer, train_rows, val_rows = distributed.writer_first("data", lambda: prepared_data(
         config.data, train.seq_len, workdir if distributed.is_writer() else None, train.batch_size * train.eval_batches))
   else:  # the others load process 0's tokenizer
     tokenizer, train_rows, val_rows = distributed.writer_first(
         "data", lambda: prepare_lm_data(config.data, train.seq_len, workdir, config.objective))
+  samples = family.generates and not family.seq2seq and train.num_samples > 0  # a decoder: causal or prefix LM
+  if samples:  # a prompt the tokenizer cannot read fails now, not after training
+    try:
+      tokenizer.encode(train.sample_prompt)
+    except DataError as e:
+      raise DataError(f"config.train.sample_prompt={train.sample_prompt!r}: {e}") from None
   run = runs.pretraining(config, mesh, tokenizer.vocab_size, tokenizer)
   print(f"ablax: vocab {tokenizer.vocab_size}, train: {as_source(train_rows).identity} x {train.seq_len} tokens")
   state, last = fit(config, workdir, run, token_loss(run.model), train_rows, val_rows)
-  if family.generates and not family.seq2seq and train.num_samples > 0:  # a decoder: causal or prefix LM
+  if samples:
     params = distributed.gather(state.params)
     if distributed.is_writer():
       write_samples(run.model, params, tokenizer, config, workdir)
+  if distributed.is_writer():
+    print(terminal.summary(workdir, train.steps))
   return last
 
 

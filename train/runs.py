@@ -140,7 +140,9 @@ def resolve_base(config, workdir: str | None = None) -> ml_collections.ConfigDic
   if not config.init_from:
     raise ConfigError("config.init_from: the workdir of a pretrained run is required")
   if config.init_step < 0 and workdir and os.path.exists(os.path.join(workdir, "config.json")):
-    config.init_step = read_run_config(workdir).get("init_step", -1)
+    saved = read_run_config(workdir)
+    if saved.get("init_from") == config.init_from:  # else a start on another base, which may start over
+      config.init_step = saved.get("init_step", -1)
   base_config = read_run_config(config.init_from)
   if base_config.get("init_from"):
     raise ConfigError(f"config.init_from: {config.init_from} is itself a fine-tuning run; give its base")

@@ -6,6 +6,7 @@
             config.data.prompt_as_prefix reads the prompt as a prefix LM's bidirectional prefix
   classify  text/label pairs from JSONL; a linear head on a pooled hidden state (the family's `pooling`)
 A loss function has the signature train/step.py expects and returns sums (the host divides).
+`check_sources(config)` checks the task's data as far as it can before a run writes anything;
 `prompt_as_prefix(config)` says whether a run's decoder reads a prompt as a bidirectional prefix (generation).
 """
 
@@ -17,8 +18,9 @@ from jax.sharding import PartitionSpec as P
 
 from data import finetuning
 from data.packing import pack_documents
+from data.pipeline import check_sources as check_text_sources
 from data.pipeline import read_splits
-from data.sources import read_records
+from data.sources import probe, read_records
 from model.config import ConfigError
 from model.families import FAMILIES, family
 from train.step import token_loss
@@ -27,16 +29,35 @@ TASKS = ("lm", "instruct", "classify")
 HEAD_AXES = {"kernel": P("embed", None), "bias": P(None)}  # logical axes of init_head's tree
 
 
-def build_rows(config, tokenizer):
-  """(train_rows, val_rows, label vocabulary or None) for config.task from config.data."""
-  data, seq_len, task = config.data, config.train.seq_len, config.task
+def _check_task(config) -> None:
+  """ConfigErrors of config.task and the keys that depend on it."""
+  task, as_prefix = config.task, bool(config.data.get("prompt_as_prefix", False))
   if task not in TASKS:
     raise ConfigError(f"config.task: expected one of {', '.join(TASKS)}, got {task!r}")
-  as_prefix = bool(data.get("prompt_as_prefix", False))
   if as_prefix and task != "instruct":
     raise ConfigError(f"config.data.prompt_as_prefix: only the instruct task has a prompt (config.task is {task!r})")
   if as_prefix and FAMILIES[config.model.family].seq2seq:
     raise ConfigError("config.data.prompt_as_prefix: an encoder-decoder reads the prompt with its encoder already")
+
+
+def check_sources(config) -> None:
+  """The errors that build_rows would raise on config.task and config.data, as far as the start of each file
+  tells (a ConfigError, or the DataError of data.sources.probe)."""
+  _check_task(config)
+  data = config.data
+  if config.task == "lm":
+    check_text_sources(data)
+    return
+  for path in (data.train_path, data.val_path):
+    if path:  # with max_records, reading may stop in the first file: only that one is surely read
+      probe(path, data.encoding_errors, max_bytes=1 if data.max_records else 0, records=True)
+
+
+def build_rows(config, tokenizer):
+  """(train_rows, val_rows, label vocabulary or None) for config.task from config.data."""
+  data, seq_len, task = config.data, config.train.seq_len, config.task
+  _check_task(config)
+  as_prefix = bool(data.get("prompt_as_prefix", False))
   if task == "lm":
     pack = lambda docs: pack_documents(tokenizer.encode_batch(docs), seq_len, tokenizer.bos_id, tokenizer.eos_id)
     train, val = read_splits(data)
@@ -92,13 +113,20 @@ def pool(hidden_BxLxD, segment_ids_BxL, pooling: str):
   return jnp.sum(hidden_BxLxD * mask_BxLx1, axis=1) / jnp.maximum(jnp.sum(mask_BxLx1, axis=1), 1)
 
 
+def head_logits(head: dict, pooled_BxD, model_family: str):
+  """[B, C] logits of the linear head. A decoder's bias gets no gradient, so it stays at its initial zero: GPT-2's
+  and Llama's score layers have none, and a decoder's classification run exports to them exactly."""
+  bias_C = jax.lax.stop_gradient(head["bias"]) if model_family == "decoder" else head["bias"]
+  return pooled_BxD @ head["kernel"] + bias_C[None]
+
+
 def classify_loss(model, model_params, num_classes: int):
   """Cross entropy of a linear head on the pooled `features` of the model (an encoder-decoder's encoder)."""
   def loss_fn(params, frozen, batch, rng, deterministic):
     variables, extra = model_params(params, frozen, rng, deterministic)
     hidden_BxLxD = model.apply(variables, batch, deterministic, rngs={"dropout": rng}, method="features", **extra)
     pooled_BxD = pool(hidden_BxLxD, batch["segment_ids_BxL"], family(model.cfg).pooling)
-    logits_BxC = pooled_BxD @ params["head"]["kernel"] + params["head"]["bias"][None]
+    logits_BxC = head_logits(params["head"], pooled_BxD, model.cfg.family)
     labels_B, example_weight_B = batch["labels_B"], jnp.max(batch["weights_BxL"], axis=1)  # 0 on filler rows
     loss_B = jax.nn.logsumexp(logits_BxC, axis=-1) - jnp.take_along_axis(logits_BxC, labels_B[:, None], 1)[:, 0]
     predicted_B = jnp.argmax(logits_BxC, axis=-1)

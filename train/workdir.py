@@ -1,13 +1,15 @@
 """A run's workdir: config.json written once (a rerun must match it, never overwrite it), one writer at a time,
 and small files replaced whole.
 
-Offers `prepare_workdir` (config.json; pins the schedule's length), `write_atomic` (temp file + rename), `lock`
-(one process writes a workdir; a second copy of a command is refused) and `RESUMABLE_KEYS`.
+Offers `prepare_workdir` (config.json; pins the schedule's length; a run that never reached a checkpoint starts
+over), `write_atomic` (temp file + rename), `lock` (one process writes a workdir; a second copy of a command is
+refused), `check_directory` and `RESUMABLE_KEYS`.
 """
 
 import contextlib
 import json
 import os
+import shutil
 import socket
 
 import jax
@@ -21,6 +23,11 @@ RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.eval_batches", "trai
                   "train.sample_tokens", "train.sample_temperature", "train.sample_top_k", "train.sample_prompt", "train.restore_step",
                   "train.nonfinite", "train.decay_steps")
 LOCK_FILE = ".lock"
+# What a start writes before its first checkpoint: removed when a run that never reached one starts over with other
+# settings (a tokenizer trained on other data, the metrics of other steps).
+STARTED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "metrics.jsonl", "run_info.json",
+                 "samples.txt")
+STARTED_DIRS = ("tensorboard",)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -47,32 +54,72 @@ def write_atomic(path: str, text: str) -> None:
       os.remove(temporary)
 
 
+def check_directory(path: str, flag: str = "--workdir", create: bool = True) -> None:
+  """A ConfigError naming `flag` when `path` exists and is not a directory, or cannot be created (`create`)."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"{flag}={path}: a file, not a directory; name a new directory or a run's")
+  if not create:
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"{flag}={path}: cannot create this directory ({e.strerror or e})") from None
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _start_over(workdir: str) -> None:
+  """Removes what a start that never reached a checkpoint wrote (STARTED_FILES, STARTED_DIRS)."""
+  for name in STARTED_FILES:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(workdir, name))
+  for name in STARTED_DIRS:
+    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+
+
 def prepare_workdir(config, workdir: str) -> None:
   """Creates workdir and saves config.json, or checks that an existing run was made with this config.
 
+  A run that never reached its first checkpoint (a start stopped by a data error, say) starts afresh: what that
+  start wrote goes (STARTED_FILES, STARTED_DIRS), and it may start with other settings, said in one line.
   The cosine schedule's length is fixed when a run starts: train.decay_steps = 0 ("the run's steps") is
   replaced by the steps of the first start, so extending a run with a larger train.steps keeps the learning
   rate of every step already taken; give train.decay_steps explicitly to decay over a new length from here on.
   """
-  os.makedirs(workdir, exist_ok=True)
+  check_directory(workdir)
   path = os.path.join(workdir, "config.json")
   saved = None
   if os.path.exists(path):
     with open(path) as f:
       saved = _flatten(json.load(f))
+    if not _has_checkpoint(workdir) and jax.process_index() == 0:  # nothing to resume: start afresh
+      differing = _differing(saved, config)
+      if differing:
+        print(f"ablax: {workdir}: its run never reached a checkpoint; starting over with config.{differing[0]}="
+              f"{_flatten(json.loads(config.to_json()))[differing[0]]!r} (was {saved[differing[0]]!r})")
+      _start_over(workdir)  # a tokenizer trained on other data, metrics of steps never saved
+      saved = None
   if config.train.decay_steps == 0:
     config.train.decay_steps = (saved or {}).get("train.decay_steps") or (saved or {}).get("train.steps") or \
         config.train.steps
   current = json.loads(config.to_json())
   if saved is not None:
-    differing = [k for k, v in _flatten(current).items()
-                 if k not in RESUMABLE_KEYS and not k.startswith("mesh.") and saved.get(k, v) != v]
+    differing = _differing(saved, config)
     if differing:
       key = differing[0]
       raise ConfigError(f"{path}: this workdir holds a run made with config.{key}={saved[key]!r}, "
                         f"not {_flatten(current)[key]!r}; resume with the same config or use another --workdir")
   if jax.process_index() == 0:
     write_atomic(path, json.dumps(current, indent=2))
+
+
+def _differing(saved: dict, config) -> list[str]:
+  """The keys of `config` that differ from the flat `saved` config and may not change on resume."""
+  return [k for k, v in _flatten(json.loads(config.to_json())).items()
+          if k not in RESUMABLE_KEYS and not k.startswith("mesh.") and saved.get(k, v) != v]
 
 
 def _alive(pid: int) -> bool:
@@ -93,7 +140,7 @@ def lock(workdir: str):
   if jax.process_index() != 0:
     yield
     return
-  os.makedirs(workdir, exist_ok=True)
+  check_directory(workdir)
   path, me = os.path.join(workdir, LOCK_FILE), f"{socket.gethostname()}:{os.getpid()}"
   for _ in range(2):
     try:

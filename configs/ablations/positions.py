@@ -16,6 +16,7 @@ def get_config():
   c.overrides = ("train.steps=600", "train.eval_every=200", "train.checkpoint_every=600", "train.eval_batches=10",
                  "train.num_samples=0", "model.max_len=512")
   c.grid = {}
+  c.baseline = ""  # the first variant, sinusoidal (heads.py's baseline names one of its own variants)
   c.variants = tuple((name, (f"model.position={name}",)) for name in ("sinusoidal", "learned", "rope", "alibi", "none"))
   c.eval_lengths = (64, 128, 256, 512)
   c.metrics = ("perplexity@64", "perplexity@128", "perplexity@256", "perplexity@512", "eval/loss")
