@@ -49,8 +49,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("x_axis", None, "report: compare the runs at step, train/tokens, train/flops or time "
                       "(default: the ablation's).")
   flags.DEFINE_string("out", None, "report: the directory of the report (default: the ablation's workdir).")
-  flags.DEFINE_bool("until_significant", False, "Add seeds to the variants not yet significantly different from the "
-                    "baseline (first metric) until they are, or the budget is spent.")
+  flags.DEFINE_bool("until_significant", False, "Add seeds to the variants whose primary comparisons are undecided "
+                    "(not significant, equivalent or futile) up to config.max_seeds, with thresholds adjusted for the "
+                    "looks (ablate/sequential.py), or until the budget is spent.")
   flags.DEFINE_integer("max_runs", 30, "--until_significant: at most this many added runs.")
   flags.DEFINE_float("max_hours", 4.0, "--until_significant: stop adding runs after this many hours.")
   app.run(main, flags_parser=parse_flags)

@@ -1,6 +1,6 @@
 """The figures of an ablation report: curves.png (the curve over steps, mean and std band per variant),
-bars.png (the first metric: means with their bootstrap intervals, the baseline marked, significant differences
-starred), lengths_<key>.png (key@L metrics by evaluation length), scaling.png (a size ladder's points and
+bars.png (the first metric: means with their t intervals, the baseline marked, differences significant after
+Holm starred), lengths_<key>.png (key@L metrics by evaluation length), scaling.png (a size ladder's points and
 fitted laws) and sweep.png (a hyperparameter sweep across another axis). Offers `plot`, `scaling_plot`,
 `sweep_plot` and `label`."""
 
@@ -46,7 +46,8 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, basel
   plt.close(fig)
 
   primary = ablation.metrics[0]
-  names = [v for v in table.get(primary, {}) if summary[v][primary][0] is not None]
+  names = [v for v in table.get(primary, {}) if summary[v][primary][0] is not None
+           and np.isfinite(summary[v][primary][0])]  # a diverged variant has no bar
   fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 4.2))
   means = np.array([summary[v][primary][0] for v in names])
   intervals = [table[primary][v]["interval"] or (m, m) for v, m in zip(names, means)]
@@ -67,7 +68,8 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, basel
     margin = max(high - low, 1e-3 * abs(high)) * 0.6
     ax.set_ylim(max(low - margin, 0.0) if low >= 0 else low - margin, high + margin)
   ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-  ax.set(ylabel=label(primary), title=f"{primary}: mean and {ablation.confidence:.0%} bootstrap interval;\n"
+  methods = "/".join(sorted({table[primary][v]["interval_method"] for v in names})) or "t"
+  ax.set(ylabel=label(primary), title=f"{primary}: mean and {ablation.confidence:.0%} {methods} interval;\n"
                                       f"* = differs from the baseline (Holm p < {ablation.alpha}); axis not from 0")
   ax.title.set_fontsize(8)
   fig.tight_layout()
@@ -82,7 +84,8 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, basel
   for key, points in by_length.items():
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, cells in summary.items():
-      known = [(length, spec) for length, spec in sorted(points) if cells[spec][0] is not None]
+      known = [(length, spec) for length, spec in sorted(points) if cells[spec][0] is not None
+               and np.isfinite(cells[spec][0])]
       means = np.array([cells[spec][0] for _, spec in known])
       intervals = [table[spec][variant]["interval"] or (m, m) for (_, spec), m in zip(known, means)]
       errors = np.array([[m - lo for m, (lo, _) in zip(means, intervals)], [hi - m for m, (_, hi) in
@@ -92,7 +95,7 @@ def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, basel
                   color="black" if variant in baselines else None)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="evaluation length (tokens)", ylabel=label(key),
-           title=f"{key} by evaluation length: mean and {ablation.confidence:.0%} bootstrap interval")
+           title=f"{key} by evaluation length: mean and {ablation.confidence:.0%} interval of the mean")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, f"lengths_{key.replace('/', '_')}.png"), dpi=120)
@@ -108,7 +111,7 @@ def scaling_plot(workdir: str, rows: list[dict], spec: str, fits: dict, groups: 
     c_N = np.array([c for c, _ in points])
     line = ax.plot(c_N, [value for _, value in points], "o", alpha=0.6, label=group)[0]
     grid = np.geomspace(c_N.min(), found.projected_compute, 100)
-    params = (found.params["a"], found.params["b"], found.params.get("c", 0.0))
+    params = (found.params["a"], found.params["b"], found.params["c"])
     ax.plot(grid, params[0] * grid ** -params[1] + params[2], color=line.get_color())
     if found.projection_interval:
       low, high = found.projection_interval

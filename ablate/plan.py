@@ -42,9 +42,17 @@ def ablation_defaults() -> ml_collections.ConfigDict:
   c.seeds = (0, 1, 2)
   c.seed_key = "train.seed"          # the runs of a seed share its data order (data.seed -1 follows train.seed)
   c.baseline = ""                    # the variant the others are compared with (default: the first)
-  c.confidence = 0.95                # of the bootstrap intervals
+  c.confidence = 0.95                # of the intervals (Student t: they agree with the t-tests)
+  c.interval = "t"                   # t | bootstrap: a mean's interval; the bootstrap only from 20 seeds, labelled
   c.alpha = 0.05                     # a difference is significant when its Holm-adjusted p-value is below
   c.metrics = ("eval/loss",)         # see the module docstring; the first one is the bar chart's
+  c.primary = ()                     # the metrics verdicts rest on (default: the first metric): Holm runs over
+                                     # variants x these; the other metrics are exploratory (no verdict)
+  c.directions = {}                  # metric spec or key -> "lower" | "higher" (better); default: DIRECTIONS
+  c.min_effect = {}                  # metric spec -> the smallest difference that matters, in its units (or one
+                                     # number for every metric): "equivalent" needs a TOST against ±it
+  c.max_seeds = 10                   # --until_significant: seeds per variant at the last look
+  c.ladder_floor = 0.0               # a ladder's fit L = a C^-b + c holds c at this below 5 sizes (fitted from 5)
   c.curve = "eval/loss"              # metrics.jsonl key plotted against x_axis
   c.x_axis = "step"                  # step | train/tokens | train/flops | time: what the runs are compared at; not
                                      # step: every metric is taken at the largest x all runs reached (equal cost)
@@ -92,8 +100,76 @@ def load_ablation(config) -> ml_collections.ConfigDict:
   for key in ("confidence", "alpha"):
     if not 0 < merged[key] < 1:
       raise ConfigError(f"config.{key}: expected a number in (0, 1), got {merged[key]}")
+  _check_statistics(merged)
   baseline(merged)
   return merged
+
+
+def _check_statistics(merged) -> None:
+  """The statistics keys: primary metrics among the metrics, a direction for every metric, min_effect, max_seeds."""
+  if merged.interval not in ("t", "bootstrap"):
+    raise ConfigError(f"config.interval: expected t or bootstrap, got {merged.interval!r}")
+  for spec in merged.primary:
+    if spec not in merged.metrics:
+      raise ConfigError(f"config.primary: {spec!r} is not in config.metrics {tuple(merged.metrics)}")
+  for name, way in dict(merged.directions).items():
+    if way not in ("lower", "higher"):
+      raise ConfigError(f"config.directions.{name}: expected 'lower' or 'higher', got {way!r}")
+  for spec in merged.metrics:
+    if direction(spec, merged.directions) is None:
+      raise ConfigError(f"config.directions: no known direction for metric {spec!r}; add {{{spec!r}: 'lower'}} "
+                        "or 'higher'")
+  effects = merged.min_effect if isinstance(merged.min_effect, (int, float)) else dict(merged.min_effect)
+  for spec, value in (effects.items() if isinstance(effects, dict) else [("", effects)]):
+    if spec and spec not in merged.metrics:
+      raise ConfigError(f"config.min_effect: {spec!r} is not in config.metrics {tuple(merged.metrics)}")
+    if not isinstance(value, (int, float)) or value <= 0:
+      raise ConfigError(f"config.min_effect{'.' + spec if spec else ''}: expected a positive number, got {value!r}")
+  if merged.max_seeds < max(2, len(merged.seeds)):
+    raise ConfigError(f"config.max_seeds: expected at least max(2, the {len(merged.seeds)} seeds), got "
+                      f"{merged.max_seeds}")
+
+
+# Which way is better, by a metric key's last component (eval/loss -> loss): the name itself, or a name that
+# starts with it and "_" (peak_memory_bytes), or ends with "_" and it (macro_f1, step_ms).
+DIRECTIONS = {
+    **dict.fromkeys(("loss", "nll", "ppl", "perplexity", "bits_per_byte", "error_rate", "error", "peak_memory",
+                     "memory", "flops", "params", "time", "wall_s", "seconds", "ms", "latency"), "lower"),
+    **dict.fromkeys(("accuracy", "acc", "f1", "rouge", "rougel", "bleu", "exact_match", "reward",
+                     "tokens_per_sec", "throughput", "mfu"), "higher")}
+# Cost counters: a function of the config, not of the seed; shown without a test.
+COST_KEYS = ("flops", "tokens", "params", "num_params")
+
+
+def direction(spec: str, overrides=None) -> str | None:
+  """"lower" or "higher" (better) for a metric spec: config.directions by spec or key, else DIRECTIONS; None if
+  neither knows it."""
+  overrides = dict(overrides or {})
+  key = parse_metric(spec)[1]
+  if spec in overrides or key in overrides:
+    return overrides.get(spec, overrides.get(key))
+  name = key.rsplit("/", 1)[-1].lower()
+  for word in sorted(DIRECTIONS, key=len, reverse=True):
+    if name == word or name.startswith(word + "_") or name.endswith("_" + word):
+      return DIRECTIONS[word]
+  return None
+
+
+def is_cost(spec: str) -> bool:
+  """Whether a metric is a cost counter (train/flops, train/tokens, ...): deterministic, never tested."""
+  return parse_metric(spec)[1].rsplit("/", 1)[-1] in COST_KEYS
+
+
+def primary_metrics(ablation) -> list[str]:
+  """The metrics the verdicts rest on: config.primary, default the first metric."""
+  return list(ablation.primary) or list(ablation.metrics[:1])
+
+
+def min_effect(ablation, spec: str) -> float | None:
+  """The smallest difference that matters on `spec` (config.min_effect), None if not given."""
+  if isinstance(ablation.min_effect, (int, float)):
+    return float(ablation.min_effect) or None
+  return dict(ablation.min_effect).get(spec)
 
 
 def parse_metric(spec: str) -> tuple[str, str, int | str | None]:

@@ -15,9 +15,11 @@ import subprocess
 import sys
 import time
 
+from ablate import sequential
 from ablate.cost import describe
-from ablate.plan import DATA, expand, extra_seeds, parse_metric, read_status, references, status_path
-from ablate.report import collect, significance, undecided, write_report
+from ablate.plan import (DATA, expand, extra_seeds, min_effect, parse_metric, primary_metrics, read_status,
+                         references, status_path)
+from ablate.report import SEQUENTIAL, collect, significance, undecided, write_report
 from train.workdir import check_directory, write_atomic
 
 
@@ -101,30 +103,38 @@ def run_ablation(ablation, workdir: str, dry_run: bool = False, parallel: int | 
 
 def run_until_significant(ablation, workdir: str, max_runs: int, max_hours: float,
                           parallel: int | None = None) -> list[str]:
-  """Runs the ablation, then adds a seed at a time to the variants whose difference to the baseline on the first
-  metric is not significant yet (and to the baseline, so they stay paired) until none is, `max_runs` more runs
-  were started or `max_hours` passed; returns the variants still undecided."""
+  """Runs the ablation, then adds a seed at a time to the variants with a primary comparison still undecided (not
+  significant, not equivalent, not futile; and to their reference, so the runs stay paired), with the looks
+  planned and the thresholds adjusted for them (ablate/sequential.py), until none is undecided, the variants reach
+  config.max_seeds, `max_runs` more runs were started or `max_hours` passed; returns the variants still undecided."""
   start, added = time.time(), 0
+  first = len(ablation.seeds)
+  os.makedirs(workdir, exist_ok=True)
+  write_atomic(os.path.join(workdir, SEQUENTIAL), json.dumps({"first": first, "last": ablation.max_seeds}))
+  looks = sequential.calibrate(first, ablation.max_seeds)
   failed = run_ablation(ablation, workdir, parallel=parallel, report=False)
-  reference_of, primary = references(ablation), ablation.metrics[0]
+  reference_of, primary = references(ablation), primary_metrics(ablation)
+  margins = {spec: min_effect(ablation, spec) for spec in primary}
   while True:
     _, rows, _, _ = collect(workdir)
     done = [row for row in rows if row["status"] == "done"]
-    open_ = undecided(significance(done, [primary], reference_of, ablation.confidence), primary, reference_of,
-                      ablation.alpha)
+    table = significance(done, primary, reference_of, ablation.confidence, primary, margins, looks, ablation.alpha)
+    open_ = undecided(table, primary, reference_of, ablation.alpha)
     hours = (time.time() - start) / 3600
-    if not open_ or failed or added + 2 * len(open_) > max_runs or hours >= max_hours:
-      break
     extra = extra_seeds(workdir)
+    seeds_now = first + max((len(extra.get(v, [])) for v in open_), default=0)
+    if (not open_ or failed or added + 2 * len(open_) > max_runs or hours >= max_hours
+        or seeds_now >= ablation.max_seeds):
+      break
     seed = 1 + max([*ablation.seeds, *[s for seeds in extra.values() for s in seeds]])
     grow = sorted(set(open_) | {reference_of[v] for v in open_})  # a reference too, so the runs stay paired
     for variant in grow:
       extra.setdefault(variant, []).append(seed)
     write_atomic(os.path.join(workdir, "extra_seeds.json"), json.dumps(extra, indent=2))
-    print(f"undecided on {primary}: {', '.join(open_)}; adding seed {seed} to {', '.join(grow)}")
+    print(f"undecided on {', '.join(primary)}: {', '.join(open_)}; adding seed {seed} to {', '.join(grow)}")
     added += len(grow)
     failed = run_ablation(ablation, workdir, parallel=parallel, report=False)
   write_report(workdir)
-  print(f"{primary}: " + (f"still undecided after {added} added runs: {', '.join(open_)}" if open_ else
-                          "every difference to the baseline is significant"))
+  print(f"{', '.join(primary)}: " + (f"still undecided after {added} added runs: {', '.join(open_)}" if open_ else
+                                    "every primary comparison is decided (significant, equivalent or futile)"))
   return open_
