@@ -9,6 +9,9 @@ Metrics are `[final|min|max|mean|median:]key` over the run's metrics.jsonl (fina
 `key@L`, the value `key` (loss, perplexity, bits_per_byte) of `python -m train.evaluate` at length L, or `key@data`,
 its value on `eval_data` at the run's own settings (a classifier's accuracy, macro_f1 or loss on a labelled file
 that training never read).
+
+The statistics keys (primary, directions, min_effect, max_seeds, interval, ladder_floor) decide what the report
+tests and claims: `direction`, `is_cost`, `primary_metrics` and `min_effect` read them.
 """
 
 import itertools

@@ -229,14 +229,19 @@ def markdown_table(summary: dict, specs, directions=None, budget: dict | None = 
     out = []
     for spec in specs:
       mean, std, n = cells[spec]
-      text = "" if mean is None else f"{mean:.4f} ± {std:.4f} (n={n})"
+      text = "" if mean is None else f"{_number(mean)} ± {_number(std)} (n={n})"
       out.append(f"**{text}**" if best.get(spec) == variant else text)
     lines.append(f"| {variant} | " + " | ".join(out) + " |")
   return "\n".join(lines) + "\n"
 
 
+def _number(x: float, sign: str = "") -> str:
+  """4 decimals, or 4 significant digits for a large value (a FLOP count)."""
+  return f"{x:{sign}.4g}" if math.isfinite(x) and abs(x) >= 1e5 else f"{x:{sign}.4f}"
+
+
 def _interval(interval) -> str:
-  return "" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+  return "" if interval is None else f"[{_number(interval[0])}, {_number(interval[1])}]"
 
 
 def _p(p) -> str:
@@ -249,7 +254,8 @@ def statistics_table(summary: dict, table: dict, spec: str, reference_of: dict, 
   """One metric: each variant's mean and interval; against the baseline over the seeds both ran, the means
   compared, Δ with its interval, the effect size, p, Holm's p, the equivalence test's and the verdict."""
   better = "lower" if lower_is_better(spec, directions) else "higher"
-  kind = "primary" if any(cell["primary"] for cell in table[spec].values()) else "exploratory"
+  kind = "cost counter, not tested" if is_cost(spec) else \
+      "primary" if any(cell["primary"] for cell in table[spec].values()) else "exploratory"
   methods = sorted({cell["interval_method"] for cell in table[spec].values()})
   equivalence = f" p equiv. (±{margin:g}) |" if margin else ""
   lines = [f"**{_heading(spec, budget)}** ({better} is better; {kind}; baseline {described})\n",
@@ -263,24 +269,27 @@ def statistics_table(summary: dict, table: dict, spec: str, reference_of: dict, 
     if reference_of.get(variant) is None:
       delta = "baseline"
     elif comparison is not None:
-      compared = f"{comparison.variant_mean:.4f} vs {comparison.baseline_mean:.4f}"
+      compared = f"{_number(comparison.variant_mean)} vs {_number(comparison.baseline_mean)}"
       level = "" if comparison.level == confidence or comparison.interval is None else \
           f" ({comparison.level:.1%})"
-      delta = f"{comparison.difference:+.4f} {_interval(comparison.interval)}{level}"
+      delta = f"{_number(comparison.difference, '+')} {_interval(comparison.interval)}{level}".strip()
       effect = "" if comparison.effect is None else f"{comparison.effect:+.2f}"
-      p = f"{_p(comparison.p)} ({comparison.test}, n={comparison.n})" if comparison.test else ""
+      untested = comparison.test in ("deterministic", "cost counter")
+      p = "" if not comparison.test else f"no test ({comparison.test}, n={comparison.n})" if untested else \
+          f"{_p(comparison.p)} ({comparison.test}, n={comparison.n})"
       p_holm = _p(cell["p_holm"]) if cell["primary"] and comparison.p is not None else ""
       p_equivalent = _p(cell["p_equivalent_holm"]) if comparison.p_equivalent is not None else ""
-    row = (f"| {variant} | {mean:.4f} ± {std:.4f} (n={n}) | {_interval(cell['interval'])} | {compared} | {delta} | "
+    row = (f"| {variant} | {_number(mean)} ± {_number(std)} (n={n}) | {_interval(cell['interval'])} | {compared} | "
+           f"{delta} | "
            f"{effect} | {p} | {p_holm} |" + (f" {p_equivalent} |" if margin else "") +
            f" {verdict(cell, spec, alpha, directions, margin)} |")
     lines.append(row)
-  dropped = [f"{variant} seed {seed}" if side == "variant" else f"{reference_of[variant]} seed {seed}"
-             for variant, cell in table[spec].items() if cell["comparison"] is not None
-             for side, seed in cell["comparison"].dropped]
+  dropped = [f"{variant} vs {reference_of[variant]}: " + ", ".join(
+      f"{variant if side == 'variant' else reference_of[variant]} seed {seed}" for side, seed in cell["comparison"].dropped)
+      for variant, cell in table[spec].items() if cell["comparison"] is not None and cell["comparison"].dropped]
   if dropped:
     lines.append(f"\nLeft out of Δ and the means compared (no run of the same seed to pair with): "
-                 f"{', '.join(sorted(set(dropped)))}.")
+                 f"{'; '.join(dropped)}.")
   return "\n".join(lines) + "\n"
 
 

@@ -153,7 +153,8 @@ def paired_power(n, effect: float, sd: float, alpha: float = 0.05, comparisons: 
   n = np.asarray(n, np.float64)
   critical = stats.t.isf(alpha / comparisons / 2, n - 1)
   shift = abs(effect) / sd * np.sqrt(n)
-  return stats.nct.sf(critical, n - 1, shift) + stats.nct.cdf(-critical, n - 1, shift)
+  # The wrong-sign tail as the upper tail of -T (scipy's nct.cdf returns NaN far in the lower tail).
+  return stats.nct.sf(critical, n - 1, shift) + stats.nct.sf(critical, n - 1, -shift)
 
 
 def power_seeds(effect: float, sd: float, alpha: float = 0.05, power: float = 0.8, comparisons: int = 1,

@@ -122,6 +122,11 @@ def test_power_by_the_noncentral_t_and_by_simulation():
   simulated = (scipy_stats.ttest_1samp(d_SxN, 0.0, axis=1).pvalue < 0.05).mean()
   assert simulated == pytest.approx(float(stats.paired_power(n, 1.0, 1.0)), abs=4 * np.sqrt(0.8 * 0.2 / 20_000))
   assert stats.paired_power(n - 1, 1.0, 1.0) < 0.8 <= stats.paired_power(n, 1.0, 1.0)
+  # Finite and rising in n and in the effect, also far in the tails (scipy's nct.cdf gives NaN there).
+  n_N = np.arange(2, 60)
+  powers = np.array([stats.paired_power(n_N, effect, 1.0, comparisons=4) for effect in np.linspace(0.2, 8, 40)])
+  assert np.all(np.isfinite(powers)) and np.all(np.diff(powers, axis=1) >= -1e-12)
+  assert np.all(np.diff(powers, axis=0) >= -1e-12)
 
 
 def _fake_ablation(workdir, effects: dict, seeds=(0, 1, 2), noise=0.05, **keys):
@@ -226,7 +231,8 @@ def test_costs_directions_equivalence_nan_and_dropped_runs_in_the_report(tmp_pat
   tiny = rows[("eval/error_rate", "tiny")]
   assert tiny["verdict"] == "equivalent within ±0.05" and float(tiny["p_equivalent_holm"]) < 0.05
   assert tiny["seeds"] == "0 1 2" and tiny["dropped"] == "baseline:3"
-  assert "Left out of Δ and the means compared (no run of the same seed to pair with): base seed 3." in text
+  assert "Left out of Δ and the means compared (no run of the same seed to pair with): tiny vs base: base seed 3." \
+      in text
   assert rows[("eval/error_rate", "broken")]["p"] == "" and rows[("eval/error_rate", "broken")]["verdict"] == \
       "n/a (not finite)"
   family = [(m, v) for m in ("eval/error_rate", "eval/odd") for v in ("costly", "tiny", "broken")
@@ -267,7 +273,7 @@ def test_equal_cost_comparisons_take_every_metric_at_the_same_flops(tmp_path):
   workdir = str(tmp_path)
   config = plan.load_ablation(ml_collections.ConfigDict(dict(
       config="experiment.py", variants={"cheap": ("model.d_model=16",), "costly": ("model.d_model=32",)},
-      seeds=(0, 1), metrics=("eval/loss", "min:eval/loss"), x_axis="train/flops")))
+      seeds=(0, 1), metrics=("eval/loss", "min:eval/loss", "loss@8"), eval_lengths=(8,), x_axis="train/flops")))
   os.makedirs(os.path.join(workdir, "status"), exist_ok=True)
   with open(os.path.join(workdir, "ablation.json"), "w") as f:
     json.dump(config.to_dict(), f)
@@ -279,6 +285,8 @@ def test_equal_cost_comparisons_take_every_metric_at_the_same_flops(tmp_path):
       for step in range(1, 5):
         loss = 3.0 - step * (0.2 if run["variant"] == "cheap" else 0.3) + run["seed"] * 0.01
         f.write(json.dumps({"step": step, "train/flops": step * cost, "eval/loss": loss}) + "\n")
+    with open(os.path.join(run_dir, "eval_validation_L8.json"), "w") as f:
+      json.dump({"loss": 2.0 + run["seed"] * 0.01}, f)  # train.evaluate's, of the final checkpoint
     with open(plan.status_path(workdir, run["name"]), "w") as f:
       json.dump({"status": "done", "wall_s": 1.0}, f)
   _, rows, curves, budget = report.collect(workdir)
@@ -288,8 +296,12 @@ def test_equal_cost_comparisons_take_every_metric_at_the_same_flops(tmp_path):
   assert curves["costly"][0][-1] == (4e9, pytest.approx(2.4))
   text = report.write_report(workdir)
   assert "Compared at equal cost: every metric as logged up to train/flops = 4e+09" in text
+  assert "loss@8: evaluations of the final checkpoint, not equal cost." in text
+  assert "| loss@8 (final checkpoint, not equal cost) |" in text.splitlines()[4]  # the summary table's header
+  assert "**loss@8 (final checkpoint, not equal cost)**" in text
   at_steps = report.write_report(workdir, out=os.path.join(workdir, "at_steps"), x_axis="step")
   assert "equal cost" not in at_steps and "| costly | 1.8050 ± 0.0071 (n=2)" in at_steps  # step 4 of each
+  assert "**loss@8** (lower is better; exploratory; baseline cheap)" in at_steps
   assert os.path.exists(os.path.join(workdir, "at_steps", "results.csv"))
 
 
