@@ -135,6 +135,40 @@ def test_sigterm_checkpoints_and_exits_0_then_resumes(experiment):
   assert_same_run(workdir, reference())
 
 
+def test_ctrl_c_checkpoints_and_exits_130_then_resumes(experiment):
+  root, reference = experiment
+  workdir = str(root / "interrupted")
+  process, metrics = start(root, workdir), os.path.join(workdir, "metrics.jsonl")
+  while process.poll() is None and _lines(metrics) < 3:
+    time.sleep(0.01)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 130 and "Traceback" not in stderr, stderr
+  step = int(stderr.split("SIGINT (Ctrl-C) at step ")[1].split(":")[0])
+  assert 3 <= step < 24 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+  resumed = start(root, workdir)
+  stdout, stderr = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0 and f"step {step}/24" in stdout, stderr  # from the step saved, not an older one
+  assert_same_run(workdir, reference())
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, experiment):
+  root, _ = experiment
+  workdir, log = str(root / "interrupted_twice"), tmp_path / "output.log"
+  with open(log, "w") as output:
+    process = start(root, workdir, "--config.train.steps=100000", log=output)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  while process.poll() is None and _lines(metrics) < 3:
+    time.sleep(0.01)
+  process.send_signal(signal.SIGINT)
+  while process.poll() is None and "saving a checkpoint at the end of this step" not in log.read_text():
+    time.sleep(0.002)
+  process.send_signal(signal.SIGINT)  # while the first one's save is under way
+  assert process.wait(timeout=60) == 130
+  output = log.read_text()
+  assert "second Ctrl-C: stopped at once" in output and "Traceback" not in output, output[-3000:]
+
+
 def test_a_second_copy_is_refused_and_a_dead_ones_lock_is_replaced(experiment):
   root, _ = experiment
   workdir = str(root / "locked")

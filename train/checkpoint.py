@@ -189,6 +189,8 @@ def pinned_steps(workdir: str) -> set[int]:
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config.json of a run directory, with the defaults of configs/base.py for keys added since it was written."""
   config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise FileNotFoundError(f"{workdir}: a file, not a directory; the workdir must be a run directory")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{config_path}: no such file; the workdir must be a run directory")
   try:

@@ -134,12 +134,13 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def lock(workdir: str):
-  """Holds WORKDIR/.lock ("host:pid") while the block runs; a live holder is refused with one line, a dead one on
-  this host (a killed run) is replaced. A holder on another host cannot be checked: remove the file by hand.
+  """Holds WORKDIR/.lock ("host:pid") while the block runs (a workdir it created and that stays empty goes after);
+  a live holder is refused with one line, a dead one on this host (a killed run) is replaced. A holder on another host cannot be checked: remove the file by hand.
   In a job of several processes, process 0 holds it for all."""
   if jax.process_index() != 0:
     yield
     return
+  created = not os.path.exists(workdir)
   check_directory(workdir)
   path, me = os.path.join(workdir, LOCK_FILE), f"{socket.gethostname()}:{os.getpid()}"
   for _ in range(2):
@@ -168,3 +169,6 @@ def lock(workdir: str):
         mine = f.read().strip() == me
       if mine:
         os.remove(path)
+    if created:  # a command refused before it wrote anything leaves no empty directory behind
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)
