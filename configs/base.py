@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.relative_max_distance = 128   # relative: offsets this far or farther share the last bucket
   model.scale_attention = True        # divide attention logits by sqrt(head_dim) (T5: False)
   model.attention_impl = "einsum"     # einsum (explicit products) | dot_product (jax.nn.dot_product_attention)
+                                      # | splash (TPU flash attention) | cudnn (GPU flash attention; bf16 / f16):
+                                      # fused kernels, O(L) memory, not for alibi / relative, dropout, prefix LM
+                                      # (model/flash.py; on CPU they run interpreted: slow)
   model.embed_norm = False            # normalise the embedding sum before the blocks (BERT)
   model.tie_embeddings = True         # output head = token embedding transposed
   model.scale_tied_logits = False     # tied head sees the output times d_model**-0.5 (T5 v1.0)

@@ -1,6 +1,7 @@
 """Attention: masks (causal, bidirectional, prefix LM), positional schemes (sinusoidal, RoPE, ALiBi, T5's
-relative bias) and multi-head / grouped-query attention, its core computed by explicit products (`einsum`) or by
-`jax.nn.dot_product_attention` (`dot_product`), as config.model.attention_impl says.
+relative bias) and multi-head / grouped-query attention, its core computed by explicit products (`einsum`), by
+`jax.nn.dot_product_attention` (`dot_product`) or by a fused kernel of model/flash.py (`splash` on TPU, `cudnn` on
+GPU), as config.model.attention_impl says.
 
 Shape letters as in model/layers.py. Masks are booleans (True = may attend) applied with `where`;
 softmax runs in float32.
@@ -12,11 +13,14 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from model.config import ModelConfig
+from model import flash
+from model.config import FUSED_ATTENTION_IMPLS, ModelConfig
 from model.layers import linear, normal, residual_init
 from model.parametrization import attention_divisor
 from model.precision import einsum, softmax
+from model.sharding import constrain
 
 
 def attention_mask(q_segment_BxL, k_segment_BxS, causal: bool, q_offset=0, q_prefix_BxL=None, k_prefix_BxS=None):
@@ -109,14 +113,15 @@ def einsum_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS, 
   batch, length, h, k = q_BxLxHxK.shape
   g = k_BxSxGxK.shape[2]
   q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, g, h // g, k)
-  logits_BxGxRxLxS = einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, jnp.float32)
+  logits_BxGxRxLxS = checkpoint_name(einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, jnp.float32),
+                                     "attention_logits")
   if divisor is not None:
     logits_BxGxRxLxS /= divisor
   if bias_BxHxLxS is not None:
     logits_BxGxRxLxS += bias_BxHxLxS.reshape(batch, g, h // g, *bias_BxHxLxS.shape[2:])
   logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min)
   probs_BxGxRxLxS = dropout(softmax(logits_BxGxRxLxS).astype(q_BxLxHxK.dtype))
-  out_BxLxGxRxK = einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
+  out_BxLxGxRxK = checkpoint_name(einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK), "attention_out")
   return out_BxLxGxRxK.reshape(batch, length, h, k)
 
 
@@ -137,13 +142,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic: bool = True, cache=None,
-               context_BxSxD=None, bias_BxHxLxS=None):
+               context_BxSxD=None, bias_BxHxLxS=None, segment_ids_BxL=None, causal: bool | None = None):
     """Attends the L queries to S keys: the L new ones, or with `cache` the S slots of the cache.
 
     `cache` holds this layer's "key" / "value" [B, S, G, K], the write offset "end" and the
     key "positions" [B, S] (already holding the new ones). Returns (y_BxLxD, updated cache or None).
     With `context_BxSxD` (cross-attention) keys and values come from the context, without positions.
     `bias_BxHxLxS` (T5's relative position bias) is added to the attention logits.
+    `causal` (True / False) says that `mask_BxLxS` is just the segment mask of `segment_ids_BxL` (None: one
+    sequence a row), causal or not: then a fused kernel may compute it from those (config.model.attention_impl).
     """
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -152,6 +159,9 @@ class Attention(nn.Module):
     q_BxLxHxK = self.project("query", x_BxLxD, (d, h, k), ("embed", "heads", "kv"), "bld,dhk->blhk", init)
     k_BxLxGxK = self.project("key", source_BxSxD, (d, g, k), ("embed", "kv_heads", "kv"), "bld,dgk->blgk", init)
     v_BxLxGxK = self.project("value", source_BxSxD, (d, g, k), ("embed", "kv_heads", "kv"), "bld,dgk->blgk", init)
+    q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "kv"))
+    k_BxLxGxK = constrain(k_BxLxGxK, ("batch", "length", "kv_heads", "kv"))
+    v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "kv"))
     positioned = context_BxSxD is None  # cross-attention: no positional scheme, no self-attention cache
     if positioned and cfg.position == "rope":
       q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
@@ -169,8 +179,15 @@ class Attention(nn.Module):
 
     if positioned and cfg.position == "alibi":  # never with T5's bias: a model has one positional scheme
       bias_BxHxLxS = alibi_bias(h, positions_BxL, key_positions_BxS)
+    # A fused kernel computes self-attention without a cache: decoding writes L = 1 query a step (or a prompt) into
+    # the cache, whose [L, S] scores are small, and its mask covers only the filled slots. Cross-attention, a
+    # bias, a prefix LM (refused in model/transformer.py) and dropout (refused by ModelConfig) take einsum.
+    fused = causal is not None and cache is None and positioned and bias_BxHxLxS is None
+    if fused and cfg.attention_impl in FUSED_ATTENTION_IMPLS:
+      kernel = flash.splash_attention if cfg.attention_impl == "splash" else flash.cudnn_attention
+      out_BxLxHxK = kernel(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL, causal, attention_divisor(cfg))
     # jax.nn.dot_product_attention has no dropout: training with attention dropout takes the einsum path.
-    if cfg.attention_impl == "dot_product" and (deterministic or cfg.dropout == 0.0):
+    elif cfg.attention_impl == "dot_product" and (deterministic or cfg.dropout == 0.0):
       out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, bias_BxHxLxS,
                                           attention_divisor(cfg))
     else:

@@ -9,7 +9,8 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
 GATED = ("swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
 REMAT_POLICIES = ("full", "dots", "dots_all")
-ATTENTION_IMPLS = ("einsum", "dot_product")
+ATTENTION_IMPLS = ("einsum", "dot_product", "splash", "cudnn")
+FUSED_ATTENTION_IMPLS = ("splash", "cudnn")  # model/flash.py: no attention bias, dropout or prefix-LM mask
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
@@ -133,6 +134,18 @@ class ModelConfig:
       raise ConfigError(f"config.model.base_width: expected 0 (= d_model) or a positive width, got {self.base_width}")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"config.model.dropout: expected a value in [0, 1), got {self.dropout}")
+    if self.attention_impl in FUSED_ATTENTION_IMPLS:
+      self.validate_fused_attention()
+
+  def validate_fused_attention(self) -> None:
+    """A fused kernel adds no bias to the scores and drops no probabilities: those models keep einsum."""
+    impl = f"config.model.attention_impl: {self.attention_impl}"
+    if self.position in ("alibi", "relative"):
+      raise ConfigError(f"{impl} adds no attention bias, which position={self.position} needs; use einsum")
+    if self.dropout > 0:
+      raise ConfigError(f"{impl} has no attention dropout (dropout={self.dropout}); use einsum or dropout=0")
+    if self.attention_impl == "cudnn" and self.dtype == "float32":
+      raise ConfigError(f"{impl} needs dtype bfloat16 or float16 (cuDNN's flash attention has no float32)")
 
   def num_params(self, include_embeddings: bool = True) -> int:
     """Parameter count computed from the shapes (checked against the real tree in tests)."""

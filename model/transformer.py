@@ -12,14 +12,18 @@ import jax.numpy as jnp
 
 from data.batch import Batch
 from model.attention import Attention, attention_mask, relative_bias, sinusoidal_embedding
-from model.config import ModelConfig
+from model.config import FUSED_ATTENTION_IMPLS, ConfigError, ModelConfig
 from model.layers import Embed, Head, Mlp, Norm, normal, param
+from model.sharding import constrain
 
 
-# What a rematerialised block keeps for the backward pass (config.model.remat_policy).
+# What a rematerialised block keeps for the backward pass (config.model.remat_policy), by the names the model gives
+# its products (checkpoint_name, outside the mixed-precision custom VJP that hides dot_general from jax's own
+# dots_saveable policies): "dense" = every kernel product, "attention_*" = the [L, S] scores and their product with v.
 REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                  "dots_all": jax.checkpoint_policies.dots_saveable}
+                  "dots": jax.checkpoint_policies.save_only_these_names("dense"),
+                  "dots_all": jax.checkpoint_policies.save_only_these_names("dense", "attention_logits",
+                                                                          "attention_out")}
 
 
 class Block(nn.Module):
@@ -27,12 +31,13 @@ class Block(nn.Module):
   cfg: ModelConfig
   cross: bool = False  # attend an encoder's output (encoder-decoder)
   deterministic: bool = True  # no dropout (an attribute, not an argument: nn.remat needs no static arguments)
+  causal: bool = True  # the self-attention mask's kind, for a fused kernel (model/flash.py)
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache=None, context_BxSxD=None, context_mask_BxLxS=None,
-               bias_BxHxLxS=None):
-    """Returns (x_BxLxD, this layer's updated cache or None); `cache` and the self-attention's
-    `bias_BxHxLxS` as in Attention."""
+               bias_BxHxLxS=None, segment_ids_BxL=None):
+    """Returns (x_BxLxD, this layer's updated cache or None); `cache`, the self-attention's `bias_BxHxLxS` and
+    `segment_ids_BxL` (None: one sequence a row) as in Attention."""
     cfg, deterministic = self.cfg, self.deterministic
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     pre = cfg.norm_position == "pre"
@@ -45,7 +50,8 @@ class Block(nn.Module):
     def self_attention(h_BxLxD):
       nonlocal cache
       y_BxLxD, cache = Attention(cfg, name="attention")(h_BxLxD, positions_BxL, mask_BxLxS, deterministic, cache,
-                                                        bias_BxHxLxS=bias_BxHxLxS)
+                                                        bias_BxHxLxS=bias_BxHxLxS, segment_ids_BxL=segment_ids_BxL,
+                                                        causal=self.causal)
       return y_BxLxD
 
     x_BxLxD = residual("attention", self_attention)
@@ -54,7 +60,7 @@ class Block(nn.Module):
       x_BxLxD = residual("cross_attention", lambda h: cross_attention(
           h, positions_BxL, context_mask_BxLxS, deterministic, context_BxSxD=context_BxSxD)[0])
     x_BxLxD = residual("mlp", Mlp(cfg, name="mlp"))
-    return x_BxLxD, cache
+    return constrain(x_BxLxD, ("batch", "length", "activation_embed")), cache
 
 
 class Transformer(nn.Module):
@@ -72,7 +78,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
                cache=None, prefix_NxD=None, return_hidden: bool = False, context_BxSxD=None,
-               context_segment_ids_BxS=None, prefix_BxL=None):
+               context_segment_ids_BxS=None, prefix_BxL=None, hidden_BxLxD=None):
     """Logits [B, L, V]; with a `cache` (see init_cache) returns (logits, updated cache).
 
     With a cache the L tokens are written at slots [end, end + L) and attend every filled slot of
@@ -81,9 +87,13 @@ class Transformer(nn.Module):
     bidirectionally among those tokens; with a cache it is recorded per slot, so a prefix is written in one call.
     `prefix_NxD` (prompt tuning) prepends N embeddings to every row, in the segment of the row's first
     token, at positions 0..N-1 (the tokens' positions shift by N); the outputs cover the L tokens only.
-    `return_hidden` returns the final hidden states [B, L, D] instead of logits (classification heads).
+    `return_hidden` returns the final hidden states [B, L, D] instead of logits (classification heads);
+    `hidden_BxLxD` (no tokens) runs the output head alone on such states.
     """
+    if hidden_BxLxD is not None:
+      return Head(self.cfg, self.shared_embed or Embed(self.cfg, name="embed"))(hidden_BxLxD)
     batch, length = tokens_BxL.shape
+    packed = segment_ids_BxL is not None  # else one sequence a row, which a fused kernel needs no segment ids for
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if segment_ids_BxL is None:
@@ -99,7 +109,7 @@ class Transformer(nn.Module):
     embed = self.shared_embed or Embed(self.cfg, name="embed")
     x_BxLxD = self.embed_tokens(embed, tokens_BxL, positions_BxL, prefix_NxD, deterministic)
     x_BxLxD, cache = self.blocks(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic, cache, context_BxSxD,
-                                 context_segment_ids_BxS, prefix_BxL)
+                                 context_segment_ids_BxS, prefix_BxL, segment_ids_BxL if packed else None)
     x_BxLxD = x_BxLxD[:, num_prefix:]
     if return_hidden:
       return x_BxLxD
@@ -124,12 +134,17 @@ class Transformer(nn.Module):
       x_BxLxD += sinusoidal_embedding(positions_BxL, cfg.d_model).astype(cfg.compute_dtype)
     if cfg.embed_norm:  # BERT normalises the embedding sum
       x_BxLxD = Norm(cfg, name="embed_norm")(x_BxLxD)
-    return nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+    x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+    return constrain(x_BxLxD, ("batch", "length", "activation_embed"))
 
   def blocks(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic, cache, context_BxSxD,
-             context_segment_ids_BxS, prefix_BxL=None):
-    """The layers, with their masks and T5's relative bias; returns (x_BxLxD, updated cache or None)."""
+             context_segment_ids_BxS, prefix_BxL=None, kernel_segment_ids_BxL=None):
+    """The layers, with their masks and T5's relative bias; returns (x_BxLxD, updated cache or None).
+    `kernel_segment_ids_BxL`: the segment ids a fused attention kernel reads (None: one sequence a row)."""
     cfg = self.cfg
+    if cfg.attention_impl in FUSED_ATTENTION_IMPLS and prefix_BxL is not None and cache is None:
+      raise ConfigError(f"config.model.attention_impl: {cfg.attention_impl} has no prefix-LM mask (the batch has "
+                        f"prefix_BxL: objective prefix_lm or a prompt read as a prefix); use einsum")
     context_mask_BxLxS = None
     if self.cross:
       context_mask_BxLxS = attention_mask(segment_ids_BxL, context_segment_ids_BxS, causal=False)
@@ -152,14 +167,15 @@ class Transformer(nn.Module):
                                    cfg.relative_max_distance)
     if cfg.scan_layers and cache is None and not self.is_initializing() and self.layers_alike():
       x_BxLxD = self.scan_blocks(x_BxLxD, positions_BxL, mask_BxLxS, deterministic, context_BxSxD,
-                                 context_mask_BxLxS, bias_BxHxLxS)
+                                 context_mask_BxLxS, bias_BxHxLxS, kernel_segment_ids_BxL)
       return (Norm(cfg, name="final_norm")(x_BxLxD) if cfg.norm_position == "pre" else x_BxLxD), None
     block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else Block
     new_layers = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else dict(cache["layers"][i], end=end, positions=cache["positions"])
-      x_BxLxD, layer_cache = block(cfg, self.cross, deterministic, name=f"layer_{i}")(
-          x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, context_BxSxD, context_mask_BxLxS, bias_BxHxLxS)
+      x_BxLxD, layer_cache = block(cfg, self.cross, deterministic, self.causal, name=f"layer_{i}")(
+          x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, context_BxSxD, context_mask_BxLxS, bias_BxHxLxS,
+          kernel_segment_ids_BxL)
       new_layers.append(layer_cache)
     if cfg.norm_position == "pre":
       x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
@@ -174,21 +190,21 @@ class Transformer(nn.Module):
                for tree in trees)
 
   def scan_blocks(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic, context_BxSxD, context_mask_BxLxS,
-                  bias_BxHxLxS):
+                  bias_BxHxLxS, kernel_segment_ids_BxL=None):
     """The layers as one lax.scan over their variables stacked on the fly: the block is traced and compiled once,
     while the parameter tree keeps its `layer_i` entries (checkpoints, PEFT paths, Hugging Face maps are
     unchanged). Without dropout it equals the loop to float rounding; dropout masks differ from the loop's."""
     cfg = self.cfg
     stacked = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *(tree[f"layer_{i}"] for i in range(cfg.num_layers)))
                for name, tree in self.variables.items() if "layer_0" in tree}
-    block = Block(cfg, self.cross, deterministic, parent=None)
+    block = Block(cfg, self.cross, deterministic, self.causal, parent=None)
     rng = None if deterministic or cfg.dropout == 0 else self.make_rng("dropout")
 
     def layer(x_BxLxD, variables_and_index):
       variables, index = variables_and_index
       rngs = {} if rng is None else {"dropout": jax.random.fold_in(rng, index)}
       return block.apply(variables, x_BxLxD, positions_BxL, mask_BxLxS, None, context_BxSxD, context_mask_BxLxS,
-                         bias_BxHxLxS, rngs=rngs)[0], None
+                         bias_BxHxLxS, kernel_segment_ids_BxL, rngs=rngs)[0], None
 
     if cfg.remat:
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
@@ -204,6 +220,14 @@ class Transformer(nn.Module):
     """Final hidden states [B, L, D] of a batch's inputs (what a classification head pools)."""
     return self(batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], deterministic,
                 prefix_NxD=prefix_NxD, return_hidden=True, prefix_BxL=batch.get("prefix_BxL"))
+
+  def forward_hidden(self, batch: Batch, deterministic: bool = True, prefix_NxD=None):
+    """The final hidden states [B, L, D] that `forward` turns into logits (`head` does the rest)."""
+    return self.features(batch, deterministic, prefix_NxD)
+
+  def head(self, hidden_BxLxD):
+    """Logits [B, L, V] of final hidden states: the output head alone (a loss that takes logits a piece at a time)."""
+    return self(None, hidden_BxLxD=hidden_BxLxD)
 
 
 class Decoder(Transformer):
@@ -232,9 +256,10 @@ class EncoderDecoder(nn.Module):
     return self.encoder(inputs_BxS, positions_BxS, segment_ids_BxS, deterministic, return_hidden=True)
 
   def decode(self, decoder_inputs_BxL, encoded_BxSxD, segment_ids_BxS, decoder_positions_BxL=None,
-             decoder_segment_ids_BxL=None, deterministic: bool = True, cache=None):
+             decoder_segment_ids_BxL=None, deterministic: bool = True, cache=None, return_hidden: bool = False):
     return self.decoder(decoder_inputs_BxL, decoder_positions_BxL, decoder_segment_ids_BxL, deterministic, cache,
-                        context_BxSxD=encoded_BxSxD, context_segment_ids_BxS=segment_ids_BxS)
+                        context_BxSxD=encoded_BxSxD, context_segment_ids_BxS=segment_ids_BxS,
+                        return_hidden=return_hidden)
 
   def __call__(self, inputs_BxS, positions_BxS, segment_ids_BxS, decoder_inputs_BxL, decoder_positions_BxL=None,
                decoder_segment_ids_BxL=None, deterministic: bool = True):
@@ -252,6 +277,17 @@ class EncoderDecoder(nn.Module):
   def features(self, batch: Batch, deterministic: bool = True):
     """The encoder's hidden states [B, S, D] of a batch's inputs (what a classification head pools)."""
     return self.encode(batch["inputs_BxL"], batch["positions_BxL"], batch["segment_ids_BxL"], deterministic)
+
+  def forward_hidden(self, batch: Batch, deterministic: bool = True):
+    """The decoder's final hidden states [B, L, D] that `forward` turns into logits (`head` does the rest)."""
+    segment_ids_BxS = batch["segment_ids_BxL"]
+    encoded_BxSxD = self.encode(batch["inputs_BxL"], batch["positions_BxL"], segment_ids_BxS, deterministic)
+    return self.decode(batch["decoder_inputs_BxL"], encoded_BxSxD, segment_ids_BxS, batch["decoder_positions_BxL"],
+                       batch["decoder_segment_ids_BxL"], deterministic, return_hidden=True)
+
+  def head(self, hidden_BxLxD):
+    """The decoder's output head alone: logits [B, L, V] of its final hidden states."""
+    return self.decoder(None, hidden_BxLxD=hidden_BxLxD)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
