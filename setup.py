@@ -13,6 +13,7 @@ setup(
         "orbax-checkpoint>=0.11.0",
         "sentencepiece>=0.2.0",
         "tokenizers>=0.20",  # Hugging Face tokenizer.json files of imported models
+        "protobuf>=3.20",  # a sentencepiece model's settings, to write it as a tokenizer.json (train.hf export)
         "ml-collections>=1.0.0",
         "absl-py>=2.0",
         "numpy>=1.26",
@@ -26,7 +27,11 @@ setup(
         "pyyaml>=6.0",  # evaluation task files in YAML (train/eval_tasks.py)
     ],
     # torch and transformers only build reference models in tests/test_hf.py (tested with transformers 5.24);
-    # lm-eval (EleutherAI's harness) is needed only by train/harness.py, its adapter.
+    # lm-eval (EleutherAI's harness) is needed only by train/harness.py, its adapter; accelerate by lm-eval's own
+    # Hugging Face model, which tests/test_framing.py compares the adapter with.
+    # tpu: libtpu, the TPU compiler, which `python -m train.compile` runs on any host (a CPU one included); pinned to
+    # the jax this project is tested with, as jax[tpu] must match jax (another jax: pip install "jax[tpu]==<its version>").
     extras_require={"test": ["pytest>=8.0", "hypothesis>=6.100", "torch==2.13.0",
-                             "transformers>=5.0", "lm-eval>=0.4.13"]},
+                             "transformers>=5.0", "lm-eval>=0.4.13", "accelerate>=0.26"],
+                    "tpu": ["jax[tpu]==0.10.2"]},
 )

@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
                                       # | replace (U+FFFD) | ignore
   data.tokenizer = "sentencepiece"    # sentencepiece | char | huggingface (an imported tokenizer.json)
                                       # | none (an imported model without a tokenizer: token ids only)
+  data.framing = ""                   # how the run reads a text (prompts, scored contexts, fine-tuning rows): ""
+                                      # = [bos] + text, as pretraining opens each document; python -m train.hf
+                                      # import records its tokenizer's, e.g. "$A" (GPT-2) or "<s> $A" (Llama)
   data.vocab_size = 4096              # sentencepiece vocabulary size (char: the corpus' characters + 3)
   data.spm_model_type = "bpe"         # bpe | unigram
   data.tokenizer_train_chars = 20_000_000  # characters of training text fed to the sentencepiece trainer
@@ -103,10 +106,14 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1                      # data-parallel axis (-1 = all devices not used by fsdp, tensor)
   mesh.fsdp = 1                       # parameters and optimizer state sharded over this axis (ZeRO-3)
   mesh.tensor = 1                     # Megatron-style tensor parallel over heads and MLP width
+  mesh.slices = 1                     # TPU slices (or GPU hosts) over the data-center network: the data axis spans
+                                      # them, fsdp and tensor stay within one (a hybrid mesh); data must divide by it
   # Logical parameter/activation axis -> mesh axis (or None = replicated). A dimension that does not
-  # divide by its mesh axis size is replicated instead.
+  # divide by its mesh axis size is replicated instead. Activations (model/sharding.py) use batch, length,
+  # activation_embed and the head / mlp / vocab names; parameters use the rest.
   mesh.rules = (
       ("batch", ("data", "fsdp")),
+      ("activation_embed", None),
       ("vocab", "tensor"),
       ("embed", "fsdp"),
       ("mlp", "tensor"),

@@ -27,23 +27,26 @@ def render(template: str, record: dict) -> str:
 
 def _instruct_stream(tokenizer: Tokenizer, prompt_ids: list[int], response_ids: list[int],
                      seq_len: int) -> tuple[list[int], int]:
-  """([bos] + prompt + response + [eos] cut to seq_len + 1 tokens, number of prompt tokens kept)."""
-  excess = 1 + len(prompt_ids) + len(response_ids) + 1 - (seq_len + 1)
+  """(what the run's framing puts before a text ([bos] in ablax's own runs) + prompt + response + [eos], cut to
+  seq_len + 1 tokens; the number of tokens before the response)."""
+  before = tokenizer.around[0]
+  excess = len(before) + len(prompt_ids) + len(response_ids) + 1 - (seq_len + 1)
   if excess > 0:
     # Drop the start of the prompt first (the end of a prompt is nearest the answer); if even the
     # response does not fit, keep bos and the response's first part (the eos is lost).
     prompt_ids = prompt_ids[min(excess, len(prompt_ids)):]
-  stream = ([tokenizer.bos_id] + list(prompt_ids) + list(response_ids) + [tokenizer.eos_id])[:seq_len + 1]
-  return stream, len(prompt_ids)
+  stream = (before + list(prompt_ids) + list(response_ids) + [tokenizer.eos_id])[:seq_len + 1]
+  return stream, len(before) + len(prompt_ids)
 
 
 def instruct_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: int, pack: bool = True,
                   prompt_as_prefix: bool = False) -> Batch:
   """Rows of (prompt, response) examples, loss only on response tokens and eos; arrays [N, seq_len].
 
-  Each example is [bos] + prompt + response + [eos]: inputs = stream[:-1], targets = stream[1:], weight 1
-  where the target is a response token or the eos. An example over seq_len + 1 tokens loses the start of its
-  prompt; if the response alone is too long, the stream is [bos] + the response's first seq_len tokens.
+  Each example is [bos] + prompt + response + [eos] (an imported run's framing puts its own tokens, or none,
+  where [bos] is: Tokenizer.around): inputs = stream[:-1], targets = stream[1:], weight 1 where the target is a
+  response token or the eos. An example over seq_len + 1 tokens loses the start of its prompt; if the response
+  alone is too long, the stream is [bos] + the response's first seq_len tokens.
   pack=True puts whole examples greedily, in order, into rows (never across two rows), each its own segment
   (ids 1, 2, ...; positions from 0); pack=False gives one example per row. prompt_as_prefix marks [bos] + prompt
   in prefix_BxL (a prefix LM reads the prompt bidirectionally). Padding is 0 everywhere.
@@ -65,20 +68,22 @@ def instruct_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: i
     num_prompts.append(num_prompt)
     row_of.append(row)
     used += length
-  # Target j is stream[j + 1]; stream[1 : 1 + num_prompt] is the prompt, so targets j >= num_prompt count.
-  weights = [[0.0] * k + [1.0] * (len(s) - 1 - k) for s, k in zip(streams, num_prompts)]
-  prefix_lengths = [1 + k for k in num_prompts] if prompt_as_prefix else None
+  # Target j is stream[j + 1]; stream[:k] is [bos] + the prompt, so targets j >= k - 1 count (the first response
+  # token has no context to be predicted from when nothing precedes it: a run that adds no bos, an empty prompt).
+  weights = [[0.0] * max(k - 1, 0) + [1.0] * (len(s) - max(k, 1)) for s, k in zip(streams, num_prompts)]
+  prefix_lengths = list(num_prompts) if prompt_as_prefix else None
   return batch_lib.rows([s[:-1] for s in streams], seq_len, targets=[s[1:] for s in streams], weights=weights,
                         row_of=row_of, prefix_lengths=prefix_lengths)
 
 
 def seq2seq_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], input_len: int, target_len: int) -> Batch:
-  """Encoder-decoder rows, one example per row: [bos] + prompt to the encoder [N, input_len], the response +
+  """Encoder-decoder rows, one example per row: the framed prompt ([bos] + prompt in ablax's own runs, prompt +
+  </s> in an imported T5) to the encoder [N, input_len], the response +
   eos as decoder targets [N, target_len] (decoder_inputs start with the pad id, T5's start token); both
   are cut to fit, keeping their start; weights are 1 on every target."""
   if not pairs:
     raise DataError("seq2seq data: no (input, target) pairs")
-  sources = [([tokenizer.bos_id] + ids)[:input_len] for ids in tokenizer.encode_batch([p for p, _ in pairs])]
+  sources = [tokenizer.frame(ids)[:input_len] for ids in tokenizer.encode_batch([p for p, _ in pairs])]
   targets = [(ids + [tokenizer.eos_id])[:target_len] for ids in tokenizer.encode_batch([t for _, t in pairs])]
   decoder = batch_lib.rows([[tokenizer.pad_id] + t[:-1] for t in targets], target_len, targets=targets,
                            weights=[[1.0] * len(t) for t in targets], prefix="decoder_")
@@ -86,14 +91,17 @@ def seq2seq_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], input_len: 
 
 
 def classify_rows(tokenizer: Tokenizer, texts: list[str], labels: list[int], seq_len: int) -> Batch:
-  """One text per row: [bos] + ids cut to seq_len, right-padded with the pad id; arrays [N, seq_len], labels [N]."""
+  """One text per row, framed by its run ([bos] + ids in ablax's own; [CLS] + ids + [SEP] in an imported BERT), its
+  ids cut to fit seq_len, right-padded with the pad id; arrays [N, seq_len], labels [N]."""
   if not texts:
     raise DataError("classification data: no texts")
   if len(texts) != len(labels):
     raise DataError(f"classification data: {len(texts)} texts but {len(labels)} labels")
   if seq_len < 1:
     raise DataError(f"seq_len {seq_len}: expected a positive length")
-  tokens = [([tokenizer.bos_id] + list(ids))[:seq_len] for ids in tokenizer.encode_batch(list(texts))]
+  before, after = tokenizer.around
+  room = max(seq_len - len(before) - len(after), 0)
+  tokens = [tokenizer.frame(ids[:room])[:seq_len] for ids in tokenizer.encode_batch(list(texts))]
   rows = batch_lib.rows(tokens, seq_len, weights=[[1.0] * len(t) for t in tokens], pad_id=tokenizer.pad_id)
   return {**rows, "labels_B": np.asarray(labels, np.int32)}
 

@@ -3,7 +3,9 @@
 Offers `Tokenizer` (the interface), `SentencePieceTokenizer`, `CharTokenizer`, `HuggingFaceTokenizer` (a Hugging
 Face `tokenizer.json`: byte-level BPE as GPT-2 and Llama 3, WordPiece as BERT, Unigram as T5), `train_tokenizer`,
 `load_sentencepiece` (a model file, checked), `load_huggingface` (a Hugging Face directory's tokenizer and special
-tokens) and `load_tokenizer`. A workdir holds `tokenizer.model` (sentencepiece) or `tokenizer.json`: ablax's char
+tokens) and `load_tokenizer`. A tokenizer also knows how its run frames a text (`frame`, config.data.framing):
+ablax's own runs read [bos] + text, as pretraining opens every document; a run imported from Hugging Face reads a
+text as its Hugging Face tokenizer frames it (GPT-2: the text alone; Llama: <s> + text). A workdir holds `tokenizer.model` (sentencepiece) or `tokenizer.json`: ablax's char
 tokenizer ({"kind": "char", ...}) or, told apart by its content, a Hugging Face one beside its
 `tokenizer_config.json` (both as transformers reads them).
 """
@@ -28,15 +30,50 @@ HF_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_tok
 # 32100 tokens); an ablax key in tokenizer_config.json, which transformers keeps as an unused setting.
 HF_VOCAB_KEY = "ablax_vocab_size"
 MAX_LINE_CHARS = 4096  # longer lines are cut before sentencepiece training
+FRAMED_TEXT = "$A"  # the text's place in a framing template, as in Hugging Face's TemplateProcessing
 
 
 class Tokenizer:
-  """Text <-> ids. encode adds no bos/eos; decode skips pad/bos/eos."""
+  """Text <-> ids. encode adds no bos/eos; decode skips pad/bos/eos; frame puts a text's ids as its run reads them."""
 
   vocab_size: int
   pad_id: int
   bos_id: int
   eos_id: int
+  framing: str = ""  # config.data.framing: "" for ablax's [bos] + text, else a template such as "<s> $A"
+  _around: tuple = ((), ())  # the ids before and after the text of a framing template
+
+  def set_framing(self, template: str) -> None:
+    """Frames texts by `template` (config.data.framing): "" is ablax's [bos] + text; otherwise the names of special
+    tokens around one $A (the text), e.g. "$A" (GPT-2: nothing added) or "<s> $A" (Llama), as recorded at import."""
+    if template:
+      words = template.split()
+      if words.count(FRAMED_TEXT) != 1:
+        raise DataError(f"config.data.framing {template!r}: expected special token names around one {FRAMED_TEXT}")
+      ids = []
+      for word in words:
+        try:
+          ids.append(None if word == FRAMED_TEXT else self.token_id(word))
+        except DataError as e:
+          raise DataError(f"config.data.framing {template!r}: {e}") from None
+      at = words.index(FRAMED_TEXT)
+      self._around = (tuple(ids[:at]), tuple(ids[at + 1:]))
+    self.framing = template
+
+  @property
+  def around(self) -> tuple[list[int], list[int]]:
+    """(the ids before, the ids after) a text's own in its run's framing: ([bos], []) in ablax's own."""
+    return (list(self._around[0]), list(self._around[1])) if self.framing else ([self.bos_id], [])
+
+  def frame(self, ids: Sequence[int]) -> list[int]:
+    """The ids of a text as its run reads them: [bos] + ids (ablax's own), or within its framing template."""
+    before, after = self.around
+    return [*before, *ids, *after]
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """The ids a run generates from after `text`: the framed text, or bos alone where that is empty (an empty
+    prompt of a run that adds nothing, as GPT-2's tokenizer; generation needs one token to start from)."""
+    return self.frame(self.encode(text)) or [self.bos_id]
 
   def encode(self, text: str) -> list[int]:
     """Ids of `text`, without bos/eos."""
@@ -70,6 +107,20 @@ class SentencePieceTokenizer(Tokenizer):
     # Imported models may lack a bos (T5) or pad (Llama) piece: eos stands in, as for HuggingFaceTokenizer.
     self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else self.eos_id
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+    self.unk_id = self._sp.unk_id()
+
+  @property
+  def proto(self) -> bytes:
+    """The serialized sentencepiece model."""
+    return self._proto
+
+  def piece(self, i: int) -> str:
+    """The piece of id `i` (e.g. "<s>")."""
+    return self._sp.id_to_piece(int(i))
+
+  def has_piece(self, kind: str) -> bool:
+    """Whether the model has its own "bos", "eos" or "pad" piece (else eos stands in)."""
+    return getattr(self._sp, f"{kind}_id")() >= 0
 
   def encode(self, text: str) -> list[int]:
     """Ids of `text`, without bos/eos."""
@@ -188,6 +239,11 @@ class HuggingFaceTokenizer(Tokenizer):
     self._mask_id = ids["mask_token"]
     cleanup = bool(self.tokenizer_config.get("clean_up_tokenization_spaces", False))
     self._cleanup = cleanup and type(self._tokenizer.model).__name__ != "BPE"  # as transformers 5
+
+  @property
+  def tokenizer_json(self) -> str:
+    """The tokenizer.json text, as read."""
+    return self._json
 
   def _special_id(self, key: str) -> int | None:
     """The id of the special token config[key] names; None if it names none."""
@@ -346,8 +402,15 @@ def load_huggingface(directory: str, model_config: dict | None = None, tokenizer
   return HuggingFaceTokenizer(tokenizer_json, config, directory, model_config)
 
 
-def load_tokenizer(directory: str) -> Tokenizer:
-  """The tokenizer saved in `directory` (tokenizer.model, or tokenizer.json: ablax's char or a Hugging Face one)."""
+def load_tokenizer(directory: str, framing: str = "") -> Tokenizer:
+  """The tokenizer saved in `directory` (tokenizer.model, or tokenizer.json: ablax's char or a Hugging Face one),
+  framing texts by `framing` (config.data.framing; Tokenizer.set_framing)."""
+  tokenizer = _load_tokenizer(directory)
+  tokenizer.set_framing(framing)
+  return tokenizer
+
+
+def _load_tokenizer(directory: str) -> Tokenizer:
   spm_path, char_path = os.path.join(directory, SPM_FILE), os.path.join(directory, CHAR_FILE)
   if os.path.isfile(spm_path):
     return load_sentencepiece(spm_path)

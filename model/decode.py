@@ -277,8 +277,9 @@ def generate_text(model, params, tokenizer, prompts: list[str], *, max_new_token
                   prompt_as_prefix: bool = False) -> list[str]:
   """Continuations of text prompts; each ends at eos or just before the first stop string.
 
-  `stream`, if given, receives the new text of row 0 piece by piece as it is generated; `prompt_as_prefix`: [bos] +
-  prompt is a prefix LM's bidirectional prefix.
+  Each prompt is read as its run frames a text (`tokenizer.encode_prompt`: [bos] + prompt in ablax's own runs, as
+  its Hugging Face tokenizer does in an imported one). `stream`, if given, receives the new text of row 0 piece by
+  piece as it is generated; `prompt_as_prefix`: the framed prompt is a prefix LM's bidirectional prefix.
   """
   printed = [0]
 
@@ -293,7 +294,7 @@ def generate_text(model, params, tokenizer, prompts: list[str], *, max_new_token
   def should_stop(row, ids):
     return bool(stop) and any(s in tokenizer.decode(ids) for s in stop)
 
-  ids = generate(model, params, [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts],
+  ids = generate(model, params, [tokenizer.encode_prompt(p) for p in prompts],
                  max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, eos_id=tokenizer.eos_id,
                  should_stop=should_stop if stop else None, on_token=on_token if stream else None,
                  prompt_as_prefix=prompt_as_prefix)

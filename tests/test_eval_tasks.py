@@ -187,14 +187,14 @@ def gpt2(tmp_path_factory):
 
 
 def _hf_logprob(gpt2, context, continuation):
-  """log p(continuation | [eot] + context) by transformers, the continuation's tokens split as the harness does."""
+  """log p(continuation | context) by transformers, the tokens split as the harness does (GPT-2's tokenizer adds
+  no bos to the non-empty context)."""
   torch, tok = gpt2["torch"], gpt2["hf_tokenizer"]
-  context_ids, whole = tok.encode(context), tok.encode(context + continuation)
-  ids = [gpt2["eot"]] + whole
-  assert len(ids) <= 48  # the model's positions: nothing cut
+  context_ids, ids = tok.encode(context), tok.encode(context + continuation)
+  assert context_ids and len(ids) <= 48  # the model's positions: nothing cut
   with torch.no_grad():
     log_probs = gpt2["hf_model"](torch.tensor([ids])).logits[0].double().log_softmax(-1)
-  return sum(float(log_probs[t - 1, ids[t]]) for t in range(1 + len(context_ids), len(ids)))
+  return sum(float(log_probs[t - 1, ids[t]]) for t in range(len(context_ids), len(ids)))
 
 
 def test_multiple_choice_loglikelihoods_equal_transformers(gpt2):
@@ -250,7 +250,7 @@ def test_the_harness_adapter_rolls_and_generates_as_transformers(gpt2):
   assert abs(ours - expected) / (len(ids) - 1) < 1e-4, (ours, expected)  # test_hf's tolerance on a mean loss
   # generate_until: greedy, cut before the stop string.
   prompt = "the lazy dog"
-  prompt_ids = [eot] + tok.encode(prompt)
+  prompt_ids = tok.encode(prompt)  # the imported run frames a prompt as GPT-2's tokenizer does: no bos
   with torch.no_grad():
     greedy = gpt2["hf_model"].generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=12,
                                        pad_token_id=eot)

@@ -125,15 +125,17 @@ def classifier_scores(loaded: Loaded, data: str, *, batch_size: int = 32, max_re
           "examples": len(records), "step": loaded.step}
 
 
-def evaluate_task(loaded: Loaded, task: eval_tasks.Task, *, limit: int = 0, batch_size: int = 32) -> dict:
-  """The task's mean scores (`metrics`), example count, seconds and each example's results (`per_example`)."""
+def evaluate_task(loaded: Loaded, task: eval_tasks.Task, *, limit: int = 0, batch_size: int = 32,
+                  progress: bool = False) -> dict:
+  """The task's mean scores (`metrics`), example count, seconds and each example's results (`per_example`);
+  `progress`: a progress bar of the requests on stderr."""
   start = time.time()
   if task.kind == "classification":
     result = classifier_scores(loaded, task.data, batch_size=batch_size, max_records=limit)
     metrics, per_example, count = {k: result[k] for k in ("accuracy", "macro_f1", "loss")}, [], result["examples"]
   else:
     scorer = Scorer(loaded.run.model, loaded.params, loaded.run.tokenizer, batch_size=batch_size,
-                    prefix=tasks.prompt_as_prefix(loaded.run.config))
+                    prefix=tasks.prompt_as_prefix(loaded.run.config), progress=progress)
     items = eval_tasks.examples(task, limit)
     run_kind = (eval_tasks.evaluate_multiple_choice if task.kind == "multiple_choice"
                 else eval_tasks.evaluate_generation)
@@ -143,9 +145,10 @@ def evaluate_task(loaded: Loaded, task: eval_tasks.Task, *, limit: int = 0, batc
 
 
 def run_tasks(workdir: str, specs: list[str], *, step: int | None = None, limit: int = 0, batch_size: int = 32,
-              output: str | None = None, **overrides) -> list[dict]:
+              output: str | None = None, progress: bool = False, **overrides) -> list[dict]:
   """Evaluates the run in `workdir` on each task (a built-in name or a task file; `overrides`: task keys), writes
-  WORKDIR/eval_<task>.json (or `output`, one task) and prints a table; returns the records."""
+  WORKDIR/eval_<task>.json (or `output`, one task) and prints a table; returns the records. `progress`: a progress
+  bar per task on stderr."""
   if limit < 0:
     raise ConfigError(f"--limit={limit}: expected 0 (all) or a positive number of examples")
   if output and len(specs) > 1:
@@ -161,7 +164,7 @@ def run_tasks(workdir: str, specs: list[str], *, step: int | None = None, limit:
                         f"next token; it takes classification tasks only")
   records = []
   for task in task_list:
-    result = evaluate_task(loaded, task, limit=limit, batch_size=batch_size)
+    result = evaluate_task(loaded, task, limit=limit, batch_size=batch_size, progress=progress)
     record = dict(tool=TOOL, workdir=os.path.abspath(workdir), step=int(loaded.step), data=f"task:{task.name}",
                   task=task.as_dict(), limit=limit, **result)
     path = _output_path(output or os.path.join(workdir, f"eval_{task.name}.json"), record)
@@ -300,7 +303,7 @@ def main(argv):
     fail("give --data=CORPUS (loss, perplexity, bits per byte) or --task=NAME (a task), one of the two")
   if f.task:
     run_reporting_errors(run_tasks, f.workdir, f.task, step=f.step, limit=f.limit, batch_size=f.batch_size or 32,
-                         output=f.output, fewshot=f.fewshot, fewshot_seed=f.fewshot_seed, beam=f.beam)
+                         output=f.output, progress=True, fewshot=f.fewshot, fewshot_seed=f.fewshot_seed, beam=f.beam)
     return
   if f.output and f.seq_len and len(f.seq_len) > 1:
     fail("--output names one file: give one --seq_len with it")

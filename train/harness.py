@@ -5,8 +5,10 @@
 
 runs the harness's own command line with this model registered. Offers `AblaxLM`: `loglikelihood`,
 `loglikelihood_rolling` and `generate_until` over train/likelihood.py's Scorer, so a harness task scores as the
-built-in tasks of train/evaluate.py do (the same tokens, rows and sums). Needs `pip install lm-eval`, which nothing
-else in ablax imports.
+built-in tasks of train/evaluate.py do (the same tokens, rows and sums). A run imported from Hugging Face frames
+texts as its tokenizer does (config.data.framing), so its numbers are those of lm_eval's own `hf` model on the
+Hugging Face checkpoint. Needs `pip install lm-eval`, which nothing else in ablax imports. A run that cannot be
+loaded (a missing workdir, a bad step) is one `error:` line and exit status 1.
 """
 
 import collections
@@ -15,9 +17,21 @@ from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from model.config import ConfigError
 from train import tasks
+from train.cli import run_reporting_errors
 from train.likelihood import Scorer
 from train.runs import load_run
+
+
+def _integer(key: str, value) -> int | None:
+  """A --model_args value as an int (None stays None); a ConfigError naming the key otherwise."""
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ConfigError(f"--model_args: {key}={value!r}: expected an integer") from None
 
 
 @register_model("ablax")
@@ -29,10 +43,11 @@ class AblaxLM(LM):
     super().__init__()
     size = int(batch_size) if str(batch_size).isdigit() else 32  # "auto" is not supported: 32
     if scorer is None:
-      loaded = load_run(workdir, None if step is None else int(step))
+      if not workdir:
+        raise ConfigError("--model_args: workdir=RUN is required (the ablax run to evaluate)")
+      loaded = load_run(workdir, _integer("step", step))
       scorer = Scorer(loaded.run.model, loaded.params, loaded.run.tokenizer, batch_size=size,
-                      max_len=None if max_len is None else int(max_len),
-                      prefix=tasks.prompt_as_prefix(loaded.run.config))
+                      max_len=_integer("max_len", max_len), prefix=tasks.prompt_as_prefix(loaded.run.config))
     self.scorer = scorer
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -64,4 +79,4 @@ class AblaxLM(LM):
 
 
 if __name__ == "__main__":
-  cli_evaluate()
+  run_reporting_errors(cli_evaluate)

@@ -6,11 +6,16 @@
 Import makes a run at step 0: its model section comes from the checkpoint, the rest (data, train) from
 --config (default configs/base.py). It is an ordinary workdir: train.generate, train.evaluate,
 train.finetune --config.init_from=DIR and continued pretraining (--config=configs/from_run.py:DIR) read it.
-Export writes config.json and model.safetensors (float32) that transformers' AutoModelForCausalLM /
-AutoModel load. The tokenizer travels both ways: a Hugging Face tokenizer.json with its tokenizer_config.json
-(data.tokenizer "huggingface"), else a sentencepiece model (tokenizer.model / spiece.model, "sentencepiece"); a
-directory with neither gives a run of token ids only ("none"). The converters (model/hf/) map names and layouts
-only; this module reads and writes runs.
+Import records how the Hugging Face tokenizer frames a text (config.data.framing, e.g. "$A" for GPT-2, which adds
+nothing, "<s> $A" for Llama): the run generates, scores and fine-tunes on texts framed so, where ablax's own runs
+read [bos] + text. Export writes config.json and model.safetensors (float32) that transformers'
+AutoModelForCausalLM / AutoModel load, or a classification run's `...ForSequenceClassification` (GPT-2, Llama,
+BERT; an encoder-decoder's head has no Hugging Face class). The tokenizer travels both ways: a Hugging Face
+tokenizer.json with its tokenizer_config.json (data.tokenizer "huggingface"), else a sentencepiece model
+(tokenizer.model / spiece.model, "sentencepiece"), and a directory with neither gives a run of token ids only
+("none"); export writes a tokenizer.json (data/hf_tokenizers.py: sentencepiece and char tokenizers converted) that
+transformers' AutoTokenizer loads to ablax's ids and text, framing texts as the run does. The converters
+(model/hf/) map names and layouts only; this module reads and writes runs.
 """
 
 import os
@@ -21,7 +26,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import base
-from data.tokenizer import HF_FILE, HuggingFaceTokenizer, SentencePieceTokenizer, load_huggingface, load_sentencepiece
+from data.hf_tokenizers import hf_files, hf_framing
+from data.tokenizer import (HF_CONFIG_FILE, HF_FILE, HuggingFaceTokenizer, SentencePieceTokenizer, load_huggingface,
+                            load_sentencepiece)
 from model.families import FAMILIES
 from model.hf import common
 from train.cli import fail, parse_flags, run_reporting_errors
@@ -65,14 +72,14 @@ def _huggingface(hf_dir: str, hf_config: dict, vocab_size: int) -> HuggingFaceTo
   return tokenizer
 
 
-def run_config(section: dict, vocab_size: int, tokenizer: str, config=None):
+def run_config(section: dict, vocab_size: int, tokenizer: str, config=None, framing: str = ""):
   """A full run config: `config` (default configs/base.py) with the checkpoint's model section and vocabulary,
-  and `tokenizer` ("huggingface", "sentencepiece" or "none") as data.tokenizer."""
+  `tokenizer` ("huggingface", "sentencepiece" or "none") as data.tokenizer and `framing` as data.framing."""
   config = base.get_config() if config is None else config
   config.model.update(section)
   config.objective = FAMILIES[config.model.family].objective
   # No tokenizer: the vocabulary size is recorded for the loaders (train/runs.py run_tokenizer).
-  config.data.update(tokenizer=tokenizer, vocab_size=vocab_size)
+  config.data.update(tokenizer=tokenizer, vocab_size=vocab_size, framing=framing)
   if config.model.position == "learned":
     config.train.seq_len = min(config.train.seq_len, config.model.max_len)
   return config
@@ -88,35 +95,47 @@ def import_hf(hf_dir: str, workdir: str, config=None) -> str:
   # tokenizer.json first: it is what transformers reads when a directory has both (Llama 2, T5).
   tokenizer = _huggingface(hf_dir, hf_config, cfg.vocab_size) or _sentencepiece(hf_dir, cfg.vocab_size)
   kind = {HuggingFaceTokenizer: "huggingface", SentencePieceTokenizer: "sentencepiece"}.get(type(tokenizer), "none")
-  config = run_config(section, cfg.vocab_size, kind, config)
+  framing = hf_framing(hf_dir, tokenizer, hf_config.get("model_type")) if tokenizer is not None else ""
+  if tokenizer is not None:
+    tokenizer.set_framing(framing)  # checks that the template's tokens are the tokenizer's
+  config = run_config(section, cfg.vocab_size, kind, config, framing)
   prepare_workdir(config, workdir)
   if tokenizer is not None:
     tokenizer.save(workdir)
   write_initial_checkpoint(workdir, config, params)
+  framed = f", texts framed as {framing!r}" if tokenizer is not None else ""
   return (f"ablax: {hf_config['model_type']} from {hf_dir} -> {workdir} (step 0, {cfg.num_layers} layers, "
-          f"d_model {cfg.d_model}, vocab {cfg.vocab_size}, {'no' if kind == 'none' else kind} tokenizer)")
+          f"d_model {cfg.d_model}, vocab {cfg.vocab_size}, {'no' if kind == 'none' else kind} tokenizer{framed})")
 
 
 def export_hf(workdir: str, out: str, step: int | None = None, model_type: str | None = None) -> str:
-  """Writes a run's checkpoint as a Hugging Face directory: config.json, model.safetensors and its tokenizer
-  (tokenizer.json + tokenizer_config.json, or tokenizer.model; a char tokenizer has no Hugging Face form)."""
+  """Writes a run's checkpoint as a Hugging Face directory: config.json, model.safetensors (a classification run's
+  as `...ForSequenceClassification`) and its tokenizer as tokenizer.json + tokenizer_config.json (hf_files). Every
+  refusal comes before anything is written."""
   if not workdir:
     raise common.ConversionError("--workdir is required")
   _check_new_dir(out, "out")
   loaded = load_run(workdir, step, require_tokenizer=False)
   hf_config, tensors = common.export_tensors(loaded.run.model.cfg, jax.device_get(loaded.params), model_type)
+  if loaded.run.labels is not None:
+    head = jax.device_get(loaded.state.params["head"])
+    hf_config, tensors = common.export_classifier(hf_config, tensors, head, loaded.run.labels)
   tokenizer = loaded.run.tokenizer  # a fine-tuning run's is its base run's
-  if not isinstance(tokenizer, (HuggingFaceTokenizer, SentencePieceTokenizer)):
-    tokenizer = None
+  files = hf_files(tokenizer, workdir) if tokenizer is not None else None
   for key in ("bos_token_id", "eos_token_id"):  # transformers' generate stops at eos as ablax does
     if tokenizer is not None and key in hf_config and hf_config[key] is None:
       hf_config[key] = getattr(tokenizer, key.replace("_token", ""))
+  if tokenizer is not None and loaded.run.labels is not None and hf_config.get("pad_token_id") is None:
+    hf_config["pad_token_id"] = tokenizer.pad_id  # a decoder's classifier reads the last token before padding
   os.makedirs(out, exist_ok=True)
   common.write_json(hf_config, os.path.join(out, "config.json"))
   common.write_safetensors(tensors, os.path.join(out, "model.safetensors"))
-  if tokenizer is not None:
-    tokenizer.save(out)
-  return f"ablax: {workdir} step {loaded.step} -> {out} ({hf_config['model_type']}, {len(tensors)} tensors)"
+  if files is not None:
+    with open(os.path.join(out, HF_FILE), "w", encoding="utf-8") as f:
+      f.write(files[0])
+    common.write_json(files[1], os.path.join(out, HF_CONFIG_FILE))
+  return (f"ablax: {workdir} step {loaded.step} -> {out} ({hf_config['architectures'][0]}, {len(tensors)} tensors"
+          f"{'' if files is not None else ', no tokenizer'})")
 
 
 def main(argv):

@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from data.batch import rows
 from data.sources import DataError
@@ -26,16 +27,24 @@ from model.families import family
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str, seq2seq: bool = False
                 ) -> tuple[list[int], list[int]]:
-  """(context ids starting with bos, continuation ids) as lm-evaluation-harness splits a pair: the context's trailing
-  whitespace moves to the continuation; a decoder's continuation is the tokens of context + continuation after the
-  context's, an encoder-decoder's is the continuation encoded alone."""
+  """(context ids, continuation ids) as lm-evaluation-harness's Hugging Face model splits a pair, with the run's
+  framing (Tokenizer.frame: ablax's [bos] + text, an imported run's as its Hugging Face tokenizer frames a text).
+
+  An empty context is bos alone. Otherwise the context's trailing whitespace moves to the continuation; a decoder's
+  continuation is the ids of the framed context + continuation after the framed context's, an encoder-decoder's is
+  the continuation encoded alone (its encoder reads the framed context)."""
+  if not context:
+    ids = tokenizer.encode(continuation)
+    return ([tokenizer.bos_id], ids) if ids[:1] != [tokenizer.bos_id] else (ids[:1], ids[1:])
   spaces = len(context) - len(context.rstrip())
   if spaces:
     context, continuation = context[:-spaces], context[-spaces:] + continuation
-  context_ids = tokenizer.encode(context) if context else []
+  context_ids = tokenizer.frame(tokenizer.encode(context))
   if seq2seq:
-    return [tokenizer.bos_id] + context_ids, tokenizer.encode(continuation)
-  return [tokenizer.bos_id] + context_ids, tokenizer.encode(context + continuation)[len(context_ids):]
+    return context_ids, tokenizer.encode(continuation)
+  whole = tokenizer.frame(tokenizer.encode(context + continuation))
+  # A context of spaces alone frames to nothing in a run that adds no bos: bos stands in, as for an empty one.
+  return context_ids or [tokenizer.bos_id], whole[len(context_ids):]
 
 
 def rolling_windows(num_targets: int, window: int):
@@ -67,13 +76,14 @@ def _token_scores(params, batch, *, model):
 class Scorer:
   """Scores and generations of `model` with `params`; requests go `batch_size` rows at a time, each cut to the last
   `max_len` tokens (default: the model's max_len). `prefix`: a prefix LM's decoder reads each context (prompt) as
-  its bidirectional prefix (train/tasks.py `prompt_as_prefix` of the run)."""
+  its bidirectional prefix (train/tasks.py `prompt_as_prefix` of the run). `progress`: a progress bar on stderr."""
   model: object
   params: dict
   tokenizer: Tokenizer
   batch_size: int = 32
   max_len: int | None = None
   prefix: bool = False
+  progress: bool = False
 
   def __post_init__(self):
     fam = family(self.model.cfg)
@@ -86,6 +96,13 @@ class Scorer:
       raise ConfigError("prefix: an encoder-decoder reads its context with the encoder")
     self.seq2seq = fam.seq2seq
     self.max_len = self.max_len or self.model.cfg.max_len
+
+  def _batches(self, count: int, unit: str):
+    """The first index of each batch of `count` items, counted on a progress bar (stderr) when `progress`."""
+    with tqdm.tqdm(total=count, unit=unit, dynamic_ncols=True, mininterval=1.0, disable=not self.progress) as bar:
+      for first in range(0, count, self.batch_size):
+        yield first
+        bar.update(min(self.batch_size, count - first))
 
   def _decoder_row(self, context: list[int], continuation: list[int]):
     """inputs, targets, weights and prefix length of a decoder row: the continuation's targets weigh 1, the context
@@ -101,7 +118,7 @@ class Scorer:
     results = [(0.0, True)] * len(requests)
     order = sorted((i for i, (_, cont) in enumerate(requests) if cont),
                    key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
-    for first in range(0, len(order), self.batch_size):
+    for first in self._batches(len(order), "requests"):
       chunk = order[first:first + self.batch_size]
       batch = self._batch([requests[i] for i in chunk])
       logp_BxL, greedy_BxL = (np.asarray(x) for x in _token_scores(self.params, batch, model=self.model))
@@ -133,12 +150,16 @@ class Scorer:
     return self._score([encode_pair(self.tokenizer, c, x, self.seq2seq) for c, x in pairs])
 
   def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
-    """log p of each whole text after bos, in windows of max_len (every token once, the last window full)."""
+    """log p of each whole text after bos, in windows of max_len (every token once, the last window full). The
+    scored tokens are the text's own (ablax's framing) or, in an imported run, the framed text's, as
+    lm-evaluation-harness's Hugging Face model scores them (with a Llama-style tokenizer, bos after bos too)."""
     if self.seq2seq:
       raise ConfigError("an encoder_decoder run scores continuations of an input, not whole texts")
+    tok = self.tokenizer
     requests, owner = [], []
-    for t, ids in enumerate(self.tokenizer.encode_batch(list(texts))):
-      stream = [self.tokenizer.bos_id] + ids
+    for t, ids in enumerate(tok.encode_batch(list(texts))):
+      ids = tok.frame(ids) if tok.framing else ids
+      stream = [tok.bos_id] + ids
       for begin, end, first in rolling_windows(len(ids), self.max_len):
         requests.append((stream[begin:first + 1], stream[first + 1:end + 1]))
         owner.append(t)
@@ -149,7 +170,7 @@ class Scorer:
 
   def generate(self, prompts: list[str], *, max_new_tokens: int, until=(), beam: int = 1,
                length_penalty: float = 1.0, temperature: float = 0.0, seed: int = 0, strip: bool = False) -> list[str]:
-    """Continuations of [bos] + prompt (an encoder-decoder's encoder input), each cut before its first stop string
+    """Continuations of each framed prompt (an encoder-decoder's encoder input), each cut before its first stop string
     (`strip`: after dropping its leading whitespace, so a "\n" stop ends a line, not an empty answer); greedy
     (temperature 0), sampled, or beam search (beam > 1: the best hypothesis, length_penalty as in
     model.decode.beam_search). A learned-position model keeps the prompts' last max_len - max_new_tokens tokens."""
@@ -160,8 +181,8 @@ class Scorer:
     stops = tuple(s for s in until if s)
     text_of = (lambda ids: tok.decode(ids).lstrip()) if strip else tok.decode
     texts = []
-    for first in range(0, len(prompts), self.batch_size):
-      ids = [([tok.bos_id] + tok.encode(p))[-keep if keep else 0:] for p in prompts[first:first + self.batch_size]]
+    for first in self._batches(len(prompts), "prompts"):
+      ids = [tok.encode_prompt(p)[-keep if keep else 0:] for p in prompts[first:first + self.batch_size]]
       if beam > 1:
         new = beam_search(self.model, self.params, ids, beam_size=beam, max_new_tokens=max_new_tokens,
                           eos_id=tok.eos_id, length_penalty=length_penalty, prompt_as_prefix=self.prefix)

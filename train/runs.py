@@ -213,11 +213,12 @@ def read_run_info(workdir: str) -> dict:
 
 
 def run_tokenizer(workdir: str, config, required: bool = True):
-  """(tokenizer, vocab size) of a run. A run imported without a tokenizer (data.tokenizer "none": its Hugging Face
+  """(tokenizer, vocab size) of a run, framing texts as config.data.framing says. A run imported without a
+  tokenizer (data.tokenizer "none": its Hugging Face
   directory had neither tokenizer.json nor a sentencepiece model) records its vocab size in data.vocab_size; its
   tokenizer is None, or a DataError when `required`."""
   if config.data.get("tokenizer") != "none":
-    tokenizer = load_tokenizer(workdir)
+    tokenizer = load_tokenizer(workdir, config.data.get("framing", ""))
     return tokenizer, tokenizer.vocab_size
   if required:
     raise DataError(f"workdir '{workdir}': this run has no tokenizer (data.tokenizer 'none', an imported "

@@ -16,6 +16,10 @@ MODEL_TYPES = ("bert",)
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 UNUSED = ("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids")  # under the bert. prefix
 UNUSED_HEADS = ("cls.seq_relationship.weight", "cls.seq_relationship.bias")       # next-sentence prediction
+# BertForSequenceClassification reads [CLS] through its pooler, tanh(W x + b); ablax's head reads [CLS] itself. The
+# export's pooler is POOLER_SCALE * identity, where tanh is linear to (1e-4 |x|)^2 / 3 relative (|x| < 10: 3e-7),
+# and its classifier the head divided by POOLER_SCALE.
+POOLER_SCALE = 1e-4
 
 
 
@@ -143,3 +147,14 @@ def to_hf(cfg: ModelConfig, params: dict) -> dict:
     out[layer + "output.dense.bias"] = mlp["wo_bias"]
     out.update(norm(layer + "output.LayerNorm", tree["mlp_norm"]))
   return {name: np.asarray(array) for name, array in out.items()}
+
+
+def to_classifier(tensors: dict, kernel_DxC: np.ndarray, bias_C: np.ndarray) -> tuple[str, dict]:
+  """BertForSequenceClassification's tensors: the encoder's without the masked-LM head, a pooler that passes
+  [CLS]'s state on scaled by POOLER_SCALE, and the classifier (the head, scaled back)."""
+  d = kernel_DxC.shape[0]
+  body = {name: array for name, array in tensors.items() if not name.startswith("cls.")}
+  return "BertForSequenceClassification", {
+      **body, "bert.pooler.dense.weight": POOLER_SCALE * np.eye(d, dtype=np.float32),
+      "bert.pooler.dense.bias": np.zeros(d, np.float32),
+      "classifier.weight": np.ascontiguousarray(kernel_DxC.T / POOLER_SCALE), "classifier.bias": bias_C}

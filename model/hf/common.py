@@ -173,15 +173,23 @@ def read_hf_dir(hf_dir: str) -> tuple[dict, Tensors]:
 
 
 def write_json(data: dict, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(data, f, indent=2)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, ensure_ascii=False)
     f.write("\n")
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def write_safetensors(tensors: dict, path: str) -> None:
-  """Writes {name: array} as one float32 .safetensors file with the {"format": "pt"} metadata torch expects."""
+  """Writes {name: array} as one float32 .safetensors file with the {"format": "pt"} metadata torch expects,
+  readable as any new file is (safetensors itself creates it 0600)."""
   arrays = {name: np.ascontiguousarray(np.asarray(a, np.float32)) for name, a in tensors.items()}
   save_file(arrays, path, metadata={"format": "pt"})
+  os.chmod(path, 0o666 & ~_umask())
 
 
 def architecture(name: str):
@@ -217,6 +225,27 @@ def import_params(hf_dir: str) -> tuple[dict, dict, ModelConfig, dict]:
   params = module.to_ablax(hf_config, tensors, cfg)
   tensors.finish()
   return hf_config, section, cfg, params
+
+
+def export_classifier(hf_config: dict, tensors: dict, head: dict, labels: list) -> tuple[dict, dict]:
+  """(config.json contents, tensors) of the `...ForSequenceClassification` model of an exported model with a
+  classification head (kernel [D, C], bias [C]) over `labels`; ConversionError where its architecture's class
+  computes another function of the hidden states than ablax's head."""
+  module = architecture_for(hf_config, "config.json")
+  architecture, tensors = module.to_classifier(tensors, np.asarray(head["kernel"], np.float32),
+                                               np.asarray(head["bias"], np.float32))
+  names = [str(label) for label in labels]
+  hf_config = {**hf_config, "architectures": [architecture], "id2label": dict(enumerate(names)),
+               "label2id": {name: i for i, name in enumerate(names)}, "problem_type": "single_label_classification"}
+  return hf_config, tensors
+
+
+def unbiased_score(bias_C: np.ndarray, architecture: str) -> None:
+  """ConversionError if a decoder's head has a bias, which the bias-free score layer of `architecture` lacks."""
+  if np.any(bias_C != 0):
+    raise ConversionError(f"the classification head has a bias (max |b| = {float(np.abs(bias_C).max()):.3g}) and "
+                          f"{architecture}'s score layer has none; runs fine-tuned since ablax keeps a decoder's "
+                          "head bias at zero export exactly")
 
 
 def export_tensors(cfg: ModelConfig, params: dict, model_type: str | None = None) -> tuple[dict, dict]:

@@ -6,7 +6,7 @@ HF's Conv1D stores weights [in, out] (ablax's layout, no transpose); c_attn fuse
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf.common import PLAIN_DECODER, ConversionError, check_settings, choice, config_value
+from model.hf.common import PLAIN_DECODER, ConversionError, check_settings, choice, config_value, unbiased_score
 
 MODEL_TYPES = ("gpt2",)
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -110,3 +110,10 @@ def to_hf(cfg: ModelConfig, params: dict) -> dict:
     out[layer + "mlp.c_fc.weight"], out[layer + "mlp.c_fc.bias"] = p["mlp"]["wi"], p["mlp"]["wi_bias"]
     out[layer + "mlp.c_proj.weight"], out[layer + "mlp.c_proj.bias"] = p["mlp"]["wo"], p["mlp"]["wo_bias"]
   return {name: np.asarray(array) for name, array in out.items()}
+
+
+def to_classifier(tensors: dict, kernel_DxC: np.ndarray, bias_C: np.ndarray) -> tuple[str, dict]:
+  """GPT2ForSequenceClassification's tensors: the transformer's and a bias-free score layer [C, D], which reads the
+  last token that is not padding, as ablax's decoder head does."""
+  unbiased_score(bias_C, "GPT2ForSequenceClassification")
+  return "GPT2ForSequenceClassification", {**tensors, "score.weight": np.ascontiguousarray(kernel_DxC.T)}

@@ -7,7 +7,7 @@ torch Linear stores weights [out, in]; ablax stores [in, ...out], so every matri
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf.common import PLAIN_DECODER, ConversionError, config_value
+from model.hf.common import PLAIN_DECODER, ConversionError, config_value, unbiased_score
 
 MODEL_TYPES = ("llama",)
 BUFFERS = ("self_attn.rotary_emb.inv_freq",)  # saved by some older versions
@@ -129,3 +129,11 @@ def to_hf(cfg: ModelConfig, params: dict) -> dict:
     out[layer + "input_layernorm.weight"] = p["attention_norm"]["scale"]
     out[layer + "post_attention_layernorm.weight"] = p["mlp_norm"]["scale"]
   return {name: np.asarray(array) for name, array in out.items()}
+
+
+def to_classifier(tensors: dict, kernel_DxC: np.ndarray, bias_C: np.ndarray) -> tuple[str, dict]:
+  """LlamaForSequenceClassification's tensors: the model's without its LM head, and a bias-free score layer [C, D]
+  that reads the last token that is not padding, as ablax's decoder head does."""
+  unbiased_score(bias_C, "LlamaForSequenceClassification")
+  body = {name: array for name, array in tensors.items() if name != "lm_head.weight"}
+  return "LlamaForSequenceClassification", {**body, "score.weight": np.ascontiguousarray(kernel_DxC.T)}

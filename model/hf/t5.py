@@ -180,3 +180,11 @@ def to_hf(cfg: ModelConfig, params: dict) -> dict:
   if not cfg.tie_embeddings:
     out["lm_head.weight"] = np.asarray(params["decoder"]["lm_head"]).T
   return {name: np.asarray(array) for name, array in out.items()}
+
+
+def to_classifier(tensors: dict, kernel_DxC: np.ndarray, bias_C: np.ndarray) -> tuple[str, dict]:
+  """Refused: T5ForSequenceClassification reads the decoder's state at the last eos through a dense + tanh layer;
+  an encoder-decoder run's head reads the mean of the encoder's states."""
+  raise ConversionError("a T5 classification run: T5ForSequenceClassification classifies the decoder's state at "
+                        "the last eos through dense + tanh, ablax's head the mean of the encoder's states; no "
+                        "Hugging Face class computes it")
