@@ -1,7 +1,10 @@
 """The ablation runner: expansion, skip / resume / failure handling, aggregation and the report."""
 
+import glob
+import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -183,6 +186,17 @@ def test_runs_skips_finished_resumes_interrupted_reports_failures(tmp_path):
   assert _read(workdir, "results.md") == report and _read(workdir, "results.csv") == csv_text
 
 
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "ablations", "*.py"))))
+def test_every_ablation_config_loads_and_expands(path):
+  if path.endswith("__init__.py"):
+    return
+  spec = importlib.util.spec_from_file_location("ablation_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  ablation = ablate.plan.load_ablation(module.get_config())  # its baseline is one of its variants, ...
+  assert ablate.plan.expand(ablation) and ablate.plan.baseline(ablation) in dict(ablate.plan.variants(ablation))
+
+
 def test_cli_dry_run_lists_runs_and_runs_nothing(tmp_path):
   config_file = tmp_path / "ablation.py"
   config_file.write_text(
@@ -193,7 +207,11 @@ def test_cli_dry_run_lists_runs_and_runs_nothing(tmp_path):
   result = subprocess.run([sys.executable, "-m", "ablate", f"--config={config_file}", f"--workdir={workdir}",
                            "--dry_run"], cwd=REPO, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
-  assert "heads=4_seed1: model.num_heads=4 train.seed=1" in result.stdout and "6 runs" in result.stdout
+  assert "heads=4_seed1: model.num_heads=4 train.seed=1" in result.stdout
+  # quickstart: 400 steps x 16 x 128 tokens a run; FLOPs and time from the run's model (6 runs of three sizes)
+  assert "6 runs: 2,400 steps, 4.9M tokens, " in result.stdout and " TFLOP (ModelConfig.train_flops" in result.stdout
+  assert re.search(r"time: about \d+m\d\ds of training, one run after another \(train/estimate.py: [\d.]+ ms a step "
+                   r"of heads=1_seed0", result.stdout), result.stdout
   assert not workdir.exists()
   bad = subprocess.run([sys.executable, "-m", "ablate", "report", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True)
