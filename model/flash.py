@@ -15,7 +15,6 @@ correct and slow (tests; `INTERPRET` forces either way).
 """
 
 import functools
-import logging
 
 import flax.linen as nn
 import jax
@@ -36,17 +35,7 @@ TRITON_BLOCK = 128  # the Triton kernel's forward tile; the length is padded to 
 
 def interpret() -> bool:
   """Whether the Pallas kernels run in Pallas's interpreter (plain XLA operations) rather than compiled."""
-  if INTERPRET is not None:
-    return INTERPRET
-  if on_cpu():
-    _warn_interpreted()
-    return True
-  return False
-
-
-@functools.cache
-def _warn_interpreted():
-  logging.getLogger(__name__).warning("attention_impl: the fused kernel runs interpreted on CPU (correct, slow)")
+  return on_cpu() if INTERPRET is None else INTERPRET
 
 
 def _platform() -> str:
