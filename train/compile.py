@@ -8,10 +8,10 @@ The step is the very one training runs (train.loop.jit_train_step: the same jit,
 mesh of the topology's abstract devices, lowered with abstract inputs and compiled by the real TPU compiler
 (MaxText's train_compile). Per chip it prints: parameters + optimizer state (from the state's shardings), the
 compiler's arguments / outputs / temporaries and their total against the chip's HBM; the compiler's FLOPs and bytes;
-the collectives in the compiled HLO (count and bytes, a loop's body counted once per iteration); compile time; and a
-roofline step time (the largest of FLOPs at the datasheet bf16 peak, bytes at the HBM bandwidth, collective bytes at
-the ICI bandwidth: train/hardware.TPU_CHIPS) with the MFU it implies (ModelConfig.train_flops, PaLM's count, per
-chip). The last line says `fits` or `does not fit` (exit status 0 or 2); what does not fit names the knobs.
+the collectives in the compiled HLO (count and bytes); compile time; and a roofline step time (the largest of FLOPs
+at the datasheet bf16 peak, bytes at the HBM bandwidth, collective bytes at the ICI bandwidth: train/hardware.TPU_CHIPS)
+with the MFU it implies (ModelConfig.train_flops, PaLM's count, per chip). XLA costs a loop's body once, so a step that
+loops (scan_layers, grad_accum) is costed from loop-free copies of 1 and 2 layers, extrapolated to its depth. The last line says `fits` or `does not fit` (exit status 0 or 2); what does not fit names the knobs.
 
 train.estimate predicts a run on the devices of this host (measured peaks, CPU memory included); this command
 answers the same question for a TPU slice you do not have, from the TPU compiler itself.
@@ -38,7 +38,7 @@ from train import hardware  # noqa: E402
 from train import mesh as mesh_lib  # noqa: E402
 from train import runs  # noqa: E402
 from train.cli import parse_flags, run_reporting_errors  # noqa: E402
-from train.estimate import abstract_batch, default_vocab_size, per_device_bytes  # noqa: E402
+from train.estimate import abstract_batch, default_vocab_size, flat_config, per_device_bytes  # noqa: E402
 from train.loop import check_train_config, jit_train_step  # noqa: E402
 from train.step import token_loss  # noqa: E402
 
@@ -102,60 +102,85 @@ def _exhausted(error: Exception) -> str | None:
   return (lines[0] if lines else text.splitlines()[0])[:300]
 
 
-def compile_for_tpu(config, topology: str, vocab_size: int = 0, num_slices: int = 1, dump_hlo: str = "") -> dict:
-  """Compiles the config's train step for `topology` and returns the figures `report` prints."""
-  chip = hardware.tpu_chip(topology)
-  devices = tpu_devices(topology, num_slices)
+def _compile(config, devices, vocab_size: int):
+  """(run, lowered, compiled or the compiler's exception) of the config's train step on a mesh of `devices`."""
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   check_train_config(config, mesh)
-  vocab_size = vocab_size or default_vocab_size(config)
   run = runs.pretraining(config, mesh, vocab_size)
   step = jit_train_step(run, token_loss(run.model), config.train)
-  batch = abstract_batch(config, mesh_lib.batch_sharding(mesh))
+  lowered = step.lower(run.abstract_state(), abstract_batch(config, mesh_lib.batch_sharding(mesh)), run.frozen)
+  try:
+    return run, lowered, lowered.compile()
+  except Exception as e:  # the TPU compiler refuses a program larger than HBM
+    if _exhausted(e) is None:
+      raise
+    return run, lowered, e
+
+
+def _cost(compiled) -> dict:
+  """The compiler's FLOPs and bytes and the collectives of one compiled step."""
+  return {**hardware.compiled_cost(compiled), "collectives": collectives(compiled.as_text())}
+
+
+def _flat_cost(config, devices, vocab_size: int) -> dict:
+  """The cost of the config's step as if it held no loop: XLA counts a loop's body once, so a scanned stack (or
+  accumulated microbatches) is costed from loop-free copies of 1 and 2 layers, extrapolated linearly to the depth
+  and multiplied by grad_accum. (The loss's chunk loop stays: its head products are counted once, so compute
+  time is taken from the larger of XLA's FLOPs and the model's.)"""
+  costs = [_cost(_compile(flat_config(config, layers=n), devices, vocab_size)[2]) for n in (1, 2)]
+  layers, accum = config.model.num_layers, config.train.grad_accum
+  extrapolate = lambda one, two: accum * (one + (layers - 1) * (two - one))
+  flat = {key: extrapolate(costs[0][key], costs[1][key]) for key in ("flops", "bytes_accessed")}
+  flat["collectives"] = {op: {key: extrapolate(costs[0]["collectives"][op][key], costs[1]["collectives"][op][key])
+                              for key in ("count", "bytes")} for op in COLLECTIVES}
+  return flat
+
+
+def compile_for_tpu(config, topology: str, vocab_size: int = 0, num_slices: int = 1, dump_hlo: str = ""):
+  """Compiles the config's train step for `topology`: (the figures `report` prints, the compiled step or None
+  where the compiler refused it)."""
+  chip = hardware.tpu_chip(topology)
+  devices = tpu_devices(topology, num_slices)
+  vocab_size = vocab_size or default_vocab_size(config)
   model_cfg = ModelConfig.from_config(config.model, vocab_size)
+  start = time.perf_counter()
+  run, lowered, compiled = _compile(config, devices, vocab_size)
+  compile_s = time.perf_counter() - start
   abstract_state = run.abstract_state()
   state_bytes = per_device_bytes(abstract_state, run.shardings)
   params_bytes = per_device_bytes(abstract_state.params, run.shardings.params)
   figures = {
       "topology": topology, "num_slices": num_slices, "chips": len(devices), "chip": chip.name,
-      "mesh": dict(mesh.shape), "batch_size": config.train.batch_size, "seq_len": config.train.seq_len,
+      "mesh": dict(run.mesh.shape), "batch_size": config.train.batch_size, "seq_len": config.train.seq_len,
+      "remat": config.model.remat and config.model.remat_policy, "attention_impl": config.model.attention_impl,
       "params": model_cfg.num_params(), "params_bytes_per_chip": params_bytes,
-      "opt_state_bytes_per_chip": state_bytes - params_bytes, "hbm_bytes": chip.hbm_bytes,
+      "opt_state_bytes_per_chip": state_bytes - params_bytes, "hbm_bytes": chip.hbm_bytes, "compile_s": compile_s,
   }
-  start = time.perf_counter()
-  lowered = step.lower(abstract_state, batch, run.frozen)
-  figures["lower_s"] = time.perf_counter() - start
-  start = time.perf_counter()
-  try:
-    compiled = lowered.compile()
-  except Exception as e:  # the TPU compiler refuses a program larger than HBM
-    reason = _exhausted(e)
-    if reason is None:
-      raise
-    figures.update(compile_s=time.perf_counter() - start, fits=False, reason=reason)
-    return figures
-  figures["compile_s"] = time.perf_counter() - start
-  memory = compiled.memory_analysis()
+  if isinstance(compiled, Exception):
+    figures.update(fits=False, reason=_exhausted(compiled))
+    return figures, None
   hlo = compiled.as_text()
   if dump_hlo:
     os.makedirs(dump_hlo, exist_ok=True)
     with open(os.path.join(dump_hlo, "train_step.hlo.txt"), "w") as f:
       f.write(hlo)
-  cost = hardware.compiled_cost(compiled)
-  comms = collectives(hlo)
+  loops = config.model.scan_layers or config.train.grad_accum > 1
+  cost = _flat_cost(config, devices, vocab_size) if loops else _cost(compiled)
+  memory = compiled.memory_analysis()
   tokens_per_chip = config.train.batch_size * config.train.seq_len / len(devices)
   model_flops = model_cfg.train_flops(config.train.seq_len) / config.train.seq_len * tokens_per_chip
-  times = {"compute_s": cost["flops"] / chip.bf16_flops, "memory_s": cost["bytes_accessed"] / chip.hbm_bandwidth,
-           "collective_s": sum(c["bytes"] for c in comms.values()) / chip.ici_bandwidth}
+  times = {"compute_s": max(cost["flops"], model_flops) / chip.bf16_flops,
+           "memory_s": cost["bytes_accessed"] / chip.hbm_bandwidth,
+           "collective_s": sum(c["bytes"] for c in cost["collectives"].values()) / chip.ici_bandwidth}
   step_s = max(times.values())
   figures.update(
       fits=True, argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
       alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
       total_bytes=hardware.compiled_memory_bytes(compiled), xla_flops=cost["flops"],
-      bytes_accessed=cost["bytes_accessed"], collectives=comms, model_flops_per_chip=model_flops, **times,
-      step_s=step_s, bound=max(times, key=times.get).removesuffix("_s"),
+      bytes_accessed=cost["bytes_accessed"], collectives=cost["collectives"], cost_from_flat_copies=loops,
+      model_flops_per_chip=model_flops, **times, step_s=step_s, bound=max(times, key=times.get).removesuffix("_s"),
       mfu=model_flops / (step_s * chip.bf16_flops), mosaic_kernels=hlo.count("tpu_custom_call"))
-  return figures
+  return figures, compiled
 
 
 def report(figures: dict) -> str:
@@ -163,10 +188,11 @@ def report(figures: dict) -> str:
   f = figures
   mesh = " x ".join(f"{name}={size}" for name, size in f["mesh"].items())
   lines = [f"{f['topology']} ({f['chips']} chips of {f['chip']}, HBM {f['hbm_bytes'] / GIB:.2f} GiB each), "
-           f"mesh {mesh}; {f['params'] / 1e6:,.1f}M parameters, batch {f['batch_size']} x {f['seq_len']}",
+           f"mesh {mesh}; {f['params'] / 1e6:,.1f}M parameters, batch {f['batch_size']} x {f['seq_len']}, "
+           f"attention {f['attention_impl']}, remat {f['remat'] or 'off'}",
            f"per chip: parameters {f['params_bytes_per_chip'] / GIB:.2f} GiB + optimizer state "
            f"{f['opt_state_bytes_per_chip'] / GIB:.2f} GiB",
-           f"lower {f['lower_s']:.1f} s, compile {f['compile_s']:.1f} s"]
+           f"lower + compile {f['compile_s']:.1f} s"]
   if not f["fits"]:
     lines += [f"compiler: {f['reason']}",
               f"does not fit: {KNOBS}"]
@@ -175,8 +201,9 @@ def report(figures: dict) -> str:
       f"compiled, per chip: arguments {f['argument_bytes'] / GIB:.2f} GiB, outputs {f['output_bytes'] / GIB:.2f} GiB "
       f"({f['alias_bytes'] / GIB:.2f} aliased to donated inputs), temporaries {f['temp_bytes'] / GIB:.2f} GiB; "
       f"total {f['total_bytes'] / GIB:.2f} GiB of {f['hbm_bytes'] / GIB:.2f} GiB HBM",
-      f"compiler cost per chip: {f['xla_flops'] / 1e12:.2f} TFLOP, {f['bytes_accessed'] / 1e9:.2f} GB accessed; "
-      f"model {f['model_flops_per_chip'] / 1e12:.2f} TFLOP (6N + attention)",
+      f"compiler cost per chip{' (loop-free 1- and 2-layer copies, extrapolated)' * f['cost_from_flat_copies']}: "
+      f"{f['xla_flops'] / 1e12:.2f} TFLOP, {f['bytes_accessed'] / 1e9:.2f} GB accessed; model "
+      f"{f['model_flops_per_chip'] / 1e12:.2f} TFLOP (6N + attention)",
       "collectives: " + ", ".join(f"{op} {c['count']} x ({c['bytes'] / 2**20:,.1f} MiB)"
                                   for op, c in f["collectives"].items() if c["count"]) or "collectives: none",
       f"roofline step {f['step_s'] * 1e3:.1f} ms ({f['bound']}-bound: compute {f['compute_s'] * 1e3:.1f} ms, "
@@ -188,8 +215,8 @@ def report(figures: dict) -> str:
 def main(argv):
   del argv
   config = FLAGS.config
-  figures = run_reporting_errors(compile_for_tpu, config, FLAGS.topology, FLAGS.vocab_size, FLAGS.num_slices,
-                                 FLAGS.dump_hlo)
+  figures, _ = run_reporting_errors(compile_for_tpu, config, FLAGS.topology, FLAGS.vocab_size, FLAGS.num_slices,
+                                    FLAGS.dump_hlo)
   print(report(figures))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:

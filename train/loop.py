@@ -140,10 +140,10 @@ def check_memory(compiled, mesh, limit: int | None = None) -> None:
 
 def in_sharding_context(run, fn):
   """fn traced under the run's mesh and logical rules, so the model's activation constraints act."""
-  @functools.wraps(fn)
   def traced(*args):
     with mesh_lib.sharding_context(run.mesh, run.rules):
       return fn(*args)
+  traced.__name__ = getattr(fn, "func", fn).__name__  # the jit keeps the step's name (train_step, eval_step)
   return traced
 
 

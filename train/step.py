@@ -24,16 +24,48 @@ def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
           jnp.sum(correct_BxL * weights_BxL))
 
 
+# Logits a row may hold at once (length x vocabulary, float32): GPT-2's 1024 x 50304 is 4 chunks of 256 positions,
+# a small CPU model (256 x 4096) one, i.e. the unchunked loss.
+LOGITS_PER_ROW = 2**24
+
+
+def loss_chunks(length: int, vocab_size: int) -> int:
+  """How many pieces of the sequence the loss takes the logits in: the fewest that divide `length` and keep
+  each piece's logits within LOGITS_PER_ROW a row."""
+  return next(n for n in range(1, length + 1) if length % n == 0 and (length // n) * vocab_size <= LOGITS_PER_ROW
+              or n == length)
+
+
 def token_loss(model, model_params=None):
-  """Cross entropy of the model's `forward` logits against the batch's targets that its family names: next
-  tokens (decoder), masked tokens (encoder) or the decoder's stream (encoder-decoder). `model_params(params,
-  frozen, rng, deterministic)` builds the model.apply variables and extra kwargs (default: params alone)."""
+  """Cross entropy of the model's logits against the batch's targets that its family names: next tokens
+  (decoder), masked tokens (encoder) or the decoder's stream (encoder-decoder). `model_params(params, frozen, rng,
+  deterministic)` builds the model.apply variables and extra kwargs (default: params alone).
+
+  Where the logits of a whole row would exceed LOGITS_PER_ROW, the final hidden states are taken whole and the
+  output head and cross entropy run a piece of the sequence at a time, rematerialised in the backward pass:
+  [B, L, V] float32 is never held (nor its gradient), at the cost of the head's forward product once more."""
   targets_key, weights_key = family(model.cfg).targets
 
   def loss_fn(params, frozen, batch, rng, deterministic):
     variables, extra = model_params(params, frozen, rng, deterministic) if model_params else ({"params": params}, {})
-    logits_BxLxV = model.apply(variables, batch, deterministic, rngs={"dropout": rng}, method="forward", **extra)
-    loss_sum, weight_sum, correct_sum = weighted_cross_entropy(logits_BxLxV, batch[targets_key], batch[weights_key])
+    targets_BxL, weights_BxL = batch[targets_key], batch[weights_key]
+    chunks = loss_chunks(targets_BxL.shape[1], model.cfg.vocab_size)
+    if chunks == 1:
+      logits_BxLxV = model.apply(variables, batch, deterministic, rngs={"dropout": rng}, method="forward", **extra)
+      sums = weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL)
+    else:
+      hidden_BxLxD = model.apply(variables, batch, deterministic, rngs={"dropout": rng}, method="forward_hidden",
+                                 **extra)
+
+      @jax.checkpoint
+      def piece(hidden_BxCxD, targets_BxC, weights_BxC):
+        logits_BxCxV = model.apply(variables, hidden_BxCxD, method="head")
+        return weighted_cross_entropy(logits_BxCxV, targets_BxC, weights_BxC)
+
+      split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], chunks, -1, *x.shape[2:]), 1, 0)  # [N, B, C, ...]
+      sums = jax.tree.map(jnp.sum, jax.lax.map(lambda xs: piece(*xs),
+                                               (split(hidden_BxLxD), split(targets_BxL), split(weights_BxL))))
+    loss_sum, weight_sum, correct_sum = sums
     return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
   return loss_fn
 
