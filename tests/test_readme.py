@@ -32,6 +32,8 @@ SKIP = {  # a rule: (what it matches, why)
     "pip": (lambda argv: argv[:2] == ["pip", "install"], "pip install: the package is installed"),
     "tests": (lambda argv: argv[1:3] == ["-m", "pytest"], "the test suite itself"),
     "cluster": (lambda argv: argv[0] in ("srun", "gcloud"), "a multi-host launcher: needs a cluster"),
+    "libtpu": (lambda argv: _module(argv) == "train.compile" and importlib.util.find_spec("libtpu") is None,
+               "train.compile needs libtpu (the tpu extra), not installed here"),
 }
 TINY_RUN = ["train.steps=2", "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=2",
             "train.num_samples=1", "train.sample_tokens=8"]
@@ -43,6 +45,8 @@ SHORTEN = {  # module -> its overrides (--config.k=v or --flag=v)
     "train.generate": ["--max_new_tokens=8"],
     "train.evaluate": ["--limit=4", "--max_bytes=4000"],
     "train.hf": ["--config=configs/quickstart.py", "data.max_bytes=300000"],  # the README's optional --config
+    "train.compile": ["model.num_layers=1", "model.d_model=128", "model.num_heads=2", "train.batch_size=8",
+                      "train.seq_len=128", "data.vocab_size=1024"],
     "ablate": ["seeds=(0,)", "overrides=('train.steps=2', 'train.eval_every=2', "
                "'train.checkpoint_every=2', 'train.eval_batches=1', 'train.num_samples=0', 'model.max_len=512', "
                "'model.num_layers=1', 'train.batch_size=4')"],
