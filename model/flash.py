@@ -73,7 +73,7 @@ def cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal: bo
   them: Pallas's Triton kernel, which masks by segment id itself (cuDNN's query / key lengths describe one
   sequence a row, not several). On CPUs both cases take the Triton kernel, interpreted: cuDNN does not trace there.
   """
-  _require("cudnn", ("gpu", "cuda", "rocm"))
+  _require("cudnn", ("gpu", "cuda"))
   scale = 1.0 / (divisor or 1.0)
   if segment_ids_BxL is None and not interpret():
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, scale=scale, is_causal=causal,
