@@ -4,8 +4,10 @@ of a finished run, sets the prediction beside what that run measured.
   python -m train.estimate --config=configs/X.py [--config.a.b=v ...] [--workdir=RUN] [--vocab_size=N]
       [--device_memory_gib=G] [--peak_tflops=T --bandwidth_gbs=B] [--json_out=PATH]
 
-The run's train step is compiled, not run; a matmul and a one-layer copy of the step run briefly to measure this
-device (train/hardware.py). Where each figure comes from:
+For a TPU slice this host does not have, `python -m train.compile --topology=...` compiles the same step with the
+TPU compiler instead (memory a chip, collectives, a datasheet roofline). The run's train step is compiled, not run;
+a matmul and a one-layer copy of the step run briefly to measure this device (train/hardware.py). Where each figure
+comes from:
 - parameters: `ModelConfig.num_params` (analytic), checked against the model's own tree (abstract, nothing allocated);
 - FLOPs: `ModelConfig.train_flops` (PaLM appendix B: what runs log and bench/ divides by), and XLA's own count;
 - memory per device: parameters, optimizer state and gradients from the train state's shapes, dtypes and shardings
