@@ -279,17 +279,27 @@ def generate_text(model, params, tokenizer, prompts: list[str], *, max_new_token
 
   Each prompt is read as its run frames a text (`tokenizer.encode_prompt`: [bos] + prompt in ablax's own runs, as
   its Hugging Face tokenizer does in an imported one). `stream`, if given, receives the new text of row 0 piece by
-  piece as it is generated; `prompt_as_prefix`: the framed prompt is a prefix LM's bidirectional prefix.
+  piece as it is generated (up to its stop string, which is never printed); `prompt_as_prefix`: the framed prompt is
+  a prefix LM's bidirectional prefix.
   """
   printed = [0]
+  hold = max(map(len, stop), default=1) - 1  # what may start a stop string is printed once it is known not to
+
+  def cut(text):
+    for s in stop:
+      text = text.split(s)[0]
+    return text
 
   def on_token(row, ids):
     if stream and row == 0:
       text = tokenizer.decode(ids)
       if text.endswith("\ufffd"):  # a character split over byte-level tokens: wait for its last byte
         return
-      stream(text[printed[0]:])
-      printed[0] = len(text)
+      shown = cut(text)
+      end = len(shown) if len(shown) < len(text) else len(text) - hold
+      if end > printed[0]:
+        stream(text[printed[0]:end])
+        printed[0] = end
 
   def should_stop(row, ids):
     return bool(stop) and any(s in tokenizer.decode(ids) for s in stop)
@@ -298,9 +308,7 @@ def generate_text(model, params, tokenizer, prompts: list[str], *, max_new_token
                  max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, eos_id=tokenizer.eos_id,
                  should_stop=should_stop if stop else None, on_token=on_token if stream else None,
                  prompt_as_prefix=prompt_as_prefix)
+  texts = [cut(tokenizer.decode(row)) for row in ids]
   if stream and ids:
-    stream(tokenizer.decode(ids[0])[printed[0]:])
-  texts = [tokenizer.decode(row) for row in ids]
-  for s in stop:
-    texts = [text.split(s)[0] for text in texts]
+    stream(texts[0][printed[0]:])
   return texts

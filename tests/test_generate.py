@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data.tokenizer import CharTokenizer
+from data.tokenizer import CharTokenizer, Tokenizer
 from model.config import ModelConfig
 from model import decode as decode_lib
 from model.decode import Sampling, beam_search, choose, filter_logits, generate, generate_text, top_p_mask
@@ -253,7 +253,7 @@ def test_streaming_waits_for_a_character_split_over_byte_tokens(monkeypatch):
   """Byte-level tokens can split a character (東 is three bytes): the stream never shows a replacement character,
   and the pieces it shows add up to the text returned."""
 
-  class Bytes:
+  class Bytes(Tokenizer):  # frames prompts as ablax's own tokenizers: [bos] + text
     bos_id, eos_id = 256, 257
     def encode(self, text):
       return list(text.encode("utf-8"))
