@@ -9,9 +9,13 @@ mesh of the topology's abstract devices, lowered with abstract inputs and compil
 (MaxText's train_compile). Per chip it prints: parameters + optimizer state (from the state's shardings), the
 compiler's arguments / outputs / temporaries and their total against the chip's HBM; the compiler's FLOPs and bytes;
 the collectives in the compiled HLO (count and bytes); compile time; and a roofline step time (the largest of FLOPs
-at the datasheet bf16 peak, bytes at the HBM bandwidth, collective bytes at the ICI bandwidth: train/hardware.TPU_CHIPS)
-with the MFU it implies (ModelConfig.train_flops, PaLM's count, per chip). XLA costs a loop's body once, so a step that
-loops (scan_layers, grad_accum) is costed from loop-free copies of 1 and 2 layers, extrapolated to its depth. The last line says `fits` or `does not fit` (exit status 0 or 2); what does not fit names the knobs.
+at the datasheet bf16 peak, bytes at the HBM bandwidth, collective bytes at the ICI bandwidth:
+train/hardware.TPU_CHIPS) with the MFU it implies (ModelConfig.train_flops, PaLM's count, per chip), beside the step
+with nothing overlapped (their sum): a range, not a measurement. XLA's bytes accessed counts every fusion's operands
+and outputs, an upper bound of HBM traffic; its FLOPs leave out Mosaic kernels, so compute time takes the larger of
+XLA's and the model's. XLA costs a loop's body once, so a step that loops (scan_layers, grad_accum) is costed from
+loop-free copies of 1 and 2 layers, extrapolated to its depth. The last line says `fits` or `does not fit` (exit
+status 0 or 2); what does not fit names the knobs.
 
 train.estimate predicts a run on the devices of this host (measured peaks, CPU memory included); this command
 answers the same question for a TPU slice you do not have, from the TPU compiler itself.
@@ -179,7 +183,8 @@ def compile_for_tpu(config, topology: str, vocab_size: int = 0, num_slices: int 
       total_bytes=hardware.compiled_memory_bytes(compiled), xla_flops=cost["flops"],
       bytes_accessed=cost["bytes_accessed"], collectives=cost["collectives"], cost_from_flat_copies=loops,
       model_flops_per_chip=model_flops, **times, step_s=step_s, bound=max(times, key=times.get).removesuffix("_s"),
-      mfu=model_flops / (step_s * chip.bf16_flops), mosaic_kernels=hlo.count("tpu_custom_call"))
+      mfu=model_flops / (step_s * chip.bf16_flops), serial_step_s=sum(times.values()),
+      mfu_serial=model_flops / (sum(times.values()) * chip.bf16_flops), mosaic_kernels=hlo.count("tpu_custom_call"))
   return figures, compiled
 
 
@@ -207,7 +212,8 @@ def report(figures: dict) -> str:
       "collectives: " + ", ".join(f"{op} {c['count']} x ({c['bytes'] / 2**20:,.1f} MiB)"
                                   for op, c in f["collectives"].items() if c["count"]) or "collectives: none",
       f"roofline step {f['step_s'] * 1e3:.1f} ms ({f['bound']}-bound: compute {f['compute_s'] * 1e3:.1f} ms, "
-      f"HBM {f['memory_s'] * 1e3:.1f} ms, ICI {f['collective_s'] * 1e3:.1f} ms), MFU {f['mfu']:.1%}",
+      f"HBM {f['memory_s'] * 1e3:.1f} ms, ICI {f['collective_s'] * 1e3:.1f} ms), MFU {f['mfu']:.1%}; with nothing "
+      f"overlapped {f['serial_step_s'] * 1e3:.1f} ms, MFU {f['mfu_serial']:.1%}",
       f"fits: {f['total_bytes'] / GIB:.2f} GiB a chip of {f['hbm_bytes'] / GIB:.2f} GiB"]
   return "\n".join(lines)
 
