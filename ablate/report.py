@@ -302,7 +302,8 @@ def scaling_table(fits: dict, spec: str, confidence: float, reference: str | Non
   sizes = min(found.sizes for found in fits.values())
   floor = next((f.fixed_floor for f in fits.values() if f.fixed_floor is not None), None)
   how = (f"the floor c held at {floor:g}: {sizes} sizes, fewer than the {scaling.MIN_SIZES_FOR_FLOOR} a fitted "
-         "floor needs (config.ladder_floor sets it), so b and the projection hold only if the floor is right"
+         "floor needs (config.ladder_floor sets it); if the true floor is higher, b comes out low and the projection "
+         "too low by more than its interval shows"
          if floor is not None else f"c fitted ({sizes} sizes)")
   differences = scaling.projection_differences(fits, reference, confidence) if reference else {}
   lines = [f"**Scaling of {spec} with training compute C (FLOPs)**: L(C) = a·C^-b + c per group over its sizes and "
