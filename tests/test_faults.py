@@ -135,7 +135,18 @@ def test_sigterm_checkpoints_and_exits_0_then_resumes(experiment):
   assert_same_run(workdir, reference())
 
 
-def test_ctrl_c_checkpoints_and_exits_130_then_resumes(experiment):
+@pytest.fixture
+def ctrl_c():
+  """Runs started here take Ctrl-C as a terminal's foreground command does, also where pytest runs as a shell's
+  background job, which ignores SIGINT (and so would the runs it starts)."""
+  previous = signal.getsignal(signal.SIGINT)
+  if previous is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_checkpoints_and_exits_130_then_resumes(experiment, ctrl_c):
   root, reference = experiment
   workdir = str(root / "interrupted")
   process, metrics = start(root, workdir), os.path.join(workdir, "metrics.jsonl")
@@ -152,7 +163,7 @@ def test_ctrl_c_checkpoints_and_exits_130_then_resumes(experiment):
   assert_same_run(workdir, reference())
 
 
-def test_a_second_ctrl_c_stops_at_once(tmp_path, experiment):
+def test_a_second_ctrl_c_stops_at_once(tmp_path, experiment, ctrl_c):
   root, _ = experiment
   workdir, log = str(root / "interrupted_twice"), tmp_path / "output.log"
   with open(log, "w") as output:

@@ -184,7 +184,9 @@ class _Preemption:
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+      # A process started with SIGINT ignored (a shell's background job) keeps ignoring it, as Python does.
+      self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS
+                       if signal.getsignal(signum) is not signal.SIG_IGN}
     return self
 
   def __exit__(self, *exc):
