@@ -72,9 +72,10 @@ def prepare_lm_data(data_config, seq_len: int, workdir: str | None, objective: s
 
 def tokenizer_for(config, train_docs: list[str], val_docs: list[str], workdir: str | None,
                    special_tokens: list[str] | tuple = ()) -> Tokenizer:
-  """The workdir's saved tokenizer if any, else one trained on the train docs (and saved to workdir)."""
+  """The workdir's saved tokenizer if any (framing texts by config.framing: an imported run's samples read their
+  prompts as its Hugging Face tokenizer frames them), else one trained on the train docs (and saved to workdir)."""
   if workdir and any(os.path.isfile(os.path.join(workdir, f)) for f in (SPM_FILE, CHAR_FILE)):
-    tokenizer = load_tokenizer(workdir)
+    tokenizer = load_tokenizer(workdir, getattr(config, "framing", ""))
     expected = {"sentencepiece": SentencePieceTokenizer, "char": CharTokenizer,
                 "huggingface": HuggingFaceTokenizer}.get(config.tokenizer)
     if expected is not None and not isinstance(tokenizer, expected):

@@ -5,9 +5,9 @@ Face `tokenizer.json`: byte-level BPE as GPT-2 and Llama 3, WordPiece as BERT, U
 `load_sentencepiece` (a model file, checked), `load_huggingface` (a Hugging Face directory's tokenizer and special
 tokens) and `load_tokenizer`. A tokenizer also knows how its run frames a text (`frame`, config.data.framing):
 ablax's own runs read [bos] + text, as pretraining opens every document; a run imported from Hugging Face reads a
-text as its Hugging Face tokenizer frames it (GPT-2: the text alone; Llama: <s> + text). A workdir holds `tokenizer.model` (sentencepiece) or `tokenizer.json`: ablax's char
-tokenizer ({"kind": "char", ...}) or, told apart by its content, a Hugging Face one beside its
-`tokenizer_config.json` (both as transformers reads them).
+text as its Hugging Face tokenizer frames it (GPT-2: the text alone; Llama: <s> + text). A workdir holds
+`tokenizer.model` (sentencepiece) or `tokenizer.json`: ablax's char tokenizer ({"kind": "char", ...}) or, told
+apart by its content, a Hugging Face one beside its `tokenizer_config.json` (both as transformers reads them).
 """
 
 import io

@@ -33,7 +33,8 @@ from train.hf import import_hf  # noqa: E402
 from train.likelihood import Scorer  # noqa: E402
 from train.runs import load_run, run_tokenizer  # noqa: E402
 
-LAYOUTS = {"gpt2": ("gpt2", "$A"), "llama": ("llama3", "<|begin_of_text|> $A")}  # arch: (tokenizer, framing)
+# arch: (tokenizer, recorded framing)
+LAYOUTS = {"gpt2": ("gpt2", "$A"), "llama": ("llama3", "<|begin_of_text|> $A")}
 PROMPTS = ["Héllo 東京 🙂 the fox", "\tdef f(x):  return", "the lazy dog   ", "naïve café\t"]
 # Contexts with trailing spaces and tabs (moved into the continuation) and an empty one (bos alone before it).
 RECORDS = [{"text": "the quick fox", "label": 0}, {"text": "lazy dogs sleep ", "label": 1},
