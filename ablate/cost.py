@@ -71,7 +71,8 @@ def _step_seconds(config) -> float:
   vocab_size = estimate_lib.default_vocab_size(config)
   peak = hardware.matmul_peak_flops(jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32, reps=2)
   bandwidth = estimate_lib.kernel_bandwidth(config, vocab_size, peak, seconds=_SECONDS)
-  figures = estimate_lib.estimate(config, vocab_size, peak_flops=peak, bandwidth=bandwidth or hardware.memory_bandwidth())
+  figures = estimate_lib.estimate(config, vocab_size, peak_flops=peak,
+                                  bandwidth=bandwidth or hardware.memory_bandwidth())
   return figures["time"]["step_s"]
 
 

@@ -1,8 +1,9 @@
 """Text sources: resolve path specs to files, read documents, split train / validation.
 
 Offers `DataError`, `resolve_paths`, `probe` (what can be checked of a source from the start of its files, before a
-run writes anything), `read_documents`, `read_records` (JSONL records with required fields), `split_documents`; files are UTF-8, other bytes handled as `ENCODING_ERRORS` says. A part "hf:..." of
-a path spec is a Hugging Face dataset read locally with the optional `datasets` package.
+run writes anything), `read_documents`, `read_records` (JSONL records with required fields), `split_documents`;
+files are UTF-8, other bytes handled as `ENCODING_ERRORS` says. A part "hf:..." of a path spec is a Hugging Face
+dataset read locally with the optional `datasets` package.
 """
 
 import codecs

@@ -82,7 +82,8 @@ def _finetune_config(root, base_workdir, train_path):
 def test_finetuning_after_a_data_error_runs_in_the_same_workdir(tmp_path, base, capsys, case):
   root, base_workdir = base
   bad = {"no such path": str(tmp_path / "nosuch.jsonl"), "non-UTF-8 bytes": str(tmp_path / "bad.jsonl")}[case]
-  (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok", "label": 1}\n{"text": "' + NON_UTF8.strip() + b'", "label": 0}\n')
+  (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok", "label": 1}\n{"text": "' + NON_UTF8.strip() +
+                                       b'", "label": 0}\n')
   workdir = str(tmp_path / "run")
   with pytest.raises(DataError, match="no files match" if case == "no such path" else "is not UTF-8"):
     finetune(_finetune_config(tmp_path, base_workdir, bad), workdir)

@@ -6,8 +6,8 @@ The rules, each named where it applies (nothing is dropped silently):
 - SKIP: `pip install ...` (the package is installed; the rest of its line runs), the test suite itself
   (`python -m pytest`), multi-host launchers (`srun`, `gcloud`): they need a cluster.
 - OPTIONAL: `[...]` in a command is an optional part and is left out.
-- SHORTEN: overrides appended per entrypoint (a few steps on a one-layer model, little data, few examples); a
-  `--flag=value` the README gives is replaced, never added twice.
+- SHORTEN: overrides appended per entrypoint (a few steps on a one-layer model, little data, few examples; an
+  ablation's two variants and one seed); a `--flag=value` the README gives is replaced, never added twice.
 - FIXTURES: `prompts.txt` and `path/to/TinyLlama` (a tiny Llama saved by transformers, with a sentencepiece
   tokenizer) are made here; commands that read ../shared/data skip (with their dependents) when it is absent.
 Commands that share a path (workdir, base run, prepared corpus) run in README order; the others side by side.
@@ -48,7 +48,9 @@ SHORTEN = {  # module -> its overrides (--config.k=v or --flag=v)
     "train.hf": ["--config=configs/quickstart.py", "data.max_bytes=300000"],  # the README's optional --config
     "train.compile": ["model.num_layers=1", "model.d_model=128", "model.num_heads=2", "train.batch_size=8",
                       "train.seq_len=128", "data.vocab_size=1024"],
-    "ablate": ["seeds=(0,)", "overrides=('train.steps=2', 'train.eval_every=2', "
+    "ablate": ["seeds=(0,)",  # two of the variants, one seed
+               "variants=(('learned', ('model.position=learned',)), ('rope', ('model.position=rope',)))",
+               "overrides=('train.steps=2', 'train.eval_every=2', "
                "'train.checkpoint_every=2', 'train.eval_batches=1', 'train.num_samples=0', 'model.max_len=512', "
                "'model.num_layers=1', 'train.batch_size=4')"],
 }

@@ -135,8 +135,8 @@ def _alive(pid: int) -> bool:
 @contextlib.contextmanager
 def lock(workdir: str):
   """Holds WORKDIR/.lock ("host:pid") while the block runs (a workdir it created and that stays empty goes after);
-  a live holder is refused with one line, a dead one on this host (a killed run) is replaced. A holder on another host cannot be checked: remove the file by hand.
-  In a job of several processes, process 0 holds it for all."""
+  a live holder is refused with one line, a dead one on this host (a killed run) is replaced. A holder on another
+  host cannot be checked: remove the file by hand. In a job of several processes, process 0 holds it for all."""
   if jax.process_index() != 0:
     yield
     return
