@@ -20,4 +20,8 @@ def get_config():
   c.variants = tuple((name, (f"model.position={name}",)) for name in ("sinusoidal", "learned", "rope", "alibi", "none"))
   c.eval_lengths = (64, 128, 256, 512)
   c.metrics = ("perplexity@64", "perplexity@128", "perplexity@256", "perplexity@512", "eval/loss")
+  # The paper's two claims: quality at the training length and at 8x it (Holm over 4 variants x 2 metrics).
+  c.primary = ("perplexity@64", "perplexity@512")
+  c.min_effect = {"perplexity@64": 0.1}  # "no difference" at the training length means within ±0.1 perplexity
+  c.seeds = tuple(range(6))  # power calculation in docs/ablations.md section 1
   return c
