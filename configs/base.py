@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.relative_buckets = 32         # relative: buckets of the per-stack [buckets, heads] bias table
   model.relative_max_distance = 128   # relative: offsets this far or farther share the last bucket
   model.scale_attention = True        # divide attention logits by sqrt(head_dim) (T5: False)
+  model.qk_norm = False               # RMSNorm of queries and keys before RoPE (QK-norm: Qwen3, OLMo-2, Gemma 3)
+  model.qk_norm_scope = "head"        # qk_norm over: head (each head's K, a scale [K]: Qwen3, Gemma 3) | projection
+                                      # (all heads' H*K at once, a scale [H*K]: OLMo-2)
   model.attention_impl = "einsum"     # einsum (explicit products) | dot_product (jax.nn.dot_product_attention)
                                       # | splash (TPU flash attention) | cudnn (GPU flash attention; bf16 / f16):
                                       # fused kernels, O(L) memory, not for alibi / relative, dropout, prefix LM
@@ -86,6 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.eps = 1e-8                    # AdamW epsilon
   train.weight_decay = 0.1            # decoupled weight decay on matrices (not on biases, norms)
   train.grad_clip = 1.0               # global-norm clip (0 = off)
+  train.z_loss = 0.0                  # PaLM's z-loss: adds z_loss * log(Z)^2 a token (Z: the softmax's normaliser)
+                                      # to the training loss (1e-4 in PaLM; logged as train/z_loss; 0 = off)
   train.seed = 0                      # parameter init, dropout and data order
   train.eval_every = 200              # steps between evaluations (and at the last step)
   train.eval_batches = 20             # validation batches per evaluation (fixed, the same every time)

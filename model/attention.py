@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from model import flash
 from model.config import FUSED_ATTENTION_IMPLS, ModelConfig
-from model.layers import linear, normal, residual_init
+from model.layers import QKNorm, linear, normal, residual_init
 from model.parametrization import attention_divisor
 from model.precision import einsum, softmax
 from model.sharding import constrain
@@ -162,6 +162,9 @@ class Attention(nn.Module):
     q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "kv"))
     k_BxLxGxK = constrain(k_BxLxGxK, ("batch", "length", "kv_heads", "kv"))
     v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "kv"))
+    if cfg.qk_norm:  # before RoPE, as Qwen3 and OLMo-2; the cache holds normalised keys
+      q_BxLxHxK = QKNorm(cfg, name="query_norm")(q_BxLxHxK)
+      k_BxLxGxK = QKNorm(cfg, name="key_norm")(k_BxLxGxK)
     positioned = context_BxSxD is None  # cross-attention: no positional scheme, no self-attention cache
     if positioned and cfg.position == "rope":
       q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)

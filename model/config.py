@@ -15,6 +15,7 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 PARAMETRIZATIONS = ("sp", "mup")
+QK_NORM_SCOPES = ("head", "projection")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -46,6 +47,8 @@ class ModelConfig:
   relative_buckets: int = 32
   relative_max_distance: int = 128
   scale_attention: bool = True
+  qk_norm: bool = False
+  qk_norm_scope: str = "head"
   attention_impl: str = "einsum"
   embed_norm: bool = False
   tie_embeddings: bool = True
@@ -109,11 +112,14 @@ class ModelConfig:
     choices = {"activation": ACTIVATIONS, "norm": NORMS, "norm_position": NORM_POSITIONS,
                "position": POSITIONS, "family": FAMILIES, "dtype": tuple(DTYPES),
                "param_dtype": tuple(DTYPES), "remat_policy": REMAT_POLICIES,
-               "attention_impl": ATTENTION_IMPLS, "parametrization": PARAMETRIZATIONS}
+               "attention_impl": ATTENTION_IMPLS, "parametrization": PARAMETRIZATIONS,
+               "qk_norm_scope": QK_NORM_SCOPES}
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
         raise ConfigError(f"config.model.{key}: expected one of {', '.join(allowed)}, "
                           f"got {getattr(self, key)!r}")
+    if not isinstance(self.qk_norm, bool):
+      raise ConfigError(f"config.model.qk_norm: expected True or False, got {self.qk_norm!r}")
     for key in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
                 "mlp_dim", "max_len", "relative_buckets", "relative_max_distance"):
       if getattr(self, key) <= 0:
@@ -155,6 +161,8 @@ class ModelConfig:
     mlp = d * f * (3 if self.gated else 2)
     mlp_bias = f * (2 if self.gated else 1) + d if self.use_bias else 0
     norm_size = d * (2 if self.norm == "layernorm" and self.use_bias else 1)
+    if self.qk_norm:  # the scales of every attention: [K] for queries and [K] for keys, or [H * K] and [G * K]
+      attn_bias += 2 * k if self.qk_norm_scope == "head" else k * (self.num_heads + self.num_kv_heads)
     layer = attn + attn_bias + mlp + mlp_bias + 2 * norm_size
     final_norm = norm_size if self.norm_position == "pre" else 0
     stacks = 2 if self.family == "encoder_decoder" else 1

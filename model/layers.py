@@ -95,6 +95,26 @@ class Norm(nn.Module):
     return x.astype(cfg.compute_dtype)
 
 
+class QKNorm(nn.Module):
+  """QK-norm: RMSNorm of queries or keys [B, L, N, K] before RoPE and the scores, computed in float32. Scope "head"
+  normalises each head over K with a scale [K] shared by the heads (Qwen3, Gemma 3); "projection" the N * K of
+  all heads at once with a scale [N * K] (OLMo-2). A scale is vector-like under µP; "projection"'s is stored flat
+  (not [N, K]) so that no rule takes it for a matrix."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxNxK):
+    cfg = self.cfg
+    batch, length, n, k = x_BxLxNxK.shape
+    # The normalised groups [B, L, M, W]: M = N heads of W = K, or M = 1 group of W = N * K.
+    groups, width, axis = (n, k, "kv") if cfg.qk_norm_scope == "head" else (1, n * k, None)
+    x_BxLxMxW = x_BxLxNxK.astype(jnp.float32).reshape(batch, length, groups, width)
+    x_BxLxMxW *= jax.lax.rsqrt(jnp.mean(jnp.square(x_BxLxMxW), axis=-1, keepdims=True) + cfg.norm_eps)
+    scale_W = param(self, "scale", nn.initializers.ones, (width,), (axis,), cfg.weight_dtype)
+    x_BxLxMxW *= scale_W.astype(jnp.float32)[None, None, None]
+    return x_BxLxMxW.reshape(x_BxLxNxK.shape).astype(x_BxLxNxK.dtype)
+
+
 def activate(activation: str, x):
   """The pointwise non-linearity of `activation`; a gated one (swiglu, geglu) gives its gate's function."""
   if activation in ("gelu", "gelu_tanh", "geglu"):

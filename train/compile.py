@@ -111,7 +111,7 @@ def _compile(config, devices, vocab_size: int):
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   check_train_config(config, mesh)
   run = runs.pretraining(config, mesh, vocab_size)
-  step = jit_train_step(run, token_loss(run.model), config.train)
+  step = jit_train_step(run, token_loss(run.model, z_loss=config.train.z_loss), config.train)
   lowered = step.lower(run.abstract_state(), abstract_batch(config, mesh_lib.batch_sharding(mesh)), run.frozen)
   try:
     return run, lowered, lowered.compile()

@@ -152,8 +152,8 @@ def _compiled_step(config, vocab_size: int, run=None):
   """(run, compiled train step) of `config` on its mesh, compiled from shapes alone."""
   run = run or runs.pretraining(config, mesh_lib.make_mesh(config.mesh), vocab_size)
   batch = abstract_batch(config, mesh_lib.batch_sharding(run.mesh))
-  return run, jit_train_step(run, token_loss(run.model), config.train).lower(run.abstract_state(), batch,
-                                                                             run.frozen).compile()
+  step = jit_train_step(run, token_loss(run.model, z_loss=config.train.z_loss), config.train)
+  return run, step.lower(run.abstract_state(), batch, run.frozen).compile()
 
 
 def kernel_bandwidth(config, vocab_size: int, peak_flops: float, seconds: float = 4.0,

@@ -70,7 +70,8 @@ def _finetune(config, workdir: str) -> dict:
         "labels": labels if labels is None else [str(x) for x in labels],
         "base": {"workdir": os.path.abspath(config.init_from), "step": config.init_step},
         "base_fingerprint": run.base_fingerprint}, indent=2))
-  _, last = fit(config, workdir, run, tasks.make_loss(config.task, run), train_rows, val_rows)
+  loss_fn = tasks.make_loss(config.task, run, config.train.z_loss)
+  _, last = fit(config, workdir, run, loss_fn, train_rows, val_rows)
   if distributed.is_writer():
     print(terminal.summary(workdir, config.train.steps))
   return last

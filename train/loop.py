@@ -44,6 +44,8 @@ RANGES = {
                                             "sample_temperature", "sample_top_k")},
     "train.b1": _UNIT, "train.b2": _UNIT, "train.restore_step": (lambda v: v >= -1, "-1 or a step"),
     "train.nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
+    "train.z_loss": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf,
+                     "a number >= 0"),
     **{f"data.{key}": _NATURAL for key in ("max_bytes", "target_len", "max_records")},
     "data.seed": (lambda v: v >= -1, "-1 (train.seed) or a seed"),
     "data.val_fraction": _UNIT, "data.vocab_size": _POSITIVE, "data.tokenizer_train_chars": _POSITIVE,
@@ -81,10 +83,14 @@ def _to_device(batch, sharding):
 
 
 def summarize(sums: dict, prefix: str) -> dict:
-  """Metrics from summed statistics: loss (+ perplexity for token losses), accuracy, macro-F1 (if labels)."""
+  """Metrics from summed statistics: loss (+ perplexity for token losses), accuracy, macro-F1 (if labels), the
+  z-loss term (if the loss has one: z_loss times the mean log(Z)^2, beside the loss, which stays the cross
+  entropy)."""
   weight = max(float(sums["weight_sum"]), 1.0)
   loss = float(sums["loss_sum"]) / weight
   metrics = {f"{prefix}/loss": loss, f"{prefix}/accuracy": float(sums["correct_sum"]) / weight}
+  if "z_loss_sum" in sums:
+    metrics[f"{prefix}/z_loss"] = float(sums["z_loss_sum"]) / weight
   if "confusion" in sums:  # [true class, predicted class] counts
     confusion = np.asarray(sums["confusion"], np.float64)
     true_positive = np.diag(confusion)

@@ -86,7 +86,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       raise DataError(f"config.train.sample_prompt={train.sample_prompt!r}: {e}") from None
   run = runs.pretraining(config, mesh, tokenizer.vocab_size, tokenizer)
   print(f"ablax: vocab {tokenizer.vocab_size}, train: {as_source(train_rows).identity} x {train.seq_len} tokens")
-  state, last = fit(config, workdir, run, token_loss(run.model), train_rows, val_rows)
+  loss_fn = token_loss(run.model, z_loss=config.train.z_loss)
+  state, last = fit(config, workdir, run, loss_fn, train_rows, val_rows)
   if samples:
     params = distributed.gather(state.params)
     if distributed.is_writer():

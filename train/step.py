@@ -3,7 +3,9 @@
 A loss function `loss_fn(params, frozen, batch, rng, deterministic) -> sums` returns sums and
 denominators ({"loss_sum", "weight_sum", ...}); the host divides, so metrics of microbatches, devices and
 evaluation batches combine exactly. `params` are the trainable leaves, `frozen` the rest (PEFT; {} when
-everything trains): gradients and optimizer state exist for `params` only.
+everything trains): gradients and optimizer state exist for `params` only. An auxiliary "z_loss_sum" (PaLM's
+z-loss, config.train.z_loss) is added to "loss_sum" where the gradient is taken: "loss_sum" itself, and so every
+reported loss, stays the cross entropy.
 """
 
 import jax
@@ -24,6 +26,13 @@ def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
           jnp.sum(correct_BxL * weights_BxL))
 
 
+def weighted_z_loss(logits_BxLxV, weights_BxL):
+  """Sum of per-token log(Z)^2 times weight, Z the softmax's normaliser (PaLM's z-loss before its coefficient):
+  it pulls log Z towards 0, so that the logits cannot drift as a whole while the softmax stays the same."""
+  log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  return jnp.sum(jnp.square(log_z_BxL) * weights_BxL)
+
+
 # Logits a row may hold at once (length x vocabulary, float32): GPT-2's 1024 x 50304 is 4 chunks of 256 positions,
 # a small CPU model (256 x 4096) one, i.e. the unchunked loss.
 LOGITS_PER_ROW = 2**24
@@ -36,15 +45,20 @@ def loss_chunks(length: int, vocab_size: int) -> int:
               or n == length)
 
 
-def token_loss(model, model_params=None):
+def token_loss(model, model_params=None, z_loss: float = 0.0):
   """Cross entropy of the model's logits against the batch's targets that its family names: next tokens
   (decoder), masked tokens (encoder) or the decoder's stream (encoder-decoder). `model_params(params, frozen, rng,
-  deterministic)` builds the model.apply variables and extra kwargs (default: params alone).
+  deterministic)` builds the model.apply variables and extra kwargs (default: params alone). `z_loss` > 0 adds
+  "z_loss_sum", z_loss times the weighted sum of log(Z)^2 over the same tokens (0: not computed at all).
 
   Where the logits of a whole row would exceed LOGITS_PER_ROW, the final hidden states are taken whole and the
   output head and cross entropy run a piece of the sequence at a time, rematerialised in the backward pass:
   [B, L, V] float32 is never held (nor its gradient), at the cost of the head's forward product once more."""
   targets_key, weights_key = family(model.cfg).targets
+
+  def token_sums(logits_BxLxV, targets_BxL, weights_BxL):
+    sums = weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL)
+    return sums + ((z_loss * weighted_z_loss(logits_BxLxV, weights_BxL),) if z_loss else ())
 
   def loss_fn(params, frozen, batch, rng, deterministic):
     variables, extra = model_params(params, frozen, rng, deterministic) if model_params else ({"params": params}, {})
@@ -52,7 +66,7 @@ def token_loss(model, model_params=None):
     chunks = loss_chunks(targets_BxL.shape[1], model.cfg.vocab_size)
     if chunks == 1:
       logits_BxLxV = model.apply(variables, batch, deterministic, rngs={"dropout": rng}, method="forward", **extra)
-      sums = weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL)
+      sums = token_sums(logits_BxLxV, targets_BxL, weights_BxL)
     else:
       hidden_BxLxD = model.apply(variables, batch, deterministic, rngs={"dropout": rng}, method="forward_hidden",
                                  **extra)
@@ -60,13 +74,12 @@ def token_loss(model, model_params=None):
       @jax.checkpoint
       def piece(hidden_BxCxD, targets_BxC, weights_BxC):
         logits_BxCxV = model.apply(variables, hidden_BxCxD, method="head")
-        return weighted_cross_entropy(logits_BxCxV, targets_BxC, weights_BxC)
+        return token_sums(logits_BxCxV, targets_BxC, weights_BxC)
 
       split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], chunks, -1, *x.shape[2:]), 1, 0)  # [N, B, C, ...]
       sums = jax.tree.map(jnp.sum, jax.lax.map(lambda xs: piece(*xs),
                                                (split(hidden_BxLxD), split(targets_BxL), split(weights_BxL))))
-    loss_sum, weight_sum, correct_sum = sums
-    return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}
+    return dict(zip(("loss_sum", "weight_sum", "correct_sum", "z_loss_sum"), sums))
   return loss_fn
 
 
@@ -74,7 +87,7 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum
                skip_nonfinite: bool = False):
   """One optimizer step on a global batch [B, ...], split into `grad_accum` microbatches.
 
-  The gradient is that of (sum of losses) / (sum of weights) over the whole batch, so
+  The gradient is that of (sum of losses [+ z-loss terms]) / (sum of weights) over the whole batch, so
   grad_accum=k equals one batch of the same size up to float rounding. metrics["nonfinite"] is 1 when the loss
   or the gradient norm is NaN or infinite; with `skip_nonfinite` that update is not applied (parameters and
   optimizer state, its count included, stay as they were) and the step's sums are zeroed.
@@ -85,6 +98,8 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum
   def loss_and_grads(batch_part, micro_index):
     def loss_sum(params):
       sums = loss_fn(params, frozen, batch_part, jax.random.fold_in(step_rng, micro_index), False)
+      if "z_loss_sum" in sums:
+        return sums["loss_sum"] + sums["z_loss_sum"], sums
       return sums["loss_sum"], sums
     return jax.grad(loss_sum, has_aux=True)(state.params)
 

@@ -137,10 +137,13 @@ def classify_loss(model, model_params, num_classes: int):
   return loss_fn
 
 
-def make_loss(task: str, run):
-  """The loss of `task` for a fine-tuning Run (train/runs.py)."""
+def make_loss(task: str, run, z_loss: float = 0.0):
+  """The loss of `task` for a fine-tuning Run (train/runs.py); `z_loss` as in token_loss (token tasks only)."""
   if task == "classify":
+    if z_loss:
+      raise ConfigError(f"config.train.z_loss: {z_loss} acts on token logits; the classify task's loss has none "
+                        "(set 0)")
     return classify_loss(run.model, run.model_params, len(run.labels))
   if not family(run.model.cfg).generates:
     raise ConfigError(f"config.task: {task!r} needs a decoder; an encoder fine-tunes on 'classify'")
-  return token_loss(run.model, run.model_params)
+  return token_loss(run.model, run.model_params, z_loss)
