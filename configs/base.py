@@ -40,7 +40,15 @@ def get_config() -> ml_collections.ConfigDict:
   model.head_transform = False        # dense D->D, activation, norm before the output head (BERT's MLM head)
   model.head_bias = False             # a bias on the vocabulary logits (BERT)
   model.parametrization = "sp"        # sp (standard) | mup: µP's init, Adam rates, multipliers (model/parametrization.py)
-  model.base_width = 0                # µP: the d_model where mup equals sp and rates are tuned (0 = d_model)
+  model.base_width = 0                # µP: the d_model where mup equals sp and rates are tuned (0 = d_model); the
+                                      # base model derives head_dim / mlp_dim from it when they are 0 here
+  # The base model's multipliers, tuned at the base width with the rate (Tensor Programs V); they act under sp too:
+  model.mup_output_mult = 1.0         # alpha_output: the logits x this (under mup x this / (d_model / base_width))
+  model.mup_init_mult = 1.0           # the init std of hidden matrices (attention, MLP, head transform) x this
+  model.mup_attn_mult = 1.0           # the attention logits x this
+  model.mup_embed_lr_mult = 1.0       # the updates of embeddings and the untied readout x this
+  model.mup_vector_lr_mult = 1.0      # the updates of vector-like parameters (norm scales, biases) x this
+  model.mup_zero_query = False        # the query kernel starts at 0 (uniform attention at init)
   model.use_bias = True               # biases in dense layers and LayerNorm
   model.dropout = 0.0                 # dropout on embeddings, attention probabilities and residual branches
   model.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay in param_dtype)

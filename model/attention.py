@@ -156,7 +156,9 @@ class Attention(nn.Module):
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = normal(0.02)
     source_BxSxD = x_BxLxD if context_BxSxD is None else context_BxSxD
-    q_BxLxHxK = self.project("query", x_BxLxD, (d, h, k), ("embed", "heads", "kv"), "bld,dhk->blhk", init)
+    # mup_zero_query: every query 0 at init, so attention starts uniform (Tensor Programs V's suggestion under µP).
+    query_init = nn.initializers.zeros if cfg.mup_zero_query else init
+    q_BxLxHxK = self.project("query", x_BxLxD, (d, h, k), ("embed", "heads", "kv"), "bld,dhk->blhk", query_init)
     k_BxLxGxK = self.project("key", source_BxSxD, (d, g, k), ("embed", "kv_heads", "kv"), "bld,dgk->blgk", init)
     v_BxLxGxK = self.project("value", source_BxSxD, (d, g, k), ("embed", "kv_heads", "kv"), "bld,dgk->blgk", init)
     q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "kv"))

@@ -65,6 +65,15 @@ class ModelConfig:
   family: str = "decoder"
   parametrization: str = "sp"
   base_width: int = 0
+  mup_output_mult: float = 1.0
+  mup_init_mult: float = 1.0
+  mup_attn_mult: float = 1.0
+  mup_embed_lr_mult: float = 1.0
+  mup_vector_lr_mult: float = 1.0
+  mup_zero_query: bool = False
+  # µP's base model (model/parametrization.py): this config at d_model = base_width with head_dim and mlp_dim derived
+  # again where they were derived; set by from_config, None = the model is its own base. Not a config key.
+  base_model: "ModelConfig | None" = None
 
   @property
   def width_mult(self) -> float:
@@ -89,23 +98,35 @@ class ModelConfig:
   @classmethod
   def from_config(cls, model_cfg: Any, vocab_size: int) -> "ModelConfig":
     """Builds from an ml-collections `config.model`; 0 for head_dim / num_kv_heads / mlp_dim means 'derive'."""
-    known = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    known = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "base_model"}
     values = {k: v for k, v in dict(model_cfg).items() if k in known}
     unknown = sorted(set(dict(model_cfg)) - known)
     if unknown:
       raise ConfigError(f"config.model.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    cfg = cls(vocab_size=vocab_size, **cls.derive(values))
+    cfg.validate()
+    if cfg.width_mult != 1.0:
+      base_values = cls.derive(dict(values, d_model=cfg.base_width), "config.model.base_width")
+      cfg = dataclasses.replace(cfg, base_model=cls(vocab_size=vocab_size, **base_values))
+    return cfg
+
+  @classmethod
+  def derive(cls, values: dict, key: str = "") -> dict:
+    """`values` with head_dim / num_kv_heads / mlp_dim that are 0 (or absent) derived from d_model and num_heads;
+    `key` names the config key a d_model that num_heads does not divide came from (default: d_model's)."""
+    values = dict(values)
     d_model, num_heads = values.get("d_model", cls.d_model), values.get("num_heads", cls.num_heads)
     if not values.get("head_dim"):
       if num_heads <= 0 or d_model % num_heads:
+        if key:
+          raise ConfigError(f"{key}: num_heads={num_heads} must divide it (head_dim is derived), got {d_model}")
         raise ConfigError(f"config.model.num_heads: must divide d_model={d_model}, got {num_heads}")
       values["head_dim"] = d_model // num_heads
     if not values.get("num_kv_heads"):
       values["num_kv_heads"] = num_heads
     if not values.get("mlp_dim"):
       values["mlp_dim"] = 4 * d_model
-    cfg = cls(vocab_size=vocab_size, **values)
-    cfg.validate()
-    return cfg
+    return values
 
   def validate(self) -> None:
     """Raises ConfigError naming the first inconsistent key."""
@@ -138,6 +159,12 @@ class ModelConfig:
       raise ConfigError("config.model.scale_tied_logits: needs tie_embeddings=True")
     if self.base_width < 0:
       raise ConfigError(f"config.model.base_width: expected 0 (= d_model) or a positive width, got {self.base_width}")
+    for key in ("mup_output_mult", "mup_init_mult", "mup_attn_mult", "mup_embed_lr_mult", "mup_vector_lr_mult"):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(f"config.model.{key}: expected a positive number, got {value!r}")
+    if not isinstance(self.mup_zero_query, bool):
+      raise ConfigError(f"config.model.mup_zero_query: expected True or False, got {self.mup_zero_query!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"config.model.dropout: expected a value in [0, 1), got {self.dropout}")
     if self.attention_impl in FUSED_ATTENTION_IMPLS:

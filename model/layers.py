@@ -3,7 +3,8 @@ low-rank LoRA branch from the "lora" collection), token embedding, norms, MLPs, 
 
 Shape legend (all of model/): B batch, L query length, S key length, D d_model, H query heads,
 G key/value heads, R = H // G heads per group, K head dim, F mlp width, V vocab.
-Logical axis names: vocab, embed, mlp, heads, kv_heads, kv, length.
+Logical axis names: vocab, embed, mlp, heads, kv_heads, kv, length; embed_out (the second D of BERT's head transform:
+no rule shards it, so its two dims never shard alike).
 """
 
 import math
@@ -157,14 +158,14 @@ class Head(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     if cfg.head_transform:
-      x_BxLxD = linear(self, "head_transform", x_BxLxD, (cfg.d_model, cfg.d_model), ("embed", None),
+      x_BxLxD = linear(self, "head_transform", x_BxLxD, (cfg.d_model, cfg.d_model), ("embed", "embed_out"),
                        "bld,de->ble", normal(0.02))
       x_BxLxD = Norm(cfg, name="head_norm")(activate(cfg.activation, x_BxLxD))
     if parametrization.output_multiplier(cfg) != 1.0:
       x_BxLxD *= parametrization.output_multiplier(cfg)
     if cfg.tie_embeddings:
       if cfg.scale_tied_logits:
-        x_BxLxD *= cfg.d_model ** -0.5
+        x_BxLxD *= parametrization.constant_width(cfg) ** -0.5
       logits_BxLxV = self.embed.attend(x_BxLxD)
     else:
       logits_BxLxV = linear(self, "lm_head", x_BxLxD, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),

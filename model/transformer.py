@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from data.batch import Batch
+from model import parametrization
 from model.attention import Attention, attention_mask, relative_bias, sinusoidal_embedding
 from model.config import FUSED_ATTENTION_IMPLS, ConfigError, ModelConfig
 from model.layers import Embed, Head, Mlp, Norm, normal, param
@@ -129,8 +130,8 @@ class Transformer(nn.Module):
       x_BxLxD += jnp.take(table_LxD, positions_BxL, axis=0).astype(cfg.compute_dtype)
     elif cfg.position == "sinusoidal":
       # As in "Attention Is All You Need", tokens are scaled by sqrt(D): the signal's entries are O(1) and
-      # would otherwise drown the 0.02-scale token embeddings.
-      x_BxLxD = x_BxLxD * jnp.sqrt(cfg.d_model).astype(x_BxLxD.dtype)
+      # would otherwise drown the 0.02-scale token embeddings. Under µP the base's D: an input must not grow.
+      x_BxLxD = x_BxLxD * jnp.sqrt(parametrization.constant_width(cfg)).astype(x_BxLxD.dtype)
       x_BxLxD += sinusoidal_embedding(positions_BxL, cfg.d_model).astype(cfg.compute_dtype)
     if cfg.embed_norm:  # BERT normalises the embedding sum
       x_BxLxD = Norm(cfg, name="embed_norm")(x_BxLxD)

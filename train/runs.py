@@ -22,7 +22,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from data.sources import DataError
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -122,13 +122,11 @@ def for_model(model: nn.Module, tx, mesh: Mesh, rules, seq_len: int = 1, seed: i
 
 
 def pretraining(config, mesh: Mesh, vocab_size: int, tokenizer: Tokenizer | None = None) -> Run:
-  """The Run of a pretraining config (under µP its optimizer scales the hidden matrices' updates)."""
+  """The Run of a pretraining config (its optimizer scales updates as model/parametrization.py says: µP's hidden
+  matrices, the base model's rate multipliers)."""
   model_cfg = ModelConfig.from_config(config.model, vocab_size)
   model = build_model(model_cfg)
-  scales = None
-  if model_cfg.width_mult != 1.0:
-    scales = jax.tree.map(functools.partial(parametrization.update_scale, model_cfg), logical_axes(model),
-                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+  scales = parametrization.update_scales(model_cfg, logical_axes(model))
   return for_model(model, make_optimizer(config.train, scales), mesh, mesh_lib.config_rules(config.mesh),
                    config.train.seq_len, config.train.seed, tokenizer=tokenizer, config=config)
 

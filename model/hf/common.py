@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from model.config import ModelConfig
+from model.parametrization import standard_forward
 
 ARCHITECTURES = ("gpt2", "llama", "bert", "t5")  # model/hf/<name>.py, tried in this order on export
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -254,6 +255,9 @@ def export_tensors(cfg: ModelConfig, params: dict, model_type: str | None = None
   if cfg.width_mult != 1.0:
     raise ConversionError(f"config.model.parametrization: a µP model of d_model {cfg.d_model} over base_width "
                           f"{cfg.base_width} has multipliers no Hugging Face architecture holds")
+  if not standard_forward(cfg):
+    raise ConversionError(f"config.model.mup_output_mult / mup_attn_mult: multipliers {cfg.mup_output_mult} / "
+                          f"{cfg.mup_attn_mult} on the logits and attention, which no Hugging Face architecture holds")
   reasons = []
   for name in ARCHITECTURES:
     module = architecture(name)
