@@ -13,7 +13,9 @@ import optax
 import pytest
 from flax import traverse_util
 
+from ablate import plan
 from configs import base
+from configs.ablations import mup_base_tune, mup_transfer
 from model import parametrization
 from model.attention import sinusoidal_embedding
 from model.config import ConfigError, ModelConfig
@@ -275,3 +277,23 @@ def test_update_scales_only_where_a_factor_is_not_one():
   for run, factor in ((make_run(128, "mup"), 0.5), (make_run(64, "sp", mup_vector_lr_mult=2.0), 1.0)):
     scales = parametrization.update_scales(run.model.cfg, axes(run))
     assert scales["layer_0"]["mlp"]["wi"] == factor and scales["embed"]["embedding"] == 1.0
+
+
+def test_mup_ablation_configs_take_the_tuned_multipliers():
+  # configs/ablations/mup_transfer.py:ARG gives the µP arm the base's multipliers and leaves SP at the defaults;
+  # mup_base_tune.py:ARG fixes stage 1's choice and sweeps the class rates.
+  transfer = plan.load_ablation(mup_transfer.get_config("output=8,init=2.83"))
+  runs_by_arm = {"sp": 0, "mup": 0}
+  for name, overrides in plan.variants(transfer):
+    arm = "mup" if "model.parametrization=mup" in overrides else "sp"
+    runs_by_arm[arm] += 1
+    expected = ("8.0", "2.83") if arm == "mup" else ("1.0", "1.0")
+    assert (f"model.mup_output_mult={expected[0]}" in overrides and f"model.mup_init_mult={expected[1]}" in overrides
+            and not any("mup_attn_mult" in o for o in overrides)), name
+  assert runs_by_arm == {"sp": 32, "mup": 32} and tuple(transfer.seeds) == (0, 1, 2)
+  stage2 = plan.load_ablation(mup_base_tune.get_config("output=8,init=2.83,attn=2.83"))
+  assert "model.mup_attn_mult=2.83" in stage2.overrides and set(dict(stage2.grid)) == {"embed_lr", "vector_lr", "lr"}
+  for bad, message in (("outputs=8", "'outputs=8': expected NAME=VALUE"), ("output=x", "'x' is not a number"),
+                       ("init=0", "expected a positive multiplier")):
+    with pytest.raises(ConfigError, match=message):
+      mup_transfer.get_config(bad)
