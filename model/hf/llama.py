@@ -131,9 +131,11 @@ def to_hf(cfg: ModelConfig, params: dict) -> dict:
   return {name: np.asarray(array) for name, array in out.items()}
 
 
-def to_classifier(tensors: dict, kernel_DxC: np.ndarray, bias_C: np.ndarray) -> tuple[str, dict]:
-  """LlamaForSequenceClassification's tensors: the model's without its LM head, and a bias-free score layer [C, D]
-  that reads the last token that is not padding, as ablax's decoder head does."""
-  unbiased_score(bias_C, "LlamaForSequenceClassification")
+def to_classifier(tensors: dict, kernel_DxC: np.ndarray, bias_C: np.ndarray,
+                  architecture: str = "LlamaForSequenceClassification") -> tuple[str, dict]:
+  """LlamaForSequenceClassification's tensors (or those of `architecture`, a class of the same layout): the model's
+  without its LM head, and a bias-free score layer [C, D] that reads the last token that is not padding, as
+  ablax's decoder head does."""
+  unbiased_score(bias_C, architecture)
   body = {name: array for name, array in tensors.items() if name != "lm_head.weight"}
-  return "LlamaForSequenceClassification", {**body, "score.weight": np.ascontiguousarray(kernel_DxC.T)}
+  return architecture, {**body, "score.weight": np.ascontiguousarray(kernel_DxC.T)}
