@@ -33,7 +33,7 @@ from model.layers import QKNorm
 from test_accelerators import lm_batch, random_params
 from test_generate import cached_logits
 from test_train import REPO, tiny_config
-from train import loop, runs
+from train import loop, runs, tasks
 from train import mesh as mesh_lib
 from train import step as step_lib
 from train.state import TrainState
@@ -91,6 +91,17 @@ def test_attention_sees_queries_and_keys_only_through_their_norm(scope):
   np.testing.assert_allclose(logits(cfg, 50.0), logits(cfg, 1.0), rtol=1e-4, atol=1e-4)
   plain = dataclasses.replace(cfg, qk_norm=False)
   assert np.abs(logits(plain, 50.0) - logits(plain, 1.0)).max() > 1e-2
+
+
+@pytest.mark.parametrize("scope", ["head", "projection"])
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+def test_num_params_counts_the_qk_norm_scales(scope, family):
+  """ModelConfig.num_params against the parameter tree (shapes only), cross-attention's scales included."""
+  changes = {} if family == "decoder" else {"family": family, "position": "relative"}
+  cfg = qk_cfg(scope, **changes)
+  shapes = jax.eval_shape(lambda: init_params(build_model(cfg), jax.random.key(0), 4))
+  assert cfg.num_params() == sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+  assert cfg.num_params() > dataclasses.replace(cfg, qk_norm=False).num_params()
 
 
 @pytest.mark.parametrize("scope", ["head", "projection"])
@@ -388,6 +399,8 @@ def test_wrong_values_name_the_key():
     with pytest.raises(ConfigError, match=r"^config.train.z_loss: expected a number >= 0, got "):
       loop.check_train_config(config, mesh)
   loop.check_train_config(base.with_defaults({"train": {"z_loss": 1e-4}}), mesh)
+  with pytest.raises(ConfigError, match=r"^config.train.z_loss: 0.0001 acts on token logits"):
+    tasks.make_loss("classify", None, 1e-4)  # a classifier's loss has no token logits: refused, not ignored
 
 
 @pytest.mark.parametrize("arg, expected", [
