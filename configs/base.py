@@ -87,15 +87,35 @@ def get_config() -> ml_collections.ConfigDict:
   train.batch_size = 32               # global batch size in sequences (all microbatches together)
   train.seq_len = 256                 # tokens per sequence
   train.grad_accum = 1                # microbatches per step (batch_size must divide by it)
-  train.learning_rate = 1e-3          # peak learning rate
-  train.min_learning_rate = 1e-4      # learning rate at the end of the cosine decay
-  train.warmup_steps = 100            # linear warmup from 0
-  train.decay_steps = 0               # cosine decay length including warmup (0 = the steps of the run's first start:
-                                      # extending a run keeps its schedule; set it to decay over a new length)
-  train.b1 = 0.9                      # AdamW beta1
-  train.b2 = 0.95                     # AdamW beta2
-  train.eps = 1e-8                    # AdamW epsilon
-  train.weight_decay = 0.1            # decoupled weight decay on matrices (not on biases, norms)
+  train.optimizer = "adamw"           # adamw | lion | adafactor | muon (hidden matrices; AdamW for the rest)
+                                      # | schedule_free_adamw (train/optimizers.py says what each computes)
+  train.learning_rate = 1e-3          # peak learning rate (muon: of both parts; lion: some 3-10x below AdamW's)
+  train.min_learning_rate = 1e-4      # learning rate at the end of the decay (cosine, linear, wsd)
+  train.warmup_steps = 100            # linear warmup from 0 (every schedule)
+  train.schedule = "cosine"           # cosine | linear (decay to min_learning_rate at decay_steps) | constant
+                                      # | wsd (warmup, stable, then a cooldown over the last decay_fraction)
+  train.decay_steps = 0               # where the decay ends, counted from step 0 (0 = the steps of the run's first
+                                      # start: extending a run keeps its schedule; set it to decay over a new length)
+  train.decay_fraction = 0.2          # wsd: share of decay_steps in the final cooldown
+  train.decay_shape = "sqrt"          # wsd: the cooldown's shape: linear | sqrt (1 - sqrt(t), Hägele et al. 2024)
+  train.b1 = 0.9                      # AdamW beta1 (also Muon's AdamW part; schedule_free_adamw: its interpolation)
+  train.b2 = 0.95                     # AdamW beta2 (also Muon's AdamW part and schedule_free_adamw)
+  train.eps = 1e-8                    # AdamW epsilon (also Muon's and schedule_free_adamw's)
+  train.weight_decay = 0.1            # decoupled weight decay, times the learning rate, every optimizer
+  train.decay_exclude = "norms_biases"  # leaves weight decay skips: norms_biases | norms_biases_embeddings (also
+                                      # token / position tables and the output head) | none (decay everything)
+  train.lion_b1 = 0.9                 # lion: interpolation of momentum and gradient in the signed update
+  train.lion_b2 = 0.99                # lion: momentum decay
+  train.adafactor_decay_rate = 0.8    # adafactor: second-moment decay exponent (beta2_t = 1 - t^-0.8)
+  train.adafactor_clipping = 1.0      # adafactor: clip each update's RMS at this (0 = off)
+  train.adafactor_momentum = 0.0      # adafactor: first-moment decay (0 = none, as the paper)
+  train.adafactor_factored = True     # adafactor: row and column second moments for matrices of dims >= 128
+  train.adafactor_parameter_scale = False  # adafactor: step relative to each parameter's RMS (T5; rates ~1e-2)
+  train.muon_beta = 0.95              # muon: Nesterov momentum decay
+  train.muon_ns_steps = 5             # muon: Newton-Schulz iterations of the orthogonalisation
+  train.muon_rms = 0.2                # muon: update RMS of the matrices, as AdamW's (Moonlight's 0.2 sqrt(max dim))
+  train.muon_per_head = False         # muon: orthogonalise each head's [D, K] (False: q, k, v, out whole)
+  train.schedule_free_weight_lr_power = 2.0  # schedule_free_adamw: the average weights step t by lr(t)^power
   train.grad_clip = 1.0               # global-norm clip (0 = off)
   train.z_loss = 0.0                  # PaLM's z-loss: adds z_loss * log(Z)^2 a token (Z: the softmax's normaliser)
                                       # to the training loss (1e-4 in PaLM; logged as train/z_loss; 0 = off)
@@ -107,6 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.async_checkpoints = False     # write checkpoints in the background while training goes on
   train.restore_step = -1             # resume from this checkpoint (-1 = the latest readable one); later ones are
                                       # moved aside to checkpoints/replaced-<step>, never deleted
+  train.branch_from = ""              # a new run starts from this run's checkpoint (workdir): parameters, optimizer
+                                      # state, step and data position; only the schedule keys may differ (a cooldown)
+  train.branch_step = -1              # branch_from's step to start from (-1 = its latest)
   train.nonfinite = "stop"            # a NaN/inf loss or gradient: stop (before any save) | skip (the update, counted)
   train.log_every = 10                # steps between metric lines in metrics.jsonl
   train.num_samples = 3               # continuations printed at the end

@@ -27,7 +27,7 @@ from train import runs
 from train.checkpoint import Checkpointer
 from train.cli import RunError, run_reporting_errors
 from train.pretrain import train_and_evaluate
-from train.state import learning_rate_schedule
+from train.schedules import learning_rate_schedule
 from train.step import token_loss
 
 CONFIG = """

@@ -19,8 +19,8 @@ from data.tokenizer import CharTokenizer
 from model.config import ConfigError, ModelConfig
 from model.families import build_model
 from train import mesh as mesh_lib
+from train import optimizers
 from train import runs
-from train import state as state_lib
 from train.pretrain import train_and_evaluate
 from train.step import token_loss, train_step
 
@@ -114,7 +114,7 @@ def _single_device_state(model, train_overrides, seq_len=16, tx=None):
   config.train.update(**train_overrides)
   config.mesh.update(data=1, fsdp=1, tensor=1)
   mesh = mesh_lib.make_mesh(config.mesh)
-  tx = tx or state_lib.make_optimizer(config.train)
+  tx = tx or optimizers.make_optimizer(config.train, runs.logical_axes(model))
   state = runs.for_model(model, tx, mesh, mesh_lib.config_rules(config.mesh), seq_len, seed=SEED).init_state()
   return state, tx
 

@@ -2,8 +2,8 @@
 and corrupt files; a run's config.json and steps.
 
 Offers `Checkpointer` (save with rotation that spares pinned steps, restore with fallback to the previous
-readable step), `pin` (keep a step for a fine-tuning run built on it), `pinned_steps`, `read_run_config` and
-`resolve_step`.
+readable step), `read_checkpoint` (another run's step, read only), `pin` (keep a step for a fine-tuning run
+built on it), `pinned_steps`, `read_run_config` and `resolve_step`.
 """
 
 import glob
@@ -149,6 +149,18 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+
+
+def read_checkpoint(workdir: str, step: int, abstract_state):
+  """(state, data_state, step) of the run in `workdir` at `step` (-1: its latest), laid out as `abstract_state`;
+  nothing in that workdir is written."""
+  step = resolve_step(workdir, None if step < 0 else step)
+  checkpointer = Checkpointer(workdir, keep=1 << 30)
+  try:
+    state, data_state = checkpointer.restore(step, abstract_state)
+  finally:
+    checkpointer.close()
+  return state, data_state, step
 
 
 def _reason(error: BaseException) -> str:

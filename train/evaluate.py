@@ -119,7 +119,7 @@ def classifier_scores(loaded: Loaded, data: str, *, batch_size: int = 32, max_re
       run.tokenizer, [str(r[config.data.text_field]) for r in records],
       finetuning.encode_labels([str(r[config.data.label_field]) for r in records], run.labels), config.train.seq_len)
   eval_fn = jax.jit(functools.partial(eval_step, loss_fn=tasks.make_loss("classify", run)))
-  metrics = evaluate(eval_fn, loaded.state.params, run.frozen, eval_rows, batch_size, len(records),
+  metrics = evaluate(eval_fn, loaded.trainable, run.frozen, eval_rows, batch_size, len(records),
                      mesh_lib.batch_sharding(run.mesh))
   return {"loss": metrics["eval/loss"], "accuracy": metrics["eval/accuracy"], "macro_f1": metrics["eval/macro_f1"],
           "examples": len(records), "step": loaded.step}

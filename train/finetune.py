@@ -46,6 +46,7 @@ def _finetune(config, workdir: str) -> dict:
                       f"{config.train.seq_len} exceed the learned positions (max_len {config.model.max_len})")
   tokenizer, _ = runs.run_tokenizer(config.init_from, base_config)
   tasks.check_sources(config)  # what can fail on a fresh workdir fails before anything is written in it
+  workdir_lib.check_branch(config, workdir)
   def prepare():
     workdir_lib.prepare_workdir(config, workdir)
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):

@@ -118,7 +118,7 @@ def export_hf(workdir: str, out: str, step: int | None = None, model_type: str |
   loaded = load_run(workdir, step, require_tokenizer=False)
   hf_config, tensors = common.export_tensors(loaded.run.model.cfg, jax.device_get(loaded.params), model_type)
   if loaded.run.labels is not None:
-    head = jax.device_get(loaded.state.params["head"])
+    head = jax.device_get(loaded.trainable["head"])
     hf_config, tensors = common.export_classifier(hf_config, tensors, head, loaded.run.labels)
   tokenizer = loaded.run.tokenizer  # a fine-tuning run's is its base run's
   files = hf_files(tokenizer, workdir) if tokenizer is not None else None

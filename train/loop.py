@@ -24,9 +24,10 @@ from model.config import ConfigError
 from train import distributed
 from train import hardware
 from train import mesh as mesh_lib
-from train import state as state_lib
+from train import optimizers
+from train import schedules
 from train import terminal
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, read_checkpoint
 from train.cli import Preempted, RunError
 from train.metrics import MetricWriter
 from train.step import eval_step, train_step
@@ -61,6 +62,7 @@ def check_train_config(config, mesh) -> None:
     if key in config[section] and not valid(config[section][key]):
       raise ConfigError(f"config.{name}: expected {expected}, got {config[section][key]!r}")
   train = config.train
+  optimizers.check_config(train)
   if train.min_learning_rate > train.learning_rate:
     raise ConfigError(f"config.train.min_learning_rate: {train.min_learning_rate} exceeds config.train.learning_rate="
                       f"{train.learning_rate}")
@@ -222,13 +224,16 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
   loader = Loader(train_rows, train.batch_size, seed=data_seed, process_index=jax.process_index(),
                   process_count=jax.process_count(), prefetch=2)
   resumed = checkpointer.resume(run.abstract_state(), train.restore_step)
+  branched = resumed is None and bool(train.branch_from)
+  if branched:  # the first start of a branch: another run's state, step and data position
+    resumed = read_checkpoint(train.branch_from, train.branch_step, run.abstract_state())
   if resumed is None:
     state, start_step = run.init_state(), 0
   else:
     state, data_state, start_step = resumed
     if data_state:  # an imported step-0 checkpoint has no data position
       loader.set_state(data_state)
-  last_saved = start_step if resumed else None
+  last_saved = start_step if resumed and not branched else None
   trainable = sum(x.size for x in jax.tree.leaves(state.params))
   total = trainable + sum(x.size for x in jax.tree.leaves(frozen))
   print(f"ablax: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%), "
@@ -240,7 +245,7 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
   eval_fn = jax.jit(in_sharding_context(run, functools.partial(eval_step, loss_fn=loss_fn)),
                     in_shardings=(run.shardings.params, batch_sharding, run.frozen_shardings),
                     out_shardings=mesh_lib.replicated(mesh))
-  schedule = state_lib.learning_rate_schedule(train)
+  schedule = schedules.learning_rate_schedule(train)
 
   def check(step: int, name: str, value: float) -> None:
     if not math.isfinite(value):
@@ -298,7 +303,8 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
           counts = loader.counts((done_step - interval["steps"]) * train.batch_size, done_step * train.batch_size)
           last.update({f"data/share/{name}": n / max(sum(counts.values()), 1) for name, n in counts.items()})
           if done_step % train.eval_every == 0 or done_step == train.steps:
-            last.update(evaluate(eval_fn, state.params, frozen, val_rows, train.batch_size, train.eval_batches,
+            params = optimizers.eval_params(state.params, state.opt_state)  # schedule-free: x, not y
+            last.update(evaluate(eval_fn, params, frozen, val_rows, train.batch_size, train.eval_batches,
                                  batch_sharding))
             check(done_step, "eval/loss", last["eval/loss"])
           writer.write(last)

@@ -20,6 +20,7 @@ from model.config import ConfigError, ModelConfig
 from model.families import FAMILIES
 from train import distributed
 from train import mesh as mesh_lib
+from train import optimizers
 from train import runs
 from train import tasks
 from train import terminal
@@ -70,6 +71,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     raise ConfigError(f"config.data.prepared: a prepared corpus serves causal_lm, not {config.objective!r} (which "
                       "reads data.train_path)")
   check_sources(config.data)  # what can fail on a fresh workdir fails before anything is written in it
+  workdir_lib.check_branch(config, workdir)
   distributed.writer_first("config", lambda: workdir_lib.prepare_workdir(config, workdir))
   train = config.train
   if config.data.prepared:
@@ -89,7 +91,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   loss_fn = token_loss(run.model, z_loss=config.train.z_loss)
   state, last = fit(config, workdir, run, loss_fn, train_rows, val_rows)
   if samples:
-    params = distributed.gather(state.params)
+    params = distributed.gather(optimizers.eval_params(state.params, state.opt_state))
     if distributed.is_writer():
       write_samples(run.model, params, tokenizer, config, workdir)
   if distributed.is_writer():

@@ -34,7 +34,8 @@ from train import peft
 from train import tasks
 from train.checkpoint import Checkpointer, read_run_config, resolve_step
 from train.cli import RunError
-from train.state import TrainState, fresh_state, make_optimizer, state_shardings
+from train.optimizers import eval_params, make_optimizer
+from train.state import TrainState, fresh_state, state_shardings
 
 RUN_INFO = "run_info.json"  # a fine-tuning run's method, task, parameter counts and label vocabulary
 
@@ -71,7 +72,7 @@ class Run:
     """A NamedSharding for every leaf of the TrainState."""
     abstract = jax.eval_shape(self._fresh_state, jax.random.PRNGKey(self.seed), self.base)
     params = mesh_lib.logical_shardings(self.param_axes, abstract.params, self.mesh, self.rules)
-    return state_shardings(abstract, params, self.tx, self.mesh)
+    return state_shardings(abstract, params, self.mesh)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the TrainState, nothing allocated (what a checkpoint restores into)."""
@@ -104,9 +105,14 @@ class Loaded:
   step: int
 
   @property
+  def trainable(self) -> dict:
+    """The trained parameters as evaluation reads them (train/optimizers.eval_params: schedule-free's x)."""
+    return eval_params(self.state.params, self.state.opt_state)
+
+  @property
   def params(self) -> dict:
     """The model's parameters, adapters merged."""
-    return self.run.merge(self.state.params)
+    return self.run.merge(self.trainable)
 
 
 def logical_axes(model: nn.Module):
@@ -126,8 +132,9 @@ def pretraining(config, mesh: Mesh, vocab_size: int, tokenizer: Tokenizer | None
   matrices, the base model's rate multipliers)."""
   model_cfg = ModelConfig.from_config(config.model, vocab_size)
   model = build_model(model_cfg)
-  scales = parametrization.update_scales(model_cfg, logical_axes(model))
-  return for_model(model, make_optimizer(config.train, scales), mesh, mesh_lib.config_rules(config.mesh),
+  axes = logical_axes(model)
+  scales = parametrization.update_scales(model_cfg, axes)
+  return for_model(model, make_optimizer(config.train, axes, scales), mesh, mesh_lib.config_rules(config.mesh),
                    config.train.seq_len, config.train.seed, tokenizer=tokenizer, config=config)
 
 
@@ -167,14 +174,14 @@ def finetuning(config, mesh: Mesh, labels: list | None, require_tokenizer: bool 
   classification head (when there are `labels`) train; the base run's other parameters are frozen. A run built
   before passes the `base_fingerprint` it recorded: a base whose parameters changed since is refused."""
   base = load_run(config.init_from, config.init_step, mesh, require_tokenizer)
-  found = fingerprint(base.state.params)
+  found = fingerprint(base.params)  # a schedule-free base: its evaluation parameters
   if base_fingerprint is not None and found != base_fingerprint:
     raise RunError(f"config.init_from={config.init_from} step {config.init_step}: its parameters are not those "
                    f"this run was built on (fingerprint {found[:12]}, recorded {base_fingerprint[:12]}); restore "
                    "that base run, or fine-tune anew in another workdir")
   model, rules = base.run.model, base.run.rules
   method = peft.Method(config.peft, model.cfg)
-  trainable_base, frozen_base = peft.split(base.state.params, method.base_trainable)
+  trainable_base, frozen_base = peft.split(base.params, method.base_trainable)
   trainable_axes, _ = peft.split(base.run.param_axes, method.base_trainable)
   _, frozen_shardings = peft.split(base.run.shardings.params, method.base_trainable)
   abstract_frozen = jax.eval_shape(lambda: frozen_base)
@@ -194,7 +201,7 @@ def finetuning(config, mesh: Mesh, labels: list | None, require_tokenizer: bool 
       params["head"] = tasks.init_head(jax.random.fold_in(rng, 2), model.cfg.d_model, len(labels))
     return params
 
-  return Run(model=model, tx=make_optimizer(config.train), mesh=mesh, rules=rules, param_axes=param_axes,
+  return Run(model=model, tx=make_optimizer(config.train, param_axes), mesh=mesh, rules=rules, param_axes=param_axes,
              init_params=fresh, seed=config.train.seed, tokenizer=base.run.tokenizer, config=config,
              base=trainable_base, frozen={"base": frozen_base}, frozen_shardings={"base": frozen_shardings},
              method=method, labels=labels, base_fingerprint=found)

@@ -2,8 +2,9 @@
 and small files replaced whole.
 
 Offers `prepare_workdir` (config.json; pins the schedule's length; a run that never reached a checkpoint starts
-over), `write_atomic` (temp file + rename), `lock` (one process writes a workdir; a second copy of a command is
-refused), `check_directory` and `RESUMABLE_KEYS`.
+over), `check_branch` (a run branched from another's checkpoint differs from it in its schedule only),
+`write_atomic` (temp file + rename), `lock` (one process writes a workdir; a second copy of a command is
+refused), `check_directory`, `RESUMABLE_KEYS` and `BRANCH_KEYS`.
 """
 
 import contextlib
@@ -15,6 +16,7 @@ import socket
 import jax
 
 from model.config import ConfigError
+from train.checkpoint import read_run_config, resolve_step
 
 # Keys that may differ when a run is resumed: they change how long or how often, not what is trained
 # (the mesh may change too: a checkpoint restores into any sharding).
@@ -22,6 +24,11 @@ RESUMABLE_KEYS = ("train.steps", "train.eval_every", "train.eval_batches", "trai
                   "train.keep_checkpoints", "train.async_checkpoints", "train.log_every", "train.num_samples",
                   "train.sample_tokens", "train.sample_temperature", "train.sample_top_k", "train.sample_prompt", "train.restore_step",
                   "train.nonfinite", "train.decay_steps")
+# Keys a run branched from another run's checkpoint (train.branch_from) may set otherwise: the schedule from there
+# on (a cooldown), and the branch itself.
+BRANCH_KEYS = ("train.schedule", "train.decay_fraction", "train.decay_shape", "train.min_learning_rate",
+               "train.branch_from", "train.branch_step")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 LOCK_FILE = ".lock"
 # What a start writes before its first checkpoint: removed when a run that never reached one starts over with other
 # settings (a tokenizer trained on other data, the metrics of other steps).
@@ -114,6 +121,37 @@ def prepare_workdir(config, workdir: str) -> None:
                         f"not {_flatten(current)[key]!r}; resume with the same config or use another --workdir")
   if jax.process_index() == 0:
     write_atomic(path, json.dumps(current, indent=2))
+    for name in TOKENIZER_FILES if config.train.get("branch_from") else ():  # the branch reads the ids its source did
+      source = os.path.join(config.train.branch_from, name)
+      if os.path.exists(source) and not os.path.exists(os.path.join(workdir, name)):
+        shutil.copy(source, workdir)
+
+
+def check_branch(config, workdir: str) -> None:
+  """A ConfigError unless config.train.branch_from ("": no branch) names another run with a checkpoint at
+  train.branch_step, made with this config but for the keys a resume or a branch may change (RESUMABLE_KEYS,
+  BRANCH_KEYS, the mesh)."""
+  source = config.train.get("branch_from", "")
+  if not source:
+    return
+  if os.path.abspath(source) == os.path.abspath(workdir):
+    raise ConfigError(f"config.train.branch_from={source}: this run's own workdir; branch into a new --workdir (or "
+                      "resume an earlier step here with config.train.restore_step)")
+  try:
+    saved = _flatten(read_run_config(source).to_dict())
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.train.branch_from={source}: {e}") from None
+  step = config.train.branch_step
+  try:
+    resolve_step(source, None if step < 0 else step)
+  except FileNotFoundError as e:
+    raise ConfigError(f"config.train.branch_step={step}: {e}") from None
+  differing = [key for key in _differing(saved, config) if key not in BRANCH_KEYS]
+  if differing:
+    key = differing[0]
+    raise ConfigError(f"config.train.branch_from={source}: that run was made with config.{key}={saved[key]!r}, not "
+                      f"{_flatten(json.loads(config.to_json()))[key]!r}; a branch changes only "
+                      f"{', '.join(BRANCH_KEYS[:4])} and run-length keys")
 
 
 def _differing(saved: dict, config) -> list[str]:
