@@ -9,7 +9,7 @@ setup(
     install_requires=[
         "jax>=0.10.0",
         "flax>=0.12.0",
-        "optax>=0.2.4",
+        "optax>=0.2.8",  # optax.contrib.scale_by_muon with MuonDimensionNumbers; 0.2.7 fails to import on jax 0.10
         "orbax-checkpoint>=0.11.0",
         "sentencepiece>=0.2.0",
         "tokenizers>=0.20",  # Hugging Face tokenizer.json files of imported models

@@ -208,6 +208,33 @@ def test_mup_factors_of_one_change_nothing_and_come_before_the_decay(optimizer):
     np.testing.assert_allclose(moved[name], expected, rtol=1e-5, atol=1e-9, err_msg=name)
 
 
+@pytest.mark.parametrize("optimizer", optimizers.OPTIMIZERS)
+def test_mup_at_its_base_width_trains_as_sp_bit_for_bit(optimizer):
+  # A real decoder under both parametrizations at d_model = base_width, with the base model's vector-like rate
+  # multiplier set (so both optimizers carry a tree of factors), clipping and decay on: 3 steps, equal bits.
+  def trained(parametrization):
+    config = base.get_config()
+    config.model.update(num_layers=2, d_model=64, num_heads=4, max_len=16, parametrization=parametrization,
+                        base_width=64, mup_vector_lr_mult=0.5)
+    config.train = train_config(optimizer)
+    run = runs.pretraining(config, None, 32)
+    params = run.init_params(jax.random.PRNGKey(0), {})
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 17), 0, 32)
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        run.model.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:]).mean()
+
+    @jax.jit
+    def step(p, state):
+      updates, state = run.tx.update(jax.grad(loss)(p), state, p)
+      return optax.apply_updates(p, updates), state
+    state = run.tx.init(params)
+    for _ in range(3):
+      params, state = step(params, state)
+    return params
+  sp, mup = trained("sp"), trained("mup")
+  jax.tree.map(np.testing.assert_array_equal, sp, mup)
+
+
 def _closed_form(name, shape, t, peak=1.0, low=0.1, warmup=10, end=100, fraction=0.2):
   """The learning rate at optimizer count t, written out."""
   if t < warmup:

@@ -41,7 +41,7 @@ TINY_RUN = ["train.steps=2", "train.eval_every=2", "train.eval_batches=1", "trai
             "train.num_samples=1", "train.sample_tokens=8"]
 SHORTEN = {  # module -> its overrides (--config.k=v or --flag=v)
     "train.pretrain": [*TINY_RUN, "train.batch_size=4", "model.num_layers=1", "data.max_bytes=300000",
-                       "data.vocab_size=512"],
+                       "data.vocab_size=512", "train.branch_step=-1"],  # a branch: from the shortened run's last
     "train.finetune": [*TINY_RUN, "train.batch_size=4", "data.max_records=64"],
     "data.prepare": ["data.max_bytes=300000", "data.vocab_size=512", "--workers=2"],
     "train.generate": ["--max_new_tokens=8"],
@@ -56,7 +56,8 @@ SHORTEN = {  # module -> its overrides (--config.k=v or --flag=v)
                "'model.num_layers=1', 'train.batch_size=4')"],
 }
 RESUMABLE_ONLY = [*TINY_RUN]  # a run continued from an imported checkpoint keeps its other settings
-PATH_FLAGS = ("--workdir", "--out", "--config.init_from", "--config.data.prepared", "--hf_dir")
+PATH_FLAGS = ("--workdir", "--out", "--config.init_from", "--config.data.prepared", "--hf_dir",
+              "--config.train.branch_from")
 
 
 def readme_commands() -> list[str]:
