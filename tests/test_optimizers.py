@@ -402,3 +402,18 @@ def test_loss_falls_with_every_optimizer(optimizer):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss_sum"] / metrics["weight_sum"]))
   assert losses[-1] < losses[0] - 1.0, losses
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "muon"])
+def test_a_sharded_run_equals_one_device(tmp_path, optimizer):
+  # Muon's Newton-Schulz products and Adafactor's factored moments (replicated) on a 2 x 2 x 2 mesh: the losses of
+  # one device, to float rounding.
+  losses = {}
+  for shape in [(1, 1, 1), (2, 2, 2)]:
+    config = tiny_config(tmp_path, optimizer=optimizer, steps=4, eval_every=4, checkpoint_every=4)
+    config.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+    workdir = str(tmp_path / f"run_{optimizer}_{shape[1]}")
+    train_and_evaluate(config, workdir)
+    losses[shape] = list(logged(workdir).values())
+  assert losses[(1, 1, 1)][-1] < losses[(1, 1, 1)][0]
+  np.testing.assert_allclose(losses[(2, 2, 2)], losses[(1, 1, 1)], atol=1e-5, rtol=0)

@@ -1,10 +1,11 @@
 """The optimizer of a run (`config.train.optimizer`), built from optax's transforms, with its weight-decay mask and
 µP's per-parameter update scales.
 
-Every optimizer is one form, update = -lr(t) * (direction / m + weight_decay * param): global-norm clipping of
-the gradient (train.grad_clip), the optimizer's direction, µP's factor (1 / m on hidden matrices; 1 elsewhere and
-under the standard parametrization) *before* the decoupled weight decay (so per-step decay does not fade with
-width), then the schedule (train/schedules.py). The directions:
+Every optimizer is one form, update = -lr(t) * (direction * f + weight_decay * param): global-norm clipping of
+the gradient (train.grad_clip), the optimizer's direction, the parameter's factor f (model/parametrization.py's
+update_scale: µP's 1 / m_in on hidden matrices, the base model's rate multipliers; 1 by default) *before* the
+decoupled weight decay (so per-step decay does not fade with width), then the schedule (train/schedules.py). The
+directions:
 
   adamw                Adam's moments (train.b1, b2, eps): optax.adamw
   lion                 the sign of interpolated momentum (train.lion_b1, lion_b2): optax.lion; its updates are
@@ -20,9 +21,10 @@ width), then the schedule (train/schedules.py). The directions:
                        train.muon_rms * sqrt(max(fan_in, fan_out)) (Moonlight's rule, optax's consistent_rms): the
                        update's RMS matches AdamW's typical 0.2, so one train.learning_rate serves both parts.
                        Everything else (embeddings, the output head, norms, biases) takes AdamW's direction.
-                       Under µP the orthogonalised matrices take sqrt(µP's factor) (sqrt(1/m)), which cancels
-                       the sqrt(m) growth of sqrt(max(fan_in, fan_out)): their update's spectral norm stays at its
-                       base-width value (the spectral condition of Yang, Simon & Bernstein 2023)
+                       Under µP the orthogonalised matrices take sqrt of their factor (sqrt(1 / m_in)), which
+                       cancels the sqrt(m) growth of sqrt(max(fan_in, fan_out)) when both dims grow by m: their
+                       update's spectral norm stays at its base-width value (the spectral condition of Yang, Simon
+                       & Bernstein 2023); the AdamW part keeps its factors
   schedule_free_adamw  schedule-free AdamW (Defazio et al. 2024; optax.contrib.schedule_free around AdamW's
                        second moment, train.b1 the interpolation): the state holds z and the parameters are y;
                        evaluation, samples, export and fine-tuning read `eval_params` (x)
