@@ -329,9 +329,9 @@ def test_schedule_free_evaluates_and_loads_its_evaluation_parameters(tmp_path):
   assert abs(loss(state.params) - logged_loss) > 1e-4
 
 
-@pytest.mark.parametrize("optimizer", ["muon", "schedule_free_adamw"])
-def test_resume_is_exact_with(tmp_path, optimizer):
-  overrides = dict(optimizer=optimizer, schedule="constant" if optimizer == "schedule_free_adamw" else "cosine")
+def test_resume_is_exact_with_schedule_free(tmp_path):
+  # Its state holds z, the averaging weights and the step count beside Adam's second moment: all of it restored.
+  overrides = dict(optimizer="schedule_free_adamw", schedule="constant")
   whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
   train_and_evaluate(tiny_config(tmp_path, steps=6, checkpoint_every=3, **overrides), whole)
   train_and_evaluate(tiny_config(tmp_path, steps=4, checkpoint_every=3, **overrides), resumed)
