@@ -295,5 +295,5 @@ def test_mup_ablation_configs_take_the_tuned_multipliers():
   assert "model.mup_attn_mult=2.83" in stage2.overrides and set(dict(stage2.grid)) == {"embed_lr", "vector_lr", "lr"}
   for bad, message in (("outputs=8", "'outputs=8': expected NAME=VALUE"), ("output=x", "'x' is not a number"),
                        ("init=0", "expected a positive multiplier")):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ValueError, match=message):
       mup_transfer.get_config(bad)
