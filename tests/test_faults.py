@@ -228,8 +228,8 @@ def test_restore_step_resumes_an_earlier_checkpoint_and_keeps_the_later_ones(tmp
 
 def _poisoned_loss(monkeypatch):
   """Training losses (not eval ones) of about a third of the batches become NaN, their gradients too."""
-  def poisoned_token_loss(model, model_params=None):
-    loss = token_loss(model, model_params)
+  def poisoned_token_loss(model, model_params=None, **kwargs):
+    loss = token_loss(model, model_params, **kwargs)
 
     def loss_fn(params, frozen, batch, rng, deterministic):
       sums = loss(params, frozen, batch, rng, deterministic)
