@@ -34,7 +34,7 @@ def ablation_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.entrypoint = "pretrain"          # pretrain | finetune (python -m train.<entrypoint>)
   c.config = ""                      # the experiment's config file, e.g. configs/shakespeare_char.py
-  c.overrides = ()                   # "key=value" for every run, as --config.key=value
+  c.overrides = ()                   # "key=value" for every run, as --config.key=value ("{seed}": the run's seed)
   c.variants = {}                    # name -> tuple of "key=value" overrides; or ((name, overrides), ...) in order
   c.grid = {}                        # axis name -> (key, (values...)): a variant per combination; a tuple of keys
                                      # with tuples of values ties dials: ("model.num_layers", "model.d_model")
@@ -262,12 +262,14 @@ def baseline(ablation) -> str:
 def expand(ablation, extra: dict | None = None) -> list[dict]:
   """Runs seed by seed, every variant of a seed before the next seed (interleaved, so a slow drift of a shared
   machine hits all variants alike), then `extra` {variant: [seeds]} added by --until_significant; each run is
-  {name, variant, seed, overrides}."""
+  {name, variant, seed, overrides}, "{seed}" in an override replaced by the run's seed (a branch of the same seed's
+  run of another ablation: train.branch_from=runs/stable/runs/constant_seed{seed})."""
   overrides_of = dict(variants(ablation))
   order = [(name, seed) for seed in ablation.seeds for name in overrides_of]
   order += [(name, seed) for name, seeds in (extra or {}).items() for seed in seeds if seed not in ablation.seeds]
   return [{"name": f"{name}_seed{seed}", "variant": name, "seed": seed,
-           "overrides": (*ablation.overrides, *overrides_of[name], f"{ablation.seed_key}={seed}")}
+           "overrides": tuple(o.replace("{seed}", str(seed)) for o in (*ablation.overrides, *overrides_of[name]))
+           + (f"{ablation.seed_key}={seed}",)}
           for name, seed in order]
 
 

@@ -56,6 +56,13 @@ def test_named_variants_then_grid_product_interleaved_over_seeds():
                          "--config.train.seed=1"]
 
 
+def test_seed_placeholder_names_the_same_seed_run_of_another_ablation():
+  config = ablation_config(variants={"branch": ("train.branch_from=runs/stable/runs/constant_seed{seed}",)}, seeds=(3, 4))
+  assert [r["overrides"] for r in ablate.plan.expand(config)] == [
+      ("train.branch_from=runs/stable/runs/constant_seed3", "train.seed=3"),
+      ("train.branch_from=runs/stable/runs/constant_seed4", "train.seed=4")]
+
+
 def test_tuple_values_are_written_as_python_literals():
   config = ablation_config(variants={}, grid={"t": ("peft.trainable", (("_bias$",), ()))}, seeds=(0,))
   assert [r["overrides"][0] for r in ablate.plan.expand(config)] == ["peft.trainable=('_bias$',)", "peft.trainable=()"]
