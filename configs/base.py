@@ -58,6 +58,20 @@ def get_config() -> ml_collections.ConfigDict:
                                       # except attention scores) | dots_all (every matmul output)
   model.scan_layers = False           # run the blocks as one lax.scan (compiled once: fast compiles of deep
                                       # models); parameters and checkpoints are the same either way
+  # Mixture of experts (model/moe.py; README "Mixture of experts"):
+  model.mlp = "dense"                 # dense (one MLP a layer) | moe (a router picks experts_per_token experts)
+  model.num_experts = 8               # moe: experts E a layer, each an MLP of mlp_dim
+  model.experts_per_token = 2         # moe: experts X each token is sent to (top-X)
+  model.moe_every = 1                 # moe: every n-th layer is a mixture (2: layers 1, 3, ...), the others dense
+  model.shared_experts = 0            # moe: experts every token passes through too (a dense MLP of n * mlp_dim)
+  model.router = "softmax_topk"       # moe: softmax_topk (Mixtral: top-X probabilities renormalised) | sigmoid_topk
+                                      # (DeepSeek-V3: sigmoid affinities, the top X normalised); top-1: ungated by 1
+  model.moe_capacity_factor = 0.0     # moe: 0 = dropless (grouped matmuls); c > 0: each row gives an expert
+                                      # ceil(c * L * X / E) slots and drops the pairs past them (counted)
+  model.moe_aux_loss = 0.01           # moe: coefficient of the Switch load-balancing loss (1 when balanced; 0 = off)
+  model.router_z_loss = 0.0           # moe: coefficient of the router z-loss, mean log(Z)^2 of its logits (ST-MoE 1e-3)
+  model.moe_bias_update_rate = 0.0    # moe: auxiliary-loss-free balancing (DeepSeek-V3 1e-3): a per-expert bias on the
+                                      # choice moves by this towards balance each step (0 = no bias)
 
   config.data = data = ml_collections.ConfigDict()
   data.train_path = "builtin:python_stdlib"  # file, glob, directory, comma list, or builtin:python_stdlib

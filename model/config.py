@@ -16,6 +16,8 @@ POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 PARAMETRIZATIONS = ("sp", "mup")
 QK_NORM_SCOPES = ("head", "projection")
+MLPS = ("dense", "moe")
+ROUTERS = ("softmax_topk", "sigmoid_topk")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -71,6 +73,16 @@ class ModelConfig:
   mup_embed_lr_mult: float = 1.0
   mup_vector_lr_mult: float = 1.0
   mup_zero_query: bool = False
+  mlp: str = "dense"
+  num_experts: int = 8
+  experts_per_token: int = 2
+  moe_every: int = 1
+  shared_experts: int = 0
+  router: str = "softmax_topk"
+  moe_capacity_factor: float = 0.0
+  moe_aux_loss: float = 0.01
+  router_z_loss: float = 0.0
+  moe_bias_update_rate: float = 0.0
   # µP's base model (model/parametrization.py): this config at d_model = base_width with head_dim and mlp_dim derived
   # again where they were derived; set by from_config, None = the model is its own base. Not a config key.
   base_model: "ModelConfig | None" = None
@@ -86,6 +98,16 @@ class ModelConfig:
   def gated(self) -> bool:
     """A gated MLP (two input projections)."""
     return self.activation in GATED
+
+  def moe_layer(self, index: int) -> bool:
+    """Whether layer `index` (from 0) of a stack is a mixture of experts: every moe_every-th layer, the last of each
+    moe_every (moe_every 2: layers 1, 3, ...)."""
+    return self.mlp == "moe" and (index + 1) % self.moe_every == 0
+
+  @property
+  def num_moe_layers(self) -> int:
+    """Mixture-of-experts layers a stack holds."""
+    return sum(self.moe_layer(i) for i in range(self.num_layers))
 
   @property
   def compute_dtype(self):
@@ -134,7 +156,7 @@ class ModelConfig:
                "position": POSITIONS, "family": FAMILIES, "dtype": tuple(DTYPES),
                "param_dtype": tuple(DTYPES), "remat_policy": REMAT_POLICIES,
                "attention_impl": ATTENTION_IMPLS, "parametrization": PARAMETRIZATIONS,
-               "qk_norm_scope": QK_NORM_SCOPES}
+               "qk_norm_scope": QK_NORM_SCOPES, "mlp": MLPS, "router": ROUTERS}
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
         raise ConfigError(f"config.model.{key}: expected one of {', '.join(allowed)}, "
@@ -169,6 +191,21 @@ class ModelConfig:
       raise ConfigError(f"config.model.dropout: expected a value in [0, 1), got {self.dropout}")
     if self.attention_impl in FUSED_ATTENTION_IMPLS:
       self.validate_fused_attention()
+    self.validate_experts()
+
+  def validate_experts(self) -> None:
+    """The mixture-of-experts keys (checked whatever config.model.mlp is: a typo waits for no switch)."""
+    for key, low in (("num_experts", 2), ("experts_per_token", 1), ("moe_every", 1), ("shared_experts", 0)):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"config.model.{key}: expected a whole number >= {low}, got {value!r}")
+    if self.experts_per_token > self.num_experts:
+      raise ConfigError(f"config.model.experts_per_token: at most num_experts={self.num_experts}, "
+                        f"got {self.experts_per_token}")
+    for key in ("moe_capacity_factor", "moe_aux_loss", "router_z_loss", "moe_bias_update_rate"):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ConfigError(f"config.model.{key}: expected a number >= 0, got {value!r}")
 
   def validate_fused_attention(self) -> None:
     """A fused kernel adds no bias to the scores and drops no probabilities: those models keep einsum."""
@@ -180,20 +217,35 @@ class ModelConfig:
     if self.attention_impl == "cudnn" and self.dtype == "float32":
       raise ConfigError(f"{impl} needs dtype bfloat16 or float16 (cuDNN's flash attention has no float32)")
 
-  def num_params(self, include_embeddings: bool = True) -> int:
-    """Parameter count computed from the shapes (checked against the real tree in tests)."""
-    d, k, f = self.d_model, self.head_dim, self.mlp_dim
+  def expert_params(self, width: int = 0) -> int:
+    """Parameters of one MLP of `width` (0: mlp_dim), biases included: a dense MLP, an expert or the shared one."""
+    d, f = self.d_model, width or self.mlp_dim
+    return d * f * (3 if self.gated else 2) + (f * (2 if self.gated else 1) + d if self.use_bias else 0)
+
+  def mlp_params(self, index: int, active: bool = False) -> int:
+    """Parameters of layer `index`'s MLP: dense, or the router, its bias, the experts (`active`: only the
+    experts_per_token a token uses) and the shared experts."""
+    if not self.moe_layer(index):
+      return self.expert_params()
+    experts = self.experts_per_token if active else self.num_experts
+    router = self.d_model * self.num_experts + (self.num_experts if self.moe_bias_update_rate > 0 else 0)
+    shared = self.expert_params(self.shared_experts * self.mlp_dim) if self.shared_experts else 0
+    return router + experts * self.expert_params() + shared
+
+  def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+    """Parameter count computed from the shapes (checked against the real tree in tests); `active`: a mixture of
+    experts counts the experts a token uses, not all."""
+    d, k = self.d_model, self.head_dim
     attn = d * k * (self.num_heads * 2 + self.num_kv_heads * 2)
     attn_bias = k * (self.num_heads + 2 * self.num_kv_heads) + d if self.use_bias else 0
-    mlp = d * f * (3 if self.gated else 2)
-    mlp_bias = f * (2 if self.gated else 1) + d if self.use_bias else 0
     norm_size = d * (2 if self.norm == "layernorm" and self.use_bias else 1)
     if self.qk_norm:  # the scales of every attention: [K] for queries and [K] for keys, or [H * K] and [G * K]
       attn_bias += 2 * k if self.qk_norm_scope == "head" else k * (self.num_heads + self.num_kv_heads)
-    layer = attn + attn_bias + mlp + mlp_bias + 2 * norm_size
+    layer = attn + attn_bias + 2 * norm_size
+    mlps = sum(self.mlp_params(i, active) for i in range(self.num_layers))
     final_norm = norm_size if self.norm_position == "pre" else 0
     stacks = 2 if self.family == "encoder_decoder" else 1
-    total = stacks * (self.num_layers * layer + final_norm)
+    total = stacks * (self.num_layers * layer + mlps + final_norm)
     if self.family == "encoder_decoder":  # the decoder's cross-attention
       total += self.num_layers * (attn + attn_bias + norm_size)
     embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
@@ -216,15 +268,20 @@ class ModelConfig:
     `target_length`, and the decoder's cross-attention projects the encoder's tokens to keys and values."""
     d, h, g, k = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
     query_out, key_value = 2 * d * h * k, 2 * d * g * k
-    block = query_out + key_value + d * self.mlp_dim * (3 if self.gated else 2)
+    # A mixture of experts counts its router and the experts a token uses (active, shared included): the FLOPs of
+    # a token, whichever experts it picks.
+    mlp_width = sum((self.experts_per_token + self.shared_experts) * self.mlp_dim if self.moe_layer(i)
+                    else self.mlp_dim for i in range(self.num_layers))
+    routers = self.num_moe_layers * d * self.num_experts
+    stack = self.num_layers * (query_out + key_value) + d * mlp_width * (3 if self.gated else 2) + routers
     head = self.vocab_size * d + (d * d if self.head_transform else 0)
     pair = 12 * h * k  # scores q.k and the weighted sum of values, forward and backward
     layers = self.num_layers
     if self.family != "encoder_decoder":
-      return 6 * (layers * block + head) * length + layers * pair * length * length
+      return 6 * (stack + head) * length + layers * pair * length * length
     source, target = length, target_length
-    encoder = 6 * layers * block * source + layers * pair * source * source
-    decoder = (6 * (layers * (block + query_out) + head) * target + 6 * layers * key_value * source +
+    encoder = 6 * stack * source + layers * pair * source * source
+    decoder = (6 * (stack + layers * query_out + head) * target + 6 * layers * key_value * source +
                layers * pair * (target * target + target * source))
     return encoder + decoder
 

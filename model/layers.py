@@ -126,6 +126,7 @@ def activate(activation: str, x):
 class Mlp(nn.Module):
   """Position-wise feed-forward: GELU (exact or tanh), ReLU, or gated: SwiGLU, GeGLU (tanh GELU gate)."""
   cfg: ModelConfig
+  mlp_dim: int = 0  # its width F (0: config.model.mlp_dim; a mixture of experts' shared experts are wider)
 
   def dense(self, name, x, shape, axes, init, spec):
     return linear(self, name, x, shape, axes, spec, init)
@@ -133,7 +134,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
-    d, f = cfg.d_model, cfg.mlp_dim
+    d, f = cfg.d_model, self.mlp_dim or cfg.mlp_dim
     up = ("embed", "mlp")
     if cfg.gated:
       gate_BxLxF = self.dense("wi_gate", x_BxLxD, (d, f), up, normal(0.02), "bld,df->blf")

@@ -15,6 +15,7 @@ from model import parametrization
 from model.attention import Attention, attention_mask, relative_bias, sinusoidal_embedding
 from model.config import FUSED_ATTENTION_IMPLS, ConfigError, ModelConfig
 from model.layers import Embed, Head, Mlp, Norm, normal, param
+from model.moe import Moe
 from model.sharding import constrain
 
 
@@ -28,17 +29,20 @@ REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
 
 
 class Block(nn.Module):
-  """Attention, optional cross-attention, then MLP: residual branches with pre- or post-normalisation."""
+  """Attention, optional cross-attention, then MLP (or a mixture of experts): residual branches with pre- or
+  post-normalisation."""
   cfg: ModelConfig
   cross: bool = False  # attend an encoder's output (encoder-decoder)
   deterministic: bool = True  # no dropout (an attribute, not an argument: nn.remat needs no static arguments)
   causal: bool = True  # the self-attention mask's kind, for a fused kernel (model/flash.py)
+  moe: bool = False  # its MLP is a mixture of experts (model/moe.py)
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, cache=None, context_BxSxD=None, context_mask_BxLxS=None,
-               bias_BxHxLxS=None, segment_ids_BxL=None):
+               bias_BxHxLxS=None, segment_ids_BxL=None, valid_BxL=None):
     """Returns (x_BxLxD, this layer's updated cache or None); `cache`, the self-attention's `bias_BxHxLxS` and
-    `segment_ids_BxL` (None: one sequence a row) as in Attention."""
+    `segment_ids_BxL` (None: one sequence a row) as in Attention; `valid_BxL` (False on padding) tells a mixture of
+    experts which tokens to route."""
     cfg, deterministic = self.cfg, self.deterministic
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     pre = cfg.norm_position == "pre"
@@ -60,7 +64,11 @@ class Block(nn.Module):
       cross_attention = Attention(cfg, name="cross_attention")
       x_BxLxD = residual("cross_attention", lambda h: cross_attention(
           h, positions_BxL, context_mask_BxLxS, deterministic, context_BxSxD=context_BxSxD)[0])
-    x_BxLxD = residual("mlp", Mlp(cfg, name="mlp"))
+    if self.moe:
+      moe = Moe(cfg, name="mlp")
+      x_BxLxD = residual("mlp", lambda h_BxLxD: moe(h_BxLxD, valid_BxL))
+    else:
+      x_BxLxD = residual("mlp", Mlp(cfg, name="mlp"))
     return constrain(x_BxLxD, ("batch", "length", "activation_embed")), cache
 
 
@@ -166,17 +174,18 @@ class Transformer(nn.Module):
       key_positions_BxS = positions_BxL if cache is None else cache["positions"]
       bias_BxHxLxS = relative_bias(table_NxH, positions_BxL, key_positions_BxS, not self.causal,
                                    cfg.relative_max_distance)
+    valid_BxL = segment_ids_BxL != 0
     if cfg.scan_layers and cache is None and not self.is_initializing() and self.layers_alike():
       x_BxLxD = self.scan_blocks(x_BxLxD, positions_BxL, mask_BxLxS, deterministic, context_BxSxD,
-                                 context_mask_BxLxS, bias_BxHxLxS, kernel_segment_ids_BxL)
+                                 context_mask_BxLxS, bias_BxHxLxS, kernel_segment_ids_BxL, valid_BxL)
       return (Norm(cfg, name="final_norm")(x_BxLxD) if cfg.norm_position == "pre" else x_BxLxD), None
     block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else Block
     new_layers = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else dict(cache["layers"][i], end=end, positions=cache["positions"])
-      x_BxLxD, layer_cache = block(cfg, self.cross, deterministic, self.causal, name=f"layer_{i}")(
+      x_BxLxD, layer_cache = block(cfg, self.cross, deterministic, self.causal, cfg.moe_layer(i), name=f"layer_{i}")(
           x_BxLxD, positions_BxL, mask_BxLxS, layer_cache, context_BxSxD, context_mask_BxLxS, bias_BxHxLxS,
-          kernel_segment_ids_BxL)
+          kernel_segment_ids_BxL, valid_BxL)
       new_layers.append(layer_cache)
     if cfg.norm_position == "pre":
       x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
@@ -191,25 +200,32 @@ class Transformer(nn.Module):
                for tree in trees)
 
   def scan_blocks(self, x_BxLxD, positions_BxL, mask_BxLxS, deterministic, context_BxSxD, context_mask_BxLxS,
-                  bias_BxHxLxS, kernel_segment_ids_BxL=None):
+                  bias_BxHxLxS, kernel_segment_ids_BxL=None, valid_BxL=None):
     """The layers as one lax.scan over their variables stacked on the fly: the block is traced and compiled once,
     while the parameter tree keeps its `layer_i` entries (checkpoints, PEFT paths, Hugging Face maps are
-    unchanged). Without dropout it equals the loop to float rounding; dropout masks differ from the loop's."""
+    unchanged). Without dropout it equals the loop to float rounding; dropout masks differ from the loop's. A
+    mixture of experts' statistics come out of the scan stacked and go into the "moe" collection by layer, as the
+    loop sows them."""
     cfg = self.cfg
     stacked = {name: jax.tree.map(lambda *xs: jnp.stack(xs), *(tree[f"layer_{i}"] for i in range(cfg.num_layers)))
                for name, tree in self.variables.items() if "layer_0" in tree}
-    block = Block(cfg, self.cross, deterministic, self.causal, parent=None)
+    block = Block(cfg, self.cross, deterministic, self.causal, cfg.moe_layer(0), parent=None)
     rng = None if deterministic or cfg.dropout == 0 else self.make_rng("dropout")
+    sown = ["moe"] if cfg.moe_layer(0) and self.is_mutable_collection("moe") else []
 
     def layer(x_BxLxD, variables_and_index):
       variables, index = variables_and_index
       rngs = {} if rng is None else {"dropout": jax.random.fold_in(rng, index)}
-      return block.apply(variables, x_BxLxD, positions_BxL, mask_BxLxS, None, context_BxSxD, context_mask_BxLxS,
-                         bias_BxHxLxS, kernel_segment_ids_BxL, rngs=rngs)[0], None
+      (x_BxLxD, _), state = block.apply(variables, x_BxLxD, positions_BxL, mask_BxLxS, None, context_BxSxD,
+                                        context_mask_BxLxS, bias_BxHxLxS, kernel_segment_ids_BxL, valid_BxL,
+                                        rngs=rngs, mutable=sown)
+      return x_BxLxD, state.get("moe")
 
     if cfg.remat:
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (stacked, jnp.arange(cfg.num_layers)))
+    x_BxLxD, stats = jax.lax.scan(layer, x_BxLxD, (stacked, jnp.arange(cfg.num_layers)))
+    for i in range(cfg.num_layers if sown else 0):
+      self.put_variable("moe", f"layer_{i}", jax.tree.map(lambda x: x[i], stats))
     return x_BxLxD
 
   def forward(self, batch: Batch, deterministic: bool = True, prefix_NxD=None):
