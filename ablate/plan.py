@@ -57,6 +57,8 @@ def ablation_defaults() -> ml_collections.ConfigDict:
   c.max_seeds = 10                   # --until_significant: seeds per variant at the last look
   c.ladder_floor = 0.0               # a ladder's fit L = a C^-b + c holds c at this below 5 sizes (fitted from 5)
   c.curve = "eval/loss"              # metrics.jsonl key plotted against x_axis
+  c.speedup = False                  # results.md: each variant's speedup to the baseline's final curve value
+                                     # (ablate/speedup.py: baseline x / the x it is reached at, seed by seed)
   c.x_axis = "step"                  # step | train/tokens | train/flops | time: what the runs are compared at; not
                                      # step: every metric is taken at the largest x all runs reached (equal cost)
   c.eval_lengths = ()                # lengths for `key@L` metrics (python -m train.evaluate --seq_len)

@@ -21,6 +21,7 @@ import ml_collections
 from ablate import figures
 from ablate import scaling
 from ablate import sequential
+from ablate import speedup
 from ablate import stats
 from ablate import sweep
 from ablate.plan import (AGGREGATES, DATA, baseline, direction, expand, extra_seeds, grid_cells, is_cost,
@@ -400,6 +401,10 @@ def write_report(workdir: str, out: str | None = None, x_axis: str | None = None
     fits = scaling.ladder_fits(done, specs[0], groups, size_of, confidence=ablation.confidence,
                                floor=ablation.ladder_floor)
     text += "\n" + scaling_table(fits, specs[0], ablation.confidence, groups[baseline(ablation)])
+  if ablation.speedup:
+    text += "\n" + speedup.table(speedup.speedups(curves, baseline(ablation), ablation.confidence,
+                                                  lower_is_better(ablation.curve, directions)),
+                                  baseline(ablation), ablation.curve, ablation.x_axis, ablation.confidence)
   if ablation.sweep:
     text += "\n" + sweep.table(ablation, summary, specs[0], lower_is_better(specs[0], directions))
   unfinished = [f"{row['run']} ({row['status']})" for row in rows if row["status"] != "done"]

@@ -3,6 +3,7 @@
 import glob
 import importlib.util
 import json
+import math
 import os
 import re
 import statistics
@@ -15,6 +16,7 @@ import pytest
 import ablate.plan
 import ablate.report
 import ablate.runner
+import ablate.speedup
 from model.config import ConfigError
 from test_train import REPO, TEXT
 
@@ -223,3 +225,22 @@ def test_cli_dry_run_lists_runs_and_runs_nothing(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "ablate", "report", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True)
   assert bad.returncode == 1 and bad.stderr.strip() == f"error: {tmp_path}: no ablation.json; not an ablation workdir"
+
+
+def test_speedup_to_the_baselines_final_value_seed_by_seed():
+  from scipy import stats as scipy_stats
+  assert ablate.speedup.first_reach([(0, 10.0), (100, 4.5), (200, 3.0)], 4.0) == pytest.approx(100 + 100 * 0.5 / 1.5)
+  assert ablate.speedup.first_reach([(0, 0.2), (50, 0.9)], 0.5, lower_is_better=False) == pytest.approx(50 * 0.3 / 0.7)
+  assert ablate.speedup.first_reach([(0, 10.0), (100, 6.0)], 4.0) is None
+  curves = {"base": {0: [(0, 10.0), (100, 5.0), (200, 4.0)], 1: [(0, 10.0), (100, 5.0), (200, 4.5)],
+                     2: [(0, 10.0), (200, 4.0)]},
+            "fast": {0: [(0, 10.0), (100, 4.5), (200, 3.0)], 1: [(0, 10.0), (100, 4.5), (200, 4.0)],
+                     2: [(0, 10.0), (200, 5.0)]}}
+  found = ablate.speedup.speedups(curves, "base")["fast"]
+  assert found["ratios"] == {0: pytest.approx(1.5), 1: pytest.approx(2.0), 2: None}  # seed 2 never gets to 4.0
+  assert (found["reached"], found["n"]) == (2, 3) and found["mean"] == pytest.approx(math.sqrt(3.0))
+  logs = [math.log(1.5), math.log(2.0)]
+  low, high = scipy_stats.t.interval(0.95, 1, loc=sum(logs) / 2, scale=scipy_stats.sem(logs))
+  assert found["interval"] == pytest.approx((math.exp(low), math.exp(high)))
+  text = ablate.speedup.table({"fast": found}, "base", "eval/loss", "step", 0.95)
+  assert "| fast | 1.732 |" in text and "2: not reached" in text

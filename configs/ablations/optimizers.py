@@ -12,8 +12,8 @@ over 30 steps and decays to 0; weight decay 0.1 (decoupled, times the rate) ever
 
 1. the peak rate per optimizer, 2^-10 .. 2^-7, seed 0, on the validation split (sweep.png, results.md's best rate);
 2. each optimizer at its best rate on fresh seeds 1, 2, 3 (the sweep's seed is not reused, so the selection does
-   not bias the comparison); the eval loss every 30 steps gives the tokens each run needs to reach AdamW's final loss
-   (bench/optimizer_tokens.py).
+   not bias the comparison); the eval loss every 30 steps gives the steps each run needs to reach AdamW's final loss
+   (results.md's speedup table, ablate/speedup.py).
 """
 
 import ml_collections
@@ -61,6 +61,7 @@ def get_config(rates: str = ""):
                                       "train.decay_shape=sqrt")),
                   *((name, (f"train.optimizer={name}", rate(name))) for name in OPTIMIZERS[1:]))
     c.seeds = (1, 2, 3)
+    c.speedup = True
   c.metrics = ("eval/loss", "min:eval/loss", "median:train/tokens_per_sec")
   c.parallel = 2
   return c
