@@ -25,6 +25,7 @@ class Batch(TypedDict, total=False):
   decoder_positions_BxL: np.ndarray
   decoder_segment_ids_BxL: np.ndarray
   labels_B: np.ndarray                 # int32 class ids (classification)
+  reference_logprobs_BxL: np.ndarray   # float32 preference: the reference's log-probability of each target
 
 
 WEIGHT_KEYS = ("weights_BxL", "decoder_weights_BxL")

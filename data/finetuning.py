@@ -2,7 +2,8 @@
 
 Offers `render` (a str.format template over a record), `instruct_rows` (prompt -> response rows with the loss on
 the response only, packed or one example per row, the prompt optionally a prefix LM's prefix), `seq2seq_rows`
-(prompt to an encoder, response to a decoder), `classify_rows` (text rows plus an int label per row),
+(prompt to an encoder, response to a decoder), `preference_rows` (a prompt with a chosen and a rejected response,
+the two side by side in one row), `classify_rows` (text rows plus an int label per row),
 `label_vocabulary` / `encode_labels` (label values <-> class ids) and `split_records` (train / val).
 """
 
@@ -39,6 +40,14 @@ def _instruct_stream(tokenizer: Tokenizer, prompt_ids: list[int], response_ids: 
   return stream, len(before) + len(prompt_ids)
 
 
+def _response_weights(stream: list[int], num_prompt: int) -> list[float]:
+  """The loss weight of each target of `stream` (its num_prompt first tokens: [bos] + the prompt): 1 on the response
+  and the eos."""
+  # Target j is stream[j + 1]; stream[:k] is [bos] + the prompt, so targets j >= k - 1 count (the first response
+  # token has no context to be predicted from when nothing precedes it: a run that adds no bos, an empty prompt).
+  return [0.0] * max(num_prompt - 1, 0) + [1.0] * (len(stream) - max(num_prompt, 1))
+
+
 def instruct_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: int, pack: bool = True,
                   prompt_as_prefix: bool = False) -> Batch:
   """Rows of (prompt, response) examples, loss only on response tokens and eos; arrays [N, seq_len].
@@ -68,12 +77,46 @@ def instruct_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: i
     num_prompts.append(num_prompt)
     row_of.append(row)
     used += length
-  # Target j is stream[j + 1]; stream[:k] is [bos] + the prompt, so targets j >= k - 1 count (the first response
-  # token has no context to be predicted from when nothing precedes it: a run that adds no bos, an empty prompt).
-  weights = [[0.0] * max(k - 1, 0) + [1.0] * (len(s) - max(k, 1)) for s, k in zip(streams, num_prompts)]
+  weights = [_response_weights(s, k) for s, k in zip(streams, num_prompts)]
   prefix_lengths = list(num_prompts) if prompt_as_prefix else None
   return batch_lib.rows([s[:-1] for s in streams], seq_len, targets=[s[1:] for s in streams], weights=weights,
                         row_of=row_of, prefix_lengths=prefix_lengths)
+
+
+def preference_rows(tokenizer: Tokenizer, triples: list[tuple[str, str, str]], seq_len: int,
+                    pack: bool = True) -> Batch:
+  """Rows of (prompt, chosen, rejected) examples; arrays [N, 2 * seq_len]: the first seq_len columns hold chosen
+  streams, the last seq_len the rejected ones, each laid out as instruct_rows lays out a (prompt, response) pair.
+
+  A row holds pair j as segment j + 1 of both halves, so a loss that folds the row into its two halves ([2N,
+  seq_len]: chosen, rejected) finds the two responses of a pair at the same segment id. pack=True puts whole pairs
+  greedily, in order, into rows while both halves fit; pack=False gives one pair per row (a prompt-tuning prefix
+  belongs to one example per row).
+  """
+  if not triples:
+    raise DataError("preference data: no (prompt, chosen, rejected) triples")
+  if seq_len < 1:
+    raise DataError(f"seq_len {seq_len}: expected a positive length")
+  prompts_ids = tokenizer.encode_batch([p for p, _, _ in triples])
+  chosen_ids = tokenizer.encode_batch([c for _, c, _ in triples])
+  rejected_ids = tokenizer.encode_batch([r for _, _, r in triples])
+  halves = {"chosen": [], "rejected": []}  # (stream, tokens before the response) per pair
+  row_of, row, used = [], -1, (seq_len, seq_len)  # no row open yet
+  for prompt_ids, chosen, rejected in zip(prompts_ids, chosen_ids, rejected_ids):
+    pair = [_instruct_stream(tokenizer, prompt_ids, response, seq_len) for response in (chosen, rejected)]
+    lengths = [len(stream) - 1 for stream, _ in pair]
+    if not pack or any(u + n > seq_len for u, n in zip(used, lengths)):
+      row, used = row + 1, (0, 0)
+    used = tuple(u + n for u, n in zip(used, lengths))
+    row_of.append(row)
+    halves["chosen"].append(pair[0])
+    halves["rejected"].append(pair[1])
+  built = []
+  for examples in halves.values():
+    weights = [_response_weights(s, k) for s, k in examples]
+    built.append(batch_lib.rows([s[:-1] for s, _ in examples], seq_len, targets=[s[1:] for s, _ in examples],
+                                weights=weights, row_of=row_of))
+  return {key: np.concatenate([built[0][key], built[1][key]], axis=1) for key in built[0]}
 
 
 def seq2seq_rows(tokenizer: Tokenizer, pairs: list[tuple[str, str]], input_len: int, target_len: int) -> Batch:

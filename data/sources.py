@@ -255,8 +255,9 @@ def read_documents(path_spec: str, text_field: str = "text", max_bytes: int = 0,
 
 
 def read_records(path_spec: str, fields: Sequence[str], max_records: int = 0,
-                 encoding_errors: str = "strict") -> list[dict]:
-  """JSON objects (values as parsed) from the .jsonl/.json files of `path_spec`, each holding `fields`."""
+                 encoding_errors: str = "strict", nonempty: Sequence[str] = ()) -> list[dict]:
+  """JSON objects (values as parsed) from the .jsonl/.json files of `path_spec`, each holding `fields`, and a
+  string with more than white space in each of `nonempty`."""
   # Other files a directory holds (SOURCE.md, .tsv) are skipped; max_records > 0 stops after that many.
   _check_encoding_errors(encoding_errors)
   files = [f for f in _paths(path_spec) if f.endswith(JSON_EXTENSIONS) or f.startswith(HUGGING_FACE)]
@@ -268,6 +269,10 @@ def read_records(path_spec: str, fields: Sequence[str], max_records: int = 0,
     for where, obj in rows:
       for field in fields:
         _check_field(where, obj, field)
+      for field in nonempty:
+        _check_field(where, obj, field)
+        if not isinstance(obj[field], str) or not obj[field].strip():
+          raise DataError(f"{where}: field '{field}' should be a non-empty string, got {obj[field]!r:.40}")
       records.append(obj)
       if len(records) == max_records:
         return records

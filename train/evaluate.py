@@ -31,7 +31,7 @@ from data.pipeline import read_splits
 from data.sources import DataError, read_documents, read_records
 from model.config import ConfigError
 from model.families import family
-from train import eval_tasks, tasks
+from train import eval_tasks, preference_eval, tasks
 from train import mesh as mesh_lib
 from train.checkpoint import read_run_config
 from train.cli import fail, parse_flags, run_reporting_errors
@@ -43,6 +43,8 @@ from train.workdir import write_atomic
 
 TOOL = "train.evaluate"  # marks our JSON files: only those are ever overwritten
 RUN_VALIDATION = "run:validation"
+PREFERENCE_FIGURES = ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "kl",
+                      "sample_length", "reward")
 
 
 def sliding_windows(num_targets: int, window: int, stride: int):
@@ -246,11 +248,17 @@ def run(workdir: str, data: str, *, field: str = "text", step: int | None = None
   """Evaluates the run in `workdir` on `data`; prints a table and writes the JSON record.
 
   A classification fine-tuning run is scored by accuracy and macro-F1 on the JSONL records of `data`
-  (its own text and label fields); every other run by loss, perplexity and bits per byte.
+  (its own text and label fields), a preference run on its pairs and samples for its prompts
+  (train/preference_eval.evaluate_records); every other run by loss, perplexity and bits per byte.
   """
   if read_run_config(workdir).get("task") == "classify":
     result = evaluate_classifier(workdir, data, step=step, batch_size=batch_size)
     return _write(result, workdir, data, output, "classify", {}, ("loss", "accuracy", "macro_f1"), ("examples",))
+  if read_run_config(workdir).get("task") == "preference":
+    result = preference_eval.evaluate_records(workdir, None if data == RUN_VALIDATION else data, step=step,
+                                              batch_size=batch_size)
+    return _write(result, workdir, data, output, "preference", {}, [k for k in PREFERENCE_FIGURES if k in result],
+                  ("examples",))
   loaded = load_run(workdir, step)
   config, model, params, tokenizer, step = (loaded.run.config, loaded.run.model, loaded.params, loaded.run.tokenizer,
                                             loaded.step)

@@ -22,6 +22,7 @@ from model.config import ConfigError
 from train import checkpoint
 from train import distributed
 from train import mesh as mesh_lib
+from train import preference_eval
 from train import runs
 from train import tasks
 from train import terminal
@@ -71,8 +72,11 @@ def _finetune(config, workdir: str) -> dict:
         "labels": labels if labels is None else [str(x) for x in labels],
         "base": {"workdir": os.path.abspath(config.init_from), "step": config.init_step},
         "base_fingerprint": run.base_fingerprint}, indent=2))
+  extra_eval = None
+  if config.task == "preference":
+    run, train_rows, val_rows, extra_eval = preference_eval.prepare(config, workdir, run, train_rows, val_rows)
   loss_fn = tasks.make_loss(config.task, run, config.train.z_loss)
-  _, last = fit(config, workdir, run, loss_fn, train_rows, val_rows)
+  _, last = fit(config, workdir, run, loss_fn, train_rows, val_rows, extra_eval)
   if distributed.is_writer():
     print(terminal.summary(workdir, config.train.steps))
   return last

@@ -24,6 +24,7 @@ from model.config import ConfigError
 from train import distributed
 from train import hardware
 from train import mesh as mesh_lib
+from train import moe
 from train import optimizers
 from train import schedules
 from train import terminal
@@ -63,6 +64,7 @@ def check_train_config(config, mesh) -> None:
       raise ConfigError(f"config.{name}: expected {expected}, got {config[section][key]!r}")
   train = config.train
   optimizers.check_config(train)
+  moe.check_config(config)
   if train.min_learning_rate > train.learning_rate:
     raise ConfigError(f"config.train.min_learning_rate: {train.min_learning_rate} exceeds config.train.learning_rate="
                       f"{train.learning_rate}")
@@ -87,12 +89,19 @@ def _to_device(batch, sharding):
 def summarize(sums: dict, prefix: str) -> dict:
   """Metrics from summed statistics: loss (+ perplexity for token losses), accuracy, macro-F1 (if labels), the
   z-loss term (if the loss has one: z_loss times the mean log(Z)^2, beside the loss, which stays the cross
-  entropy)."""
+  entropy); a loss without "correct_sum" (preference) gives every other "<name>_sum" as the mean <name>."""
   weight = max(float(sums["weight_sum"]), 1.0)
   loss = float(sums["loss_sum"]) / weight
-  metrics = {f"{prefix}/loss": loss, f"{prefix}/accuracy": float(sums["correct_sum"]) / weight}
+  metrics = {f"{prefix}/loss": loss}
+  if "correct_sum" not in sums:
+    metrics.update({f"{prefix}/{key[:-len('_sum')]}": float(value) / weight for key, value in sums.items()
+                    if key.endswith("_sum") and key not in ("loss_sum", "weight_sum")})
+    return metrics
+  metrics[f"{prefix}/accuracy"] = float(sums["correct_sum"]) / weight
   if "z_loss_sum" in sums:
     metrics[f"{prefix}/z_loss"] = float(sums["z_loss_sum"]) / weight
+  if "moe" in sums:  # a mixture of experts: expert load, drops, router losses (train/moe.py)
+    metrics.update(moe.summarize(sums["moe"], prefix))
   if "confusion" in sums:  # [true class, predicted class] counts
     confusion = np.asarray(sums["confusion"], np.float64)
     true_positive = np.diag(confusion)
@@ -160,7 +169,8 @@ def jit_train_step(run, loss_fn, train_cfg):
   (the loop, train/estimate.py and bench/ share it)."""
   step = in_sharding_context(run, functools.partial(train_step, loss_fn=loss_fn, tx=run.tx,
                                                     grad_accum=train_cfg.grad_accum,
-                                                    skip_nonfinite=train_cfg.nonfinite == "skip"))
+                                                    skip_nonfinite=train_cfg.nonfinite == "skip",
+                                                    rebalance=moe.rebalancer(run)))
   return jax.jit(step, in_shardings=(run.shardings, mesh_lib.batch_sharding(run.mesh), run.frozen_shardings),
                  out_shardings=(run.shardings, mesh_lib.replicated(run.mesh)), donate_argnums=(0,))
 
@@ -202,10 +212,11 @@ class _Preemption:
       signal.signal(signum, handler)
 
 
-def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
+def fit(config, workdir: str, run, loss_fn, train_rows, val_rows, extra_eval=None):
   """The training loop shared by the entrypoints: resume, jitted steps, eval, metrics, checkpoints.
 
   Returns (final state, last metrics logged). The run's `frozen` parameters are inputs of every step, never saved.
+  `extra_eval(params)`, if given, returns more eval metrics at each evaluation (a preference run's samples).
   Nothing non-finite is saved: a NaN/inf loss or gradient stops the run before the next save (or, with
   train.nonfinite = "skip", skips that update), a non-finite eval loss stops it, and the parameters are checked
   before every save. SIGTERM or Ctrl-C saves a checkpoint at the current step and raises Preempted.
@@ -213,12 +224,12 @@ def fit(config, workdir: str, run, loss_fn, train_rows, val_rows):
   checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, writer=True,
                             async_save=config.train.async_checkpoints)
   try:
-    return _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer)
+    return _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer, extra_eval)
   finally:
     checkpointer.close()
 
 
-def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
+def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer, extra_eval):
   train, mesh, frozen = config.train, run.mesh, run.frozen
   data_seed = config.data.seed if config.data.seed >= 0 else train.seed  # data.seed -1: the order follows train.seed
   loader = Loader(train_rows, train.batch_size, seed=data_seed, process_index=jax.process_index(),
@@ -307,6 +318,7 @@ def _fit(config, workdir, run, loss_fn, train_rows, val_rows, checkpointer):
             last.update(evaluate(eval_fn, params, frozen, val_rows, train.batch_size, train.eval_batches,
                                  batch_sharding))
             check(done_step, "eval/loss", last["eval/loss"])
+            last.update(extra_eval(params) if extra_eval else {})
           writer.write(last)
           if "eval/loss" in last and jax.process_index() == 0:
             peak = terminal.peak_flops(run.model.cfg.dtype) if peak is None else peak

@@ -5,9 +5,13 @@
             reads the prompt with its encoder and generates the response with its decoder; a decoder with
             config.data.prompt_as_prefix reads the prompt as a prefix LM's bidirectional prefix
   classify  text/label pairs from JSONL; a linear head on a pooled hidden state (the family's `pooling`)
+  preference  prompt / chosen / rejected triples from JSONL, the prompt rendered as instruct renders it; DPO, IPO
+            or SimPO (train/preference.py)
 A loss function has the signature train/step.py expects and returns sums (the host divides).
 `check_sources(config)` checks the task's data as far as it can before a run writes anything;
-`prompt_as_prefix(config)` says whether a run's decoder reads a prompt as a bidirectional prefix (generation).
+`prompt_as_prefix(config)` says whether a run's decoder reads a prompt as a bidirectional prefix (generation);
+`preference_records`, `render_prompt` and `preference_rows` read a preference run's records and build its
+prompts and rows.
 """
 
 import string
@@ -23,9 +27,10 @@ from data.pipeline import read_splits
 from data.sources import probe, read_records
 from model.config import ConfigError
 from model.families import FAMILIES, family
+from train import preference
 from train.step import token_loss
 
-TASKS = ("lm", "instruct", "classify")
+TASKS = ("lm", "instruct", "classify", "preference")
 HEAD_AXES = {"kernel": P("embed", None), "bias": P(None)}  # logical axes of init_head's tree
 
 
@@ -38,6 +43,8 @@ def _check_task(config) -> None:
     raise ConfigError(f"config.data.prompt_as_prefix: only the instruct task has a prompt (config.task is {task!r})")
   if as_prefix and FAMILIES[config.model.family].seq2seq:
     raise ConfigError("config.data.prompt_as_prefix: an encoder-decoder reads the prompt with its encoder already")
+  if task == "preference":
+    preference.check_config(config)
 
 
 def check_sources(config) -> None:
@@ -63,6 +70,9 @@ def build_rows(config, tokenizer):
     train, val = read_splits(data)
     return pack(train), pack(val), None
 
+  if task == "preference":
+    train, val = preference_records(data)
+    return preference_rows(config, tokenizer, train), preference_rows(config, tokenizer, val), None
   fields = ([data.text_field, data.label_field] if task == "classify" else
             sorted(set(_template_fields(data.prompt_template)) | {data.response_field}))
   train = read_records(data.train_path, fields, data.max_records, data.encoding_errors)
@@ -90,6 +100,30 @@ def prompt_as_prefix(config) -> bool:
   """Whether the run of `config` reads a prompt as a bidirectional prefix: a prefix_lm pretraining run, or an
   instruct fine-tuning run with config.data.prompt_as_prefix."""
   return config.get("objective") == "prefix_lm" or bool(config.data.get("prompt_as_prefix", False))
+
+
+def preference_records(data) -> tuple[list[dict], list[dict]]:
+  """The (train, val) records of a preference run's config.data; each holds the prompt field, the template's other
+  fields and non-empty chosen and rejected strings (else a DataError naming file:line)."""
+  fields = sorted({data.prompt_field, data.chosen_field, data.rejected_field} |
+                  set(_template_fields(data.prompt_template)) - {"prompt"})
+  train, val = (read_records(path, fields, data.max_records, data.encoding_errors,
+                             nonempty=(data.chosen_field, data.rejected_field)) if path else None
+                for path in (data.train_path, data.val_path))
+  return (train, val) if val is not None else finetuning.split_records(train, data.val_fraction)
+
+
+def render_prompt(data, record: dict) -> str:
+  """A preference record's prompt: config.data.prompt_template over the record, where {prompt} is its
+  data.prompt_field."""
+  return finetuning.render(data.prompt_template, {**record, "prompt": record[data.prompt_field]})
+
+
+def preference_rows(config, tokenizer, records: list[dict]):
+  """The preference rows of `records` ([N, 2 * seq_len]; one pair a row under prompt tuning)."""
+  data = config.data
+  triples = [(render_prompt(data, r), str(r[data.chosen_field]), str(r[data.rejected_field])) for r in records]
+  return finetuning.preference_rows(tokenizer, triples, config.train.seq_len, pack=config.peft.method != "prompt")
 
 
 def _template_fields(template: str) -> list[str]:
@@ -146,4 +180,8 @@ def make_loss(task: str, run, z_loss: float = 0.0):
     return classify_loss(run.model, run.model_params, len(run.labels))
   if not family(run.model.cfg).generates:
     raise ConfigError(f"config.task: {task!r} needs a decoder; an encoder fine-tunes on 'classify'")
+  if task == "preference":
+    if z_loss:
+      raise ConfigError(f"config.train.z_loss: {z_loss}: the preference losses take none (set 0)")
+    return preference.make_loss(run, run.config.preference)
   return token_loss(run.model, run.model_params, z_loss)
