@@ -10,7 +10,8 @@ over 30 steps and decays to 0; weight decay 0.1 (decoupled, times the rate) ever
   python -m ablate --config=configs/ablations/optimizers.py --workdir=runs/ablate_opt_sweep
   python -m ablate --config=configs/ablations/optimizers.py:adamw=R,muon=R,lion=R,adafactor=R --workdir=runs/ablate_opt
 
-1. the peak rate per optimizer, 2^-10 .. 2^-7, seed 0, on the validation split (sweep.png, results.md's best rate);
+1. the peak rate per optimizer, 2^-10 .. 2^-7, seed 0, on the validation split (sweep.png, results.md's best rate),
+   and beyond the edge where the best sat on it (`optimizers.py:edges`, --workdir=runs/ablate_opt_sweep_edges);
 2. each optimizer at its best rate on fresh seeds 1, 2, 3 (the sweep's seed is not reused, so the selection does
    not bias the comparison); the eval loss every 30 steps gives the steps each run needs to reach AdamW's final loss
    (results.md's speedup table, ablate/speedup.py).
@@ -19,6 +20,8 @@ over 30 steps and decays to 0; weight decay 0.1 (decoupled, times the rate) ever
 import ml_collections
 
 OPTIMIZERS = ("adamw", "muon", "lion", "adafactor")
+# Beyond the sweep's edges, where its best rate sat on them (muon at 2^-7, lion at 2^-10).
+EDGES = (("muon", 2.0 ** -6), ("muon", 2.0 ** -5), ("lion", 2.0 ** -11), ("lion", 2.0 ** -12))
 # The experiment every optimizer and schedule run shares (also configs/ablations/wsd_branches.py).
 OVERRIDES = ("data.prepared=data_prepared/wiki_small", "model.d_model=128", "model.mlp_dim=384", "train.batch_size=8",
              "train.steps=300", "train.warmup_steps=30", "train.min_learning_rate=0.0", "train.eval_every=30",
@@ -46,8 +49,13 @@ def get_config(rates: str = ""):
   c.entrypoint = "pretrain"
   c.config = "configs/wiki_small.py"
   c.overrides = OVERRIDES
-  chosen = parse_rates(rates)
-  if not chosen:
+  chosen = {} if rates == "edges" else parse_rates(rates)
+  if rates == "edges":  # the sweep's best rate sat at its edge: two more rates beyond it
+    c.variants = tuple((f"lr={rate},opt={name}", (f"train.optimizer={name}", f"train.learning_rate={rate}"))
+                       for name, rate in EDGES)
+    c.sweep = ()
+    c.seeds = (0,)
+  elif not chosen:
     c.grid = {"opt": ("train.optimizer", OPTIMIZERS),
               "lr": ("train.learning_rate", tuple(2.0 ** k for k in range(-10, -6)))}
     c.sweep = ("lr", "opt")
