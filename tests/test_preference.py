@@ -2,7 +2,7 @@
 tiny model, the reference (adapters off = the base model; a frozen copy; precomputed), packing, bad records, the
 evaluation metrics (KL, reward) and an ablation over beta and the loss.
 
-One tiny char-level base run (rope positions) and a classifier fine-tuned from it (the reward model) are made once
+One tiny char-level base run (test_finetune's: rope positions) and a classifier fine-tuned from it (the reward model) are made once
 per module.
 """
 
@@ -21,8 +21,11 @@ import pytest
 import ablate.plan
 import ablate.runner
 from configs.finetune import common
+from data import finetuning
 from data.sources import DataError
-from test_train import REPO, SEED, load_parts, tiny_config
+from data.tokenizer import CharTokenizer
+from test_finetune import _base_config, _write_jsonl
+from test_train import REPO, SEED, load_parts
 from train import finetune as finetune_lib
 from train import mesh as mesh_lib
 from train import preference
@@ -36,13 +39,6 @@ GOOD = ["quick", "red", "brown"]
 BAD = ["slow", "lazy", "old"]
 
 
-def _write_jsonl(path, records):
-  with open(path, "w") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
-  return str(path)
-
-
 def _pairs(rng, n, start=0):
   return [{"prompt": f"line {i}: the", "chosen": f" {rng.choice(GOOD)} fox.",
            "rejected": f" {rng.choice(BAD)} dog{'s' * int(rng.integers(3))}."} for i in range(start, start + n)]
@@ -52,10 +48,8 @@ def _pairs(rng, n, start=0):
 def setup(tmp_path_factory):
   """The base run, a classifier fine-tuned from it (label 1: a good word), and the pair files."""
   root = tmp_path_factory.mktemp("preference")
-  config = tiny_config(root, steps=20, checkpoint_every=20, eval_every=20, decay_steps=20)
-  config.model.position = "rope"
   base = str(root / "base")
-  train_and_evaluate(config, base)
+  train_and_evaluate(_base_config(root, steps=20), base)
   rng = np.random.default_rng(0)
   files = {"root": root, "base": base,
            "train": _write_jsonl(root / "pairs.jsonl", _pairs(rng, 48)),
@@ -107,6 +101,27 @@ def moved(params, scale=0.05, seed=1):
 def mean_loss(loss_fn, params, frozen, rows):
   sums = jax.jit(lambda p: loss_fn(p, frozen, rows, jax.random.PRNGKey(0), True))(params)
   return {k: float(v) for k, v in sums.items()}
+
+
+def test_preference_rows_by_hand():
+  # Pair 1: "ab" -> chosen "c" [1 3 4 5 2], rejected "def" [1 3 4 6 7 8 2]; pair 2: "f" -> "g" [1 8 9 2], "h"
+  # [1 8 10 2]. seq_len 8: pair 1 takes 4 chosen and 6 rejected columns; pair 2 (3 + 3) fits the chosen half but not
+  # the rejected one, so it opens row 1. Chosen in columns 0-7, rejected in 8-15; a pair's segment is the same in both.
+  tokenizer = CharTokenizer("abcdefgh")
+  triples = [("ab", "c", "def"), ("f", "g", "h")]
+  rows = finetuning.preference_rows(tokenizer, triples, seq_len=8)
+  expected = {
+      "inputs_BxL": [[1, 3, 4, 5, 0, 0, 0, 0, 1, 3, 4, 6, 7, 8, 0, 0], [1, 8, 9, 0, 0, 0, 0, 0, 1, 8, 10, 0, 0, 0, 0, 0]],
+      "targets_BxL": [[3, 4, 5, 2, 0, 0, 0, 0, 3, 4, 6, 7, 8, 2, 0, 0], [8, 9, 2, 0, 0, 0, 0, 0, 8, 10, 2, 0, 0, 0, 0, 0]],
+      "weights_BxL": [[0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0]],
+      "segment_ids_BxL": [[1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0],
+                          [1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0]],
+      "positions_BxL": [[0, 1, 2, 3, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 0, 0], [0, 1, 2, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0]]}
+  assert set(rows) == set(expected)
+  for key, want in expected.items():
+    np.testing.assert_array_equal(rows[key], want, err_msg=key)
+  packed = finetuning.preference_rows(tokenizer, triples, seq_len=10)  # 4 + 3 and 6 + 3 columns: one row
+  np.testing.assert_array_equal(packed["segment_ids_BxL"], [[1, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 0]])
 
 
 # --- the formulas ---------------------------------------------------------------------------------------------------
@@ -334,6 +349,7 @@ def test_the_reward_model_agrees_with_the_classifier(setup):
 
 ABLATION = """
 from configs.finetune import common
+from data import finetuning
 
 def get_config():
   config = common.get_config()
@@ -358,13 +374,15 @@ def test_an_ablation_over_beta_and_the_loss_reads_reward_at_data(setup, tmp_path
       metrics=("reward@data", "eval/reward_accuracy", "kl@data"), directions={"kl@data": "lower"})))
   workdir = str(tmp_path / "ablation")
   assert ablate.runner.run_ablation(ablation, workdir) == 0
-  for variant in ("loss=dpo,beta=0.5", "loss=ipo,beta=0.5"):
+  variants = dict(ablate.plan.variants(ablation))
+  assert sorted(variants) == ["beta=0.5,loss=dpo", "beta=0.5,loss=ipo"]
+  for variant in variants:
     run_dir = os.path.join(workdir, "runs", f"{variant}_seed0")
     with open(os.path.join(run_dir, "eval_data.json")) as f:
       record = json.load(f)
     assert 0 < record["reward"] < 1 and math.isfinite(record["kl"]) and record["examples"] == 16
     with open(os.path.join(run_dir, "config.json")) as f:
-      assert json.load(f)["preference"]["loss"] == variant[5:8]
+      assert json.load(f)["preference"]["loss"] == variant[-3:]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
       last = [json.loads(line) for line in f][-1]
     assert {"eval/reward_accuracy", "eval/reward_margin", "eval/kl", "eval/reward"} <= set(last)
@@ -372,4 +390,4 @@ def test_an_ablation_over_beta_and_the_loss_reads_reward_at_data(setup, tmp_path
       assert "eval reward_accuracy" in f.read()  # the terminal line
   with open(os.path.join(workdir, "results.md")) as f:
     report = f.read()
-  assert "reward@data" in report and "loss=ipo,beta=0.5" in report
+  assert "**reward@data** (higher is better; primary" in report and "| beta=0.5,loss=ipo | " in report

@@ -296,9 +296,9 @@ def _write(result: dict, workdir: str, data: str, output, suffix: str, settings:
   write_atomic(path, json.dumps(record, indent=2))
   print(f"{workdir} step {record['step']} on {data}" + "".join(f", {k} {v}" for k, v in settings.items()))
   for key in figures:
-    print(f"  {key:<14}{result[key]:.4f}")
+    print(f"  {key + ' ':<14}{result[key]:.4f}")
   for key in counts:
-    print(f"  {key:<14}{result[key]}")
+    print(f"  {key + ' ':<14}{result[key]}")
   print(f"wrote {path}")
   return record
 
