@@ -244,3 +244,15 @@ def test_speedup_to_the_baselines_final_value_seed_by_seed():
   assert found["interval"] == pytest.approx((math.exp(low), math.exp(high)))
   text = ablate.speedup.table({"fast": found}, "base", "eval/loss", "step", 0.95)
   assert "| fast | 1.732 |" in text and "2: not reached" in text
+
+
+def test_optimizer_ablation_stages_and_bad_rates():
+  from configs.ablations import optimizers
+  main = ablate.plan.load_ablation(optimizers.get_config("adamw=0.004,muon=0.008,lion=0.001,adafactor=0.004"))
+  runs = {r["name"]: r["overrides"] for r in ablate.plan.expand(main)}
+  assert len(runs) == 18 and "train.learning_rate=0.008" in runs["muon_seed1"] and main.speedup
+  assert "train.decay_shape=sqrt" in runs["adamw_wsd_sqrt_seed3"] and "train.learning_rate=0.004" in runs["adamw_wsd_sqrt_seed3"]
+  for bad, message in (("adamw=0.004", "give a rate for each of"), ("sgd=1", "expected NAME=VALUE"),
+                       ("adamw=x,muon=1,lion=1,adafactor=1", "'x' is not a number")):
+    with pytest.raises(ValueError, match=message):
+      optimizers.get_config(bad)

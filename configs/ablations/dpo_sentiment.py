@@ -27,7 +27,7 @@ SIZES = {  # steps, eval_every, held-out prompts sampled at each evaluation, see
 }
 
 
-def get_config(arg: str) -> ml_collections.ConfigDict:
+def get_config(arg: str = "runs/dpo_sentiment") -> ml_collections.ConfigDict:
   out, _, size = arg.partition(",")
   size = SIZES[size or "full"]
   c = ml_collections.ConfigDict()

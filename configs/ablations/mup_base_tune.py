@@ -19,6 +19,8 @@ results.md gives each line's best rate. Take the best cell to configs/ablations/
 
 import ml_collections
 
+from configs.ablations import parse_numbers
+
 
 # The experiment of section 5 (docs/ablations.md), shared with mup_transfer.py.
 OVERRIDES = ("train.steps=500", "train.warmup_steps=50", "train.min_learning_rate=0.0", "train.eval_every=500",
@@ -30,18 +32,11 @@ MULTIPLIERS = {"output": "model.mup_output_mult", "init": "model.mup_init_mult",
 
 
 def parse_multipliers(text: str) -> dict:
-  """{short name: value} of "output=8,init=2.83,..."; a ValueError naming what is wrong (configs/ import nothing outside configs/)."""
-  found = {}
-  for item in filter(None, text.split(",")):
-    name, _, value = item.partition("=")
-    if name not in MULTIPLIERS:
-      raise ValueError(f"--config argument {item!r}: expected NAME=VALUE with NAME one of {', '.join(MULTIPLIERS)}")
-    try:
-      found[name] = float(value)
-    except ValueError:
-      raise ValueError(f"--config argument {item!r}: {value!r} is not a number") from None
-    if not found[name] > 0:
-      raise ValueError(f"--config argument {item!r}: expected a positive multiplier")
+  """{short name: value} of "output=8,init=2.83,..."; a ValueError naming what is wrong."""
+  found = parse_numbers(text, MULTIPLIERS)
+  for name, value in found.items():
+    if not value > 0:
+      raise ValueError(f"--config argument {name}={value:g}: expected a positive multiplier")
   return found
 
 

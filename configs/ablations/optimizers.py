@@ -19,6 +19,8 @@ over 30 steps and decays to 0; weight decay 0.1 (decoupled, times the rate) ever
 
 import ml_collections
 
+from configs.ablations import parse_numbers
+
 OPTIMIZERS = ("adamw", "muon", "lion", "adafactor")
 # Beyond the sweep's edges, where its best rate sat on them (muon at 2^-7, lion at 2^-10).
 EDGES = (("muon", 2.0 ** -6), ("muon", 2.0 ** -5), ("lion", 2.0 ** -11), ("lion", 2.0 ** -12))
@@ -30,15 +32,7 @@ OVERRIDES = ("data.prepared=data_prepared/wiki_small", "model.d_model=128", "mod
 
 def parse_rates(text: str) -> dict:
   """{optimizer: rate} of "adamw=0.004,muon=0.004,..."; a ValueError naming what is wrong."""
-  rates = {}
-  for item in filter(None, text.split(",")):
-    name, _, value = item.partition("=")
-    if name not in OPTIMIZERS:
-      raise ValueError(f"--config argument {item!r}: expected NAME=RATE with NAME one of {', '.join(OPTIMIZERS)}")
-    try:
-      rates[name] = float(value)
-    except ValueError:
-      raise ValueError(f"--config argument {item!r}: {value!r} is not a number") from None
+  rates = parse_numbers(text, OPTIMIZERS)
   if rates and set(rates) != set(OPTIMIZERS):
     raise ValueError(f"--config argument {text!r}: give a rate for each of {', '.join(OPTIMIZERS)}")
   return rates
