@@ -1,15 +1,19 @@
 """The figures of an ablation report: curves.png (the curve over steps, mean and std band per variant),
 bars.png (the first metric: means with their t intervals, the baseline marked, differences significant after
 Holm starred), lengths_<key>.png (key@L metrics by evaluation length), scaling.png (a size ladder's points and
-fitted laws) and sweep.png (a hyperparameter sweep across another axis). Offers `plot`, `scaling_plot`,
-`sweep_plot` and `label`."""
+fitted laws) and sweep.png (a hyperparameter sweep across another axis); of one run, the expert load of a mixture
+of experts. Offers `plot`, `scaling_plot`, `sweep_plot`, `expert_load_plot` and `label`."""
 
+import json
 import os
+import re
 
 import matplotlib
 import numpy as np
 
 from ablate.plan import parse_metric
+from train.cli import RunError
+from train.metrics import read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
@@ -143,4 +147,39 @@ def sweep_plot(workdir: str, points: dict, spec: str, x_axis: str, line_axis: st
   fig.suptitle(f"{spec} against {x_axis}, a line per {line_axis} (star: each line's best)", fontsize=9)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "sweep.png"), dpi=120)
+  plt.close(fig)
+
+
+def expert_load_plot(run_dir: str, out: str) -> None:
+  """`out` (a .png): the expert load a mixture-of-experts run logged (train/moe/LAYER/load_min, load_max, load_entropy:
+  train/moe.py) against its steps, a line per layer: the shares of pairs of its busiest and idlest expert beside the
+  uniform 1/E, and the load's entropy over log E (1 = uniform). A RunError when the run logged none."""
+  records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+  pattern = re.compile(r"^train/moe/(.+)/load_max$")
+  layers = sorted({m.group(1) for r in records for m in map(pattern.match, r) if m},
+                  key=lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
+  if not layers:
+    raise RunError(f"{run_dir}/metrics.jsonl: no train/moe/*/load_max: not a mixture-of-experts run")
+  fig, (shares, entropy) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for layer in layers:
+    key = f"train/moe/{layer}/"
+    logged = [r for r in records if key + "load_max" in r]
+    steps = [r["step"] for r in logged]
+    line = shares.plot(steps, [r[key + "load_max"] for r in logged], label=f"{layer} busiest")[0]
+    shares.plot(steps, [r[key + "load_min"] for r in logged], "--", color=line.get_color(), label=f"{layer} idlest")
+    entropy.plot(steps, [r[key + "load_entropy"] for r in logged], color=line.get_color(), label=layer)
+  config_path = os.path.join(run_dir, "config.json")
+  experts = None
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      experts = json.load(f).get("model", {}).get("num_experts")
+  if experts:
+    shares.axhline(1 / experts, color="black", linewidth=0.8, linestyle=":", label=f"uniform 1/{experts}")
+  shares.set(xlabel="step", ylabel="share of the layer's (token, expert) pairs", title="busiest and idlest expert")
+  entropy.set(xlabel="step", ylabel="entropy / log E", title="load entropy (1 = uniform)")
+  shares.legend(fontsize=7)
+  entropy.legend(fontsize=7)
+  fig.suptitle(os.path.basename(os.path.normpath(run_dir)), fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
   plt.close(fig)

@@ -153,16 +153,21 @@ def get_config() -> ml_collections.ConfigDict:
   train.sample_prompt = ""            # prompt for the final samples ("" = start of sequence)
 
   config.mesh = mesh = ml_collections.ConfigDict()
-  mesh.data = -1                      # data-parallel axis (-1 = all devices not used by fsdp, tensor)
+  mesh.data = -1                      # data-parallel axis (-1 = all devices not used by fsdp, expert, tensor)
   mesh.fsdp = 1                       # parameters and optimizer state sharded over this axis (ZeRO-3)
+  mesh.expert = 1                     # a mixture of experts' experts split over this axis (expert parallelism; the
+                                      # batch is split over it too, as over data); tokens reach them by all-to-all
   mesh.tensor = 1                     # Megatron-style tensor parallel over heads and MLP width
   mesh.slices = 1                     # TPU slices (or GPU hosts) over the data-center network: the data axis spans
-                                      # them, fsdp and tensor stay within one (a hybrid mesh); data must divide by it
+                                      # them, fsdp, expert, tensor stay in one (a hybrid mesh); data must divide by it
   # Logical parameter/activation axis -> mesh axis (or None = replicated). A dimension that does not
   # divide by its mesh axis size is replicated instead. Activations (model/sharding.py) use batch, length,
-  # activation_embed and the head / mlp / vocab names; parameters use the rest.
+  # activation_embed, batch_no_expert (the rows of tokens sent to experts) and the head / mlp / vocab / expert names;
+  # parameters use the rest.
   mesh.rules = (
-      ("batch", ("data", "fsdp")),
+      ("batch", ("data", "fsdp", "expert")),
+      ("batch_no_expert", ("data", "fsdp")),
+      ("expert", "expert"),
       ("activation_embed", None),
       ("vocab", "tensor"),
       ("embed", "fsdp"),

@@ -13,7 +13,9 @@ moves it towards balance (train/moe.py).
 How the experts compute (every pair (token, chosen expert) of the batch, sorted by expert):
   dropless (moe_capacity_factor 0): one grouped matmul per kernel over the sorted pairs: `jax.lax.ragged_dot` on
            TPU and GPU; on CPUs, whose lowering of ragged_dot multiplies every pair by every expert, `tiled`: the
-           pairs in tiles of Q rows padded so that a tile holds one expert's rows, one batched product
+           pairs in tiles of Q rows padded so that a tile holds one expert's rows, one batched product. Under a
+           mesh each device sorts and computes its own rows' pairs with every expert's kernels gathered to it
+           (model/sharding.by_rows): tokens stay, kernels travel
   capacity (moe_capacity_factor c > 0): each row's pairs in [E, C] slots, C = ceil(c * L * X / E) (at most L); a pair
            past its expert's C slots is dropped (counted) and the token keeps its other experts and the residual. One
            einsum over [B, E, C, D]: the layout expert parallelism moves by all-to-all (the E axis constrained to the
@@ -39,7 +41,7 @@ from model import parametrization
 from model.config import ModelConfig
 from model.layers import Mlp, activate, normal, param, residual_init
 from model.precision import einsum, on_cpu
-from model.sharding import constrain
+from model.sharding import by_rows, constrain
 
 # What a layer sows (sums over its valid tokens): tokens, pairs per expert before drops [E], dropped pairs, the
 # Switch load-balancing loss times the tokens, the sum of log(Z)^2 of the router's logits, the sum of the router's
@@ -151,8 +153,13 @@ class Moe(nn.Module):
     if cfg.moe_capacity_factor > 0:
       y_BxLxD, dropped = self.capacity(x_BxLxD, experts_TxX.reshape(batch, length, -1),
                                        gates_TxX.reshape(batch, length, -1), w)
-    else:
-      y_BxLxD, dropped = self.dropless(x_TxD, experts_TxX, gates_TxX, w).reshape(x_BxLxD.shape), jnp.zeros(())
+    else:  # each device sorts its own rows' pairs; the experts' kernels come to it (docs/accelerators.md)
+      local = lambda x_BxLxD, experts_BxLxX, gates_BxLxX, w: self.dropless(
+          x_BxLxD.reshape(-1, d), experts_BxLxX.reshape(-1, cfg.experts_per_token),
+          gates_BxLxX.reshape(-1, cfg.experts_per_token), w).reshape(x_BxLxD.shape)
+      y_BxLxD = by_rows(local, (x_BxLxD, experts_TxX.reshape(batch, length, -1), gates_TxX.reshape(batch, length, -1)),
+                        (w,))
+      dropped = jnp.zeros(())
     self.sow("moe", "stats", dict(stats, dropped=dropped), init_fn=dict, reduce_fn=lambda _, new: new)
     if cfg.shared_experts:
       y_BxLxD += Mlp(cfg, mlp_dim=cfg.shared_experts * cfg.mlp_dim, name="shared")(x_BxLxD)

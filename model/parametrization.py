@@ -72,8 +72,9 @@ def _axis_size(cfg: ModelConfig, axis: str) -> int:
 def fan_axes(axes) -> tuple[tuple, tuple]:
   """(input axes, output axes) of a kernel stored [inputs..., outputs...]: a projection into the residual stream (last
   axis "embed": attention's out [H, K, D], the MLP's wo [F, D]) reads all its other axes, every other kernel its
-  first (q/k/v [D, H, K], wi [D, F], the head transform [D, D])."""
-  axes = tuple(axes)
+  first (q/k/v [D, H, K], wi [D, F], the head transform [D, D]). A mixture of experts' kernels [E, ...] are E kernels:
+  the "expert" axis is in neither."""
+  axes = tuple(axis for axis in axes if axis != "expert")
   split = len(axes) - 1 if axes[-1] == "embed" else 1
   return axes[:split], axes[split:]
 

@@ -1,12 +1,13 @@
-"""Logical sharding without a mesh argument: `fit` (the rule that replicates what does not divide) and `constrain`
-(a sharding constraint on an activation, by logical axis names).
+"""Logical sharding without a mesh argument: `fit` (the rule that replicates what does not divide), `constrain`
+(a sharding constraint on an activation, by logical axis names) and `by_rows` (a function of each device's rows).
 
 The model names the axes of its key activations (embedding output, q/k/v, the MLP's hidden layer, logits); the
 training code enters the mesh and the logical rules (`jax.sharding.use_abstract_mesh` and
 `flax.linen.logical_axis_rules`) around the traced step, and `constrain` turns the names into a
 `with_sharding_constraint` there. Outside such a context (generation, tests, one device) it does nothing.
 Activation names: batch (rows), length, activation_embed (D of activations: replicated by default, while the
-"embed" of parameters is sharded over fsdp), heads, kv_heads, kv, mlp, vocab.
+"embed" of parameters is sharded over fsdp), heads, kv_heads, kv, mlp, vocab; a mixture of experts' token buffers
+[B, E, C, D]: batch_no_expert (their rows, off the expert axis) and expert.
 """
 
 import math
@@ -39,3 +40,20 @@ def constrain(x, axes: tuple):
   table = {name: tuple(axes) if isinstance(axes, list) else axes for name, axes in rules}
   spec = P(*(table.get(name) if name else None for name in axes))
   return jax.lax.with_sharding_constraint(x, fit(spec, x.shape, dict(mesh.shape)))
+
+
+def by_rows(fn, rows: tuple, whole: tuple):
+  """fn(*rows, *whole) computed a device's rows at a time: under a mesh and rules, a shard_map that splits the
+  leading (batch) dim of every array in `rows` as the "batch" rule says and hands every device all of `whole`
+  (GSPMD gathers what is sharded); fn's output is rows alike. Outside a mesh, fn itself. For a computation whose
+  layout GSPMD cannot split by itself (a sort and grouped matmuls over each device's tokens: model/moe.py)."""
+  mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+  if mesh.empty or mesh.size == 1 or not rules:
+    return fn(*rows, *whole)
+  table = {name: tuple(axes) if isinstance(axes, list) else axes for name, axes in rules}
+  row_spec = fit(P(table.get("batch")), rows[0].shape[:1], dict(mesh.shape))
+  specs = (*(row_spec for _ in rows), *(jax.tree.map(lambda _: P(), x) for x in whole))
+  args = (*rows, *whole)
+  if not mesh.are_all_axes_auto:  # explicit axes: shard_map wants its inputs already laid out as it splits them
+    args = jax.tree.map(jax.reshard, args, specs)
+  return jax.shard_map(fn, in_specs=specs, out_specs=row_spec, check_vma=False)(*args)

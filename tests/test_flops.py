@@ -27,7 +27,13 @@ def _xla_forward_flops(cfg: ModelConfig, *lengths) -> float:
 @pytest.mark.parametrize("family, lengths, options", [
     ("decoder", (128,), {}), ("decoder", (128,), {"activation": "swiglu", "num_kv_heads": 2}),
     ("decoder", (96,), {"tie_embeddings": False}), ("encoder", (128,), {"head_transform": True}),
-    ("encoder_decoder", (128, 32), {"num_kv_heads": 2}), ("encoder_decoder", (64, 96), {})])
+    ("encoder_decoder", (128, 32), {"num_kv_heads": 2}), ("encoder_decoder", (64, 96), {}),
+    # A mixture of experts counts the experts a token uses: capacity 1.0 gives an expert exactly its share of slots
+    # (the dropless CPU path also multiplies padding rows and gathers kernels by a one-hot product).
+    ("decoder", (128,), {"mlp": "moe", "num_experts": 4, "experts_per_token": 2, "moe_capacity_factor": 1.0,
+                         "activation": "swiglu", "shared_experts": 1}),
+    ("encoder_decoder", (64, 32), {"mlp": "moe", "num_experts": 8, "experts_per_token": 1, "moe_every": 2,
+                                   "moe_capacity_factor": 1.0})])
 def test_train_flops_are_three_forward_passes_as_xla_counts_them(family, lengths, options):
   cfg = ModelConfig(**{"vocab_size": 1024, "num_layers": 2, "d_model": 256, "num_heads": 4, "num_kv_heads": 4,
                        "head_dim": 64, "mlp_dim": 1024, "max_len": 256, "position": "rope", "family": family,

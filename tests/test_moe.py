@@ -79,10 +79,15 @@ CASES = [dict(), dict(activation="swiglu", use_bias=False), dict(router="sigmoid
          dict(moe_bias_update_rate=0.01)]
 
 
-@pytest.mark.parametrize("impl", ["ragged", "tiled"])
-@pytest.mark.parametrize("changes", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def _name(case):
+  return case if isinstance(case, str) else ",".join(f"{k}={v}" for k, v in case.items()) or "plain"
+
+
+@pytest.mark.parametrize("impl, changes", [("tiled", c) for c in CASES] + [("ragged", CASES[0]), ("ragged", CASES[2])],
+                         ids=_name)
 def test_dropless_equals_every_expert_on_every_token_masked(impl, changes):
-  """Values and gradients (every parameter, the input) within float32 rounding; padding outputs 0."""
+  """Values and gradients (every parameter, the input) within float32 rounding; padding outputs 0. (ragged_dot,
+  TPU and GPU's path, on two settings: on CPU jax lowers it to every pair times every expert.)"""
   cfg = moe_cfg(**changes)
   params = layer_params(cfg)
   if "router_bias" in params:  # a bias that changes the choice: expert 0 is nearly always taken
@@ -240,9 +245,9 @@ def test_remat_and_cached_decoding():
   cfg = moe_cfg(activation="swiglu", use_bias=False)
   model = build_model(cfg)
   params = perturbed(nn.meta.unbox(init_params(model, jax.random.key(0), 8)), scale=0.05)
-  tokens_BxL = jax.random.randint(jax.random.key(7), (3, 14), 0, 41)
+  tokens_BxL = jax.random.randint(jax.random.key(7), (3, 9), 0, 41)
   full_BxLxV = jax.jit(model.apply)({"params": params}, tokens_BxL)
-  np.testing.assert_allclose(cached_logits(model, params, tokens_BxL), full_BxLxV, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(cached_logits(model, params, tokens_BxL, capacity=12), full_BxLxV, atol=1e-5, rtol=0)
   remat = build_model(dataclasses.replace(cfg, remat=True))
   grad = lambda m: jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, tokens_BxL, mutable=["moe"])[0] ** 2)))
   for a, b in zip(jax.tree.leaves(grad(remat)(params)), jax.tree.leaves(grad(model)(params))):

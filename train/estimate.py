@@ -93,13 +93,19 @@ def activation_bytes(cfg: ModelConfig, rows: int, length: int, target_length: in
   widths (2 F, gated 3 F) in the compute dtype, and the float32 softmax (H per key); once per stack the [L, S]
   mask; the float32 logits and their gradient (2 V per token). With remat a layer keeps its input alone, its
   own activations are rebuilt one layer at a time (the policy "full"; "dots" policies keep more). An encoder-decoder's
-  decoder reads `target_length` tokens and adds cross-attention to each layer. Dropout masks are left out."""
+  decoder reads `target_length` tokens and adds cross-attention to each layer. A mixture of experts keeps the widths
+  of the experts a token is sent to (and the shared ones) and a copy of its input per expert, averaged over the
+  layers. Dropout masks are left out."""
   d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   width = jnp.dtype(cfg.compute_dtype).itemsize
+  experts = cfg.experts_per_token
+  mlp_widths = [((experts + cfg.shared_experts) * cfg.mlp_dim, experts * d) if cfg.moe_layer(i) else (cfg.mlp_dim, 0)
+                for i in range(cfg.num_layers)]
+  mlp_kept = sum((3 if cfg.gated else 2) * f + copies for f, copies in mlp_widths) / cfg.num_layers
 
   def layer(keys: int, cross_keys: int = 0) -> float:
     """Bytes one layer keeps per token."""
-    kept = 4 * d + (2 * h + 2 * g) * k + (3 if cfg.gated else 2) * cfg.mlp_dim
+    kept = 4 * d + (2 * h + 2 * g) * k + mlp_kept
     if cross_keys:  # a norm, queries and output per token; the source's keys and values shared out over the tokens
       kept += 2 * d + 2 * h * k + 2 * g * k * cross_keys / max(keys, 1)
     return kept * width + 4 * h * (keys + cross_keys)
@@ -251,7 +257,7 @@ def estimate(config, vocab_size: int = 0, device_memory: int | None = None, peak
                  "batch_size": train.batch_size, "lengths": [n for n in lengths if n], "grad_accum": train.grad_accum,
                  "mesh": dict(mesh.shape)},
       "device": {"platform": platform, "kind": jax.devices()[0].device_kind, "count": devices},
-      "parameters": {"analytic": cfg.num_params(), "model": model_params},
+      "parameters": {"analytic": cfg.num_params(), "model": model_params, "active": cfg.num_params(active=True)},
       "flops": {"per_token": model_flops / tokens_per_step, "per_step": model_flops,
                 "xla_per_step": cost["flops"] * devices},
       "memory": {"params": params, "param_dtype": cfg.param_dtype, "optimizer": optimizer, "gradients": gradients,
@@ -307,12 +313,14 @@ def report(figures: dict, measured_figures: dict | None = None) -> str:
   mesh = " ".join(f"{k}={v}" for k, v in c["mesh"].items())
   same = "= the model's tree" if p["analytic"] == p["model"] else f"the model's tree has {p['model']:,}"
   remat_now = "remat on" if c["remat"] else "remat off"
+  active = p.get("active", p["analytic"])  # a mixture of experts: the parameters a token uses
+  active = f"; {active:,} active a token (the experts it is sent to)" if active != p["analytic"] else ""
   lines = [
       ("run", f"{c['family']} {c['num_layers']} layers x d_model {c['d_model']} ({c['num_heads']} heads), vocab "
               f"{c['vocab_size']:,}, {c['dtype']}; batch {c['batch_size']} x {'+'.join(map(str, c['lengths']))}"
               f", grad_accum {c['grad_accum']}; mesh {mesh}; {device['count']} {device['platform']} device(s) "
               f"({device['kind']})"),
-      ("parameters", f"{p['analytic']:,} (analytic, {same})"),
+      ("parameters", f"{p['analytic']:,} (analytic, {same}){active}"),
       ("FLOPs", f"{f['per_token'] / 1e6:,.2f} M per token, {f['per_step'] / 1e9:,.2f} G per step (6N + attention); "
                 f"XLA counts {f['xla_per_step'] / 1e9:,.2f} G per step"),
       ("memory / device", f"parameters {_size(m['params'])} ({m['param_dtype']}), optimizer state "

@@ -74,7 +74,7 @@ def check_train_config(config, mesh) -> None:
   micro_batch, parallel = train.batch_size // train.grad_accum, mesh_lib.data_parallel_size(mesh)
   if micro_batch % parallel:
     raise ConfigError(f"config.train.batch_size: the microbatch of {micro_batch} rows must divide by the "
-                      f"{parallel} data-parallel devices (config.mesh.data x config.mesh.fsdp)")
+                      f"{parallel} data-parallel devices (config.mesh.data x fsdp x expert)")
   if config.model.position == "learned":
     for name, length in (("train.seq_len", train.seq_len), ("data.target_len", config.data.get("target_len", 0))):
       if length > config.model.max_len:

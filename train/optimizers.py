@@ -80,7 +80,8 @@ def muon_dimension_numbers(axes, per_head: bool = False) -> contrib.MuonDimensio
   batch axis: one matrix a head."""
   axes = tuple(axes)
   n_in = len(parametrization.fan_axes(axes)[0])
-  reduction, output = tuple(range(n_in)), tuple(range(n_in, len(axes)))
+  matrix = [i for i, axis in enumerate(axes) if axis != "expert"]  # an expert's kernel is a matrix of its own
+  reduction, output = tuple(matrix[:n_in]), tuple(matrix[n_in:])
   if per_head:  # an axis in neither is a batch axis
     reduction = tuple(i for i in reduction if axes[i] not in HEAD_AXES)
     output = tuple(i for i in output if axes[i] not in HEAD_AXES)

@@ -5,7 +5,8 @@ denominators ({"loss_sum", "weight_sum", ...}); the host divides, so metrics of 
 evaluation batches combine exactly. `params` are the trainable leaves, `frozen` the rest (PEFT; {} when
 everything trains): gradients and optimizer state exist for `params` only. An auxiliary "z_loss_sum" (PaLM's
 z-loss, config.train.z_loss) is added to "loss_sum" where the gradient is taken: "loss_sum" itself, and so every
-reported loss, stays the cross entropy.
+reported loss, stays the cross entropy. A mixture of experts adds its auxiliary losses the same way ("moe_loss_sum")
+and its layers' statistics ("moe"; train/moe.py).
 """
 
 import jax
@@ -13,7 +14,10 @@ import jax.numpy as jnp
 import optax
 
 from model.families import family
+from train import moe
 from train.state import TrainState
+
+PENALTIES = ("z_loss_sum", "moe_loss_sum")  # sums added to the cross entropy where the gradient is taken
 
 
 def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
@@ -49,12 +53,19 @@ def token_loss(model, model_params=None, z_loss: float = 0.0):
   """Cross entropy of the model's logits against the batch's targets that its family names: next tokens
   (decoder), masked tokens (encoder) or the decoder's stream (encoder-decoder). `model_params(params, frozen, rng,
   deterministic)` builds the model.apply variables and extra kwargs (default: params alone). `z_loss` > 0 adds
-  "z_loss_sum", z_loss times the weighted sum of log(Z)^2 over the same tokens (0: not computed at all).
+  "z_loss_sum", z_loss times the weighted sum of log(Z)^2 over the same tokens (0: not computed at all). A mixture of
+  experts adds "moe" and "moe_loss_sum" (train/moe.loss_terms).
 
   Where the logits of a whole row would exceed LOGITS_PER_ROW, the final hidden states are taken whole and the
   output head and cross entropy run a piece of the sequence at a time, rematerialised in the backward pass:
   [B, L, V] float32 is never held (nor its gradient), at the cost of the head's forward product once more."""
   targets_key, weights_key = family(model.cfg).targets
+  sown = ["moe"] if model.cfg.mlp == "moe" else False
+
+  def apply(variables, *args, **kwargs):
+    """model.apply, and the statistics an MoE model sows ({} for others)."""
+    out = model.apply(variables, *args, mutable=sown, **kwargs)
+    return out if sown else (out, {})
 
   def token_sums(logits_BxLxV, targets_BxL, weights_BxL):
     sums = weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL)
@@ -65,11 +76,11 @@ def token_loss(model, model_params=None, z_loss: float = 0.0):
     targets_BxL, weights_BxL = batch[targets_key], batch[weights_key]
     chunks = loss_chunks(targets_BxL.shape[1], model.cfg.vocab_size)
     if chunks == 1:
-      logits_BxLxV = model.apply(variables, batch, deterministic, rngs={"dropout": rng}, method="forward", **extra)
+      logits_BxLxV, state = apply(variables, batch, deterministic, rngs={"dropout": rng}, method="forward", **extra)
       sums = token_sums(logits_BxLxV, targets_BxL, weights_BxL)
     else:
-      hidden_BxLxD = model.apply(variables, batch, deterministic, rngs={"dropout": rng}, method="forward_hidden",
-                                 **extra)
+      hidden_BxLxD, state = apply(variables, batch, deterministic, rngs={"dropout": rng}, method="forward_hidden",
+                                  **extra)
 
       @jax.checkpoint
       def piece(hidden_BxCxD, targets_BxC, weights_BxC):
@@ -79,18 +90,22 @@ def token_loss(model, model_params=None, z_loss: float = 0.0):
       split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], chunks, -1, *x.shape[2:]), 1, 0)  # [N, B, C, ...]
       sums = jax.tree.map(jnp.sum, jax.lax.map(lambda xs: piece(*xs),
                                                (split(hidden_BxLxD), split(targets_BxL), split(weights_BxL))))
-    return dict(zip(("loss_sum", "weight_sum", "correct_sum", "z_loss_sum"), sums))
+    sums = dict(zip(("loss_sum", "weight_sum", "correct_sum", "z_loss_sum"), sums))
+    if sown:
+      sums.update(moe.loss_terms(model.cfg, state["moe"], sums["weight_sum"]))
+    return sums
   return loss_fn
 
 
 def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum: int = 1,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, rebalance=None):
   """One optimizer step on a global batch [B, ...], split into `grad_accum` microbatches.
 
   The gradient is that of (sum of losses [+ z-loss terms]) / (sum of weights) over the whole batch, so
   grad_accum=k equals one batch of the same size up to float rounding. metrics["nonfinite"] is 1 when the loss
   or the gradient norm is NaN or infinite; with `skip_nonfinite` that update is not applied (parameters and
-  optimizer state, its count included, stay as they were) and the step's sums are zeroed.
+  optimizer state, its count included, stay as they were) and the step's sums are zeroed. `rebalance(old params,
+  new params, moe sums)` sets what the gradient does not (train/moe.rebalancer: the routers' balancing biases).
   """
   frozen = {} if frozen is None else frozen
   step_rng = jax.random.fold_in(state.rng, state.step)
@@ -98,9 +113,10 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum
   def loss_and_grads(batch_part, micro_index):
     def loss_sum(params):
       sums = loss_fn(params, frozen, batch_part, jax.random.fold_in(step_rng, micro_index), False)
-      if "z_loss_sum" in sums:
-        return sums["loss_sum"] + sums["z_loss_sum"], sums
-      return sums["loss_sum"], sums
+      loss = sums["loss_sum"]
+      for key in PENALTIES:
+        loss = loss + sums[key] if key in sums else loss
+      return loss, sums
     return jax.grad(loss_sum, has_aux=True)(state.params)
 
   if grad_accum == 1:
@@ -119,6 +135,8 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, grad_accum
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if rebalance is not None:
+    params = rebalance(state.params, params, sums["moe"])
   grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
   finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
   if skip_nonfinite:
