@@ -101,7 +101,7 @@ def hf_config(cfg: ModelConfig) -> dict:
   needed = {"family": "encoder", "position": "learned", "norm": "layernorm", "norm_position": "post",
             "use_bias": True, "embed_norm": True, "head_transform": True, "head_bias": True,
             "scale_attention": True, "scale_tied_logits": False, "num_kv_heads": cfg.num_heads,
-            "head_dim": cfg.d_model // cfg.num_heads, "qk_norm": False}
+            "head_dim": cfg.d_model // cfg.num_heads, "qk_norm": False, "mlp": "dense"}
   for key, value in needed.items():
     if getattr(cfg, key) != value:
       raise ConversionError(f"config.model.{key}={getattr(cfg, key)!r}, BERT needs {value!r}")

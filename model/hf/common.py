@@ -23,11 +23,11 @@ from safetensors.numpy import load_file, save_file
 from model.config import ModelConfig
 from model.parametrization import standard_forward
 
-ARCHITECTURES = ("gpt2", "llama", "qwen3", "bert", "t5")  # model/hf/<name>.py, tried in this order on export
+ARCHITECTURES = ("gpt2", "llama", "qwen3", "mixtral", "bert", "t5")  # model/hf/<name>.py, tried in this order on export
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Options of config.model that GPT-2 and Llama do not have: an exported decoder keeps them at these values.
 PLAIN_DECODER = {"scale_attention": True, "embed_norm": False, "scale_tied_logits": False, "head_transform": False,
-                 "head_bias": False, "qk_norm": False}
+                 "head_bias": False, "qk_norm": False, "mlp": "dense"}
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
 

@@ -45,10 +45,34 @@ def vocab_size(hf_config: dict) -> int:
   return config_value(hf_config, "vocab_size")
 
 
-def to_ablax(hf_config: dict, tensors, cfg: ModelConfig) -> dict:
-  """The ablax parameter tree of Llama tensors."""
+def dense_mlp(tensors, cfg: ModelConfig, layer: str) -> dict:
+  """The ablax MLP of Llama's gate_proj / up_proj / down_proj under the layer prefix `layer`."""
+  d, f = cfg.d_model, cfg.mlp_dim
+  linear = lambda name, out_dim, in_dim: tensors.take(layer + name + ".weight", (out_dim, in_dim)).T
+  mlp = {"wi_gate": linear("mlp.gate_proj", f, d), "wi_up": linear("mlp.up_proj", f, d),
+         "wo": linear("mlp.down_proj", d, f)}
+  if cfg.use_bias:
+    mlp["wi_gate_bias"] = tensors.take(layer + "mlp.gate_proj.bias", (f,))
+    mlp["wi_up_bias"] = tensors.take(layer + "mlp.up_proj.bias", (f,))
+    mlp["wo_bias"] = tensors.take(layer + "mlp.down_proj.bias", (d,))
+  return mlp
+
+
+def dense_mlp_to_hf(cfg: ModelConfig, mlp: dict, layer: str) -> dict:
+  """Llama's MLP tensors of an ablax MLP under the layer prefix `layer`."""
+  out = {layer + "mlp.gate_proj.weight": np.asarray(mlp["wi_gate"]).T, layer + "mlp.up_proj.weight":
+         np.asarray(mlp["wi_up"]).T, layer + "mlp.down_proj.weight": np.asarray(mlp["wo"]).T}
+  if cfg.use_bias:
+    out.update({layer + "mlp.gate_proj.bias": mlp["wi_gate_bias"], layer + "mlp.up_proj.bias": mlp["wi_up_bias"],
+                layer + "mlp.down_proj.bias": mlp["wo_bias"]})
+  return out
+
+
+def to_ablax(hf_config: dict, tensors, cfg: ModelConfig, mlp=dense_mlp) -> dict:
+  """The ablax parameter tree of Llama tensors; `mlp(tensors, cfg, layer prefix)` reads each layer's MLP (Llama's
+  dense one, or Mixtral's experts)."""
   del hf_config
-  d, h, g, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   params = {"embed": {"embedding": tensors.take("model.embed_tokens.weight", (cfg.vocab_size, d))},
             "final_norm": {"scale": tensors.take("model.norm.weight", (d,))}}
   if cfg.tie_embeddings:
@@ -68,19 +92,14 @@ def to_ablax(hf_config: dict, tensors, cfg: ModelConfig) -> dict:
                  "key": linear("self_attn.k_proj", g * k, d).reshape(d, g, k),
                  "value": linear("self_attn.v_proj", g * k, d).reshape(d, g, k),
                  "out": linear("self_attn.o_proj", d, h * k).reshape(h, k, d)}
-    mlp = {"wi_gate": linear("mlp.gate_proj", f, d), "wi_up": linear("mlp.up_proj", f, d),
-           "wo": linear("mlp.down_proj", d, f)}
     if cfg.use_bias:
       for name, heads, hf_name in (("query", h, "q_proj"), ("key", g, "k_proj"), ("value", g, "v_proj")):
         attention[name + "_bias"] = tensors.take(f"{layer}self_attn.{hf_name}.bias", (heads * k,)).reshape(heads, k)
       attention["out_bias"] = tensors.take(layer + "self_attn.o_proj.bias", (d,))
-      mlp["wi_gate_bias"] = tensors.take(layer + "mlp.gate_proj.bias", (f,))
-      mlp["wi_up_bias"] = tensors.take(layer + "mlp.up_proj.bias", (f,))
-      mlp["wo_bias"] = tensors.take(layer + "mlp.down_proj.bias", (d,))
     params[f"layer_{i}"] = {
         "attention": attention,
         "attention_norm": {"scale": tensors.take(layer + "input_layernorm.weight", (d,))},
-        "mlp": mlp,
+        "mlp": mlp(tensors, cfg, layer),
         "mlp_norm": {"scale": tensors.take(layer + "post_attention_layernorm.weight", (d,))},
     }
   return params
@@ -103,29 +122,25 @@ def hf_config(cfg: ModelConfig) -> dict:
           "torch_dtype": "float32"}
 
 
-def to_hf(cfg: ModelConfig, params: dict) -> dict:
-  """HF tensor names -> arrays of a Llama checkpoint."""
+def to_hf(cfg: ModelConfig, params: dict, mlp=dense_mlp_to_hf) -> dict:
+  """HF tensor names -> arrays of a Llama checkpoint; `mlp(cfg, mlp params, layer prefix)` writes each layer's MLP
+  (Llama's dense one, or Mixtral's experts)."""
   d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   out = {"model.embed_tokens.weight": params["embed"]["embedding"], "model.norm.weight": params["final_norm"]["scale"]}
   if not cfg.tie_embeddings:
     out["lm_head.weight"] = np.asarray(params["lm_head"]).T
   for i in range(cfg.num_layers):
     layer, p = f"model.layers.{i}.", params[f"layer_{i}"]
-    attention, mlp = p["attention"], p["mlp"]
+    attention = p["attention"]
     out[layer + "self_attn.q_proj.weight"] = np.reshape(attention["query"], (d, h * k)).T
     out[layer + "self_attn.k_proj.weight"] = np.reshape(attention["key"], (d, g * k)).T
     out[layer + "self_attn.v_proj.weight"] = np.reshape(attention["value"], (d, g * k)).T
     out[layer + "self_attn.o_proj.weight"] = np.reshape(attention["out"], (h * k, d)).T
-    out[layer + "mlp.gate_proj.weight"] = np.asarray(mlp["wi_gate"]).T
-    out[layer + "mlp.up_proj.weight"] = np.asarray(mlp["wi_up"]).T
-    out[layer + "mlp.down_proj.weight"] = np.asarray(mlp["wo"]).T
+    out.update(mlp(cfg, p["mlp"], layer))
     if cfg.use_bias:
       for name, hf_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
         out[f"{layer}self_attn.{hf_name}.bias"] = np.reshape(attention[name + "_bias"], (-1,))
       out[layer + "self_attn.o_proj.bias"] = attention["out_bias"]
-      out[layer + "mlp.gate_proj.bias"] = mlp["wi_gate_bias"]
-      out[layer + "mlp.up_proj.bias"] = mlp["wi_up_bias"]
-      out[layer + "mlp.down_proj.bias"] = mlp["wo_bias"]
     out[layer + "input_layernorm.weight"] = p["attention_norm"]["scale"]
     out[layer + "post_attention_layernorm.weight"] = p["mlp_norm"]["scale"]
   return {name: np.asarray(array) for name, array in out.items()}

@@ -127,7 +127,7 @@ def hf_config(cfg: ModelConfig) -> dict:
   needed = {"family": "encoder_decoder", "position": "relative", "norm": "rmsnorm", "norm_position": "pre",
             "use_bias": False, "scale_attention": False, "embed_norm": False, "head_transform": False,
             "head_bias": False, "num_kv_heads": cfg.num_heads, "scale_tied_logits": cfg.tie_embeddings,
-            "qk_norm": False}
+            "qk_norm": False, "mlp": "dense"}
   for key, value in needed.items():
     if getattr(cfg, key) != value:
       raise ConversionError(f"config.model.{key}={getattr(cfg, key)!r}, T5 needs {value!r}")
