@@ -5,19 +5,21 @@ of the other grid axes; each line's best x; and what taking the first line's bes
 Offers `points` and `table`.
 """
 
-from ablate.plan import grid_cells
+from ablate.plan import grid_cells, value_name
 
 
 def points(ablation, summary: dict, spec: str) -> dict:
-  """{panel: {line value: [(x value, mean of spec)]}} sorted by x; a panel names the other axes' values."""
+  """{panel: {line value's name: [(x value, mean of spec)]}} sorted by x; a panel names the other axes' values."""
   x_axis, line_axis = ablation.sweep
   out = {}
   for variant, cell in grid_cells(ablation).items():
     mean = summary.get(variant, {}).get(spec, (None,))[0]
     if mean is None:
       continue
-    panel = ",".join(f"{axis}={value}" for axis, value in cell.items() if axis not in (x_axis, line_axis)) or "all"
-    out.setdefault(panel, {}).setdefault(cell[line_axis], []).append((cell[x_axis], mean))
+    panel = ",".join(f"{axis}={value_name(value)}" for axis, value in cell.items()
+                     if axis not in (x_axis, line_axis)) or "all"
+    line = value_name(cell[line_axis])  # a tied axis's values are tuples (lists once read back from ablation.json)
+    out.setdefault(panel, {}).setdefault(line, []).append((cell[x_axis], mean))
   return {panel: {line: sorted(xs) for line, xs in lines.items()} for panel, lines in out.items()}
 
 

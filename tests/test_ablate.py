@@ -256,3 +256,18 @@ def test_optimizer_ablation_stages_and_bad_rates():
                        ("adamw=x,muon=1,lion=1,adafactor=1", "'x' is not a number")):
     with pytest.raises(ValueError, match=message):
       optimizers.get_config(bad)
+
+
+def test_sweep_lines_of_a_tied_axis_read_back_from_json():
+  import ablate.sweep
+  grid = {"width": ("model.d_model", (64, 128)), "stab": (("model.qk_norm", "train.z_loss"), ((False, 0.0), (True, 0.0))),
+          "lr": ("train.learning_rate", (0.001, 0.01))}
+  config = ablation_config(variants={}, grid=json.loads(json.dumps(grid)), sweep=("lr", "stab"))  # tuples -> lists
+  loss = {(64, False, 0.001): 3.0, (64, False, 0.01): 2.0, (64, True, 0.001): 2.5, (64, True, 0.01): 2.6,
+          (128, False, 0.001): 2.9, (128, False, 0.01): 2.2, (128, True, 0.001): 2.4, (128, True, 0.01): 1.9}
+  summary = {variant: {"eval/loss": (loss[(cell["width"], cell["stab"][0], cell["lr"])], 0.0, 1)}
+             for variant, cell in ablate.plan.grid_cells(config).items()}
+  found = ablate.sweep.points(config, summary, "eval/loss")
+  assert found["width=64"] == {"Falsex0.0": [(0.001, 3.0), (0.01, 2.0)], "Truex0.0": [(0.001, 2.5), (0.01, 2.6)]}
+  text = ablate.sweep.table(config, summary, "eval/loss", lower_is_better=True)
+  assert "| width=64 | Truex0.0 | 0.001 | 2.5000 | 2.6000 | +0.1000 |" in text  # the first line's best lr costs it 0.1
