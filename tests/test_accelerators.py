@@ -179,9 +179,9 @@ def _mesh_cfg(**sizes):
 
 def test_make_mesh_shapes_and_errors():
   mesh = mesh_lib.make_mesh(_mesh_cfg(data=-1, fsdp=2, tensor=2))
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
-  assert dict(mesh_lib.make_mesh(_mesh_cfg(data=1, fsdp=4, tensor=1)).shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert dict(mesh_lib.make_mesh(_mesh_cfg(data=1, fsdp=4, tensor=1)).shape) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
   with pytest.raises(Exception, match="config.mesh.slices"):
     mesh_lib.make_mesh(_mesh_cfg(data=3, fsdp=2, tensor=1, slices=2))
 
@@ -213,7 +213,7 @@ def test_tpu_compile_reports_what_the_compiler_planned():
   from train import compile as tpu_compile
   figures, compiled = tpu_compile.compile_for_tpu(tiny_tpu_config(), "v5e:2x2")
   memory = compiled.memory_analysis()
-  assert figures["fits"] and figures["chips"] == 4 and figures["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert figures["fits"] and figures["chips"] == 4 and figures["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
   assert figures["total_bytes"] == hardware.compiled_memory_bytes(compiled) > 0
   assert figures["temp_bytes"] == memory.temp_size_in_bytes and figures["alias_bytes"] == memory.alias_size_in_bytes
   cfg = ModelConfig.from_config(tiny_tpu_config().model, 1024)
