@@ -30,13 +30,19 @@ import subprocess
 import sys
 import time
 
+import matplotlib
 import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from ablate.stats import t_interval  # noqa: E402  (after the path: run as a script from anywhere)
 from configs.ablations import dpo_sentiment as ablation_config  # noqa: E402
+from train.preference_eval import RewardModel, sample  # noqa: E402
+from train.runs import load_run  # noqa: E402
 
 SST2 = "../shared/data/sst2"
 SIZES = {
@@ -104,7 +110,6 @@ def _prompts(tokenizer, path: str, count: int, seed: int) -> list[str]:
 
 def _samples(loaded, prompts: list[str], size: dict, seed: int, reward_model) -> tuple[list[str], np.ndarray]:
   """(continuation text, reward) of one sample per prompt from the loaded run (temperature 1)."""
-  from train.preference_eval import sample  # noqa: E402  (jax loads only for the stages that need it)
   tokenizer = loaded.run.tokenizer
   drawn = sample(loaded.run.model, loaded.params, tokenizer, prompts, max_new_tokens=size["tokens"], seq_len=64,
                  seed=seed)
@@ -117,8 +122,6 @@ def _samples(loaded, prompts: list[str], size: dict, seed: int, reward_model) ->
 
 
 def stage_pairs(out: str, size: dict) -> None:
-  from train.preference_eval import RewardModel  # noqa: E402
-  from train.runs import load_run  # noqa: E402
   sft, reward_model = load_run(f"{out}/sft"), RewardModel(f"{out}/reward", "1")
   os.makedirs(f"{out}/pairs", exist_ok=True)
   summary = {}
@@ -152,8 +155,6 @@ def _held_out_prompts(out: str) -> list[str]:
 
 
 def stage_bon(out: str, size: dict, seeds) -> None:
-  from train.preference_eval import RewardModel  # noqa: E402
-  from train.runs import load_run  # noqa: E402
   sft, reward_model = load_run(f"{out}/sft"), RewardModel(f"{out}/reward", "1")
   prompts = _held_out_prompts(out)
   result = {}
@@ -177,9 +178,6 @@ def _interval(values) -> str:
 
 
 def stage_report(out: str) -> None:
-  import matplotlib  # noqa: E402
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: E402
   points = collections.defaultdict(lambda: collections.defaultdict(list))  # variant -> step -> [(kl, reward)]
   final = collections.defaultdict(lambda: collections.defaultdict(list))  # variant -> metric -> values over seeds
   for name in sorted(os.listdir(f"{out}/ablation/runs")):

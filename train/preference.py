@@ -56,6 +56,8 @@ def check_config(config) -> None:
   for key, valid, expected in checks:
     if not valid:
       raise ConfigError(f"config.preference.{key}: expected {expected}, got {p[key]!r}")
+  if p.reward_from and not os.path.isfile(os.path.join(p.reward_from, "config.json")):
+    raise ConfigError(f"config.preference.reward_from: {p.reward_from!r} is not a run directory (no config.json)")
   if p.label_smoothing and p.loss != "dpo":
     raise ConfigError(f"config.preference.label_smoothing: conservative DPO's; loss {p.loss!r} takes none (set 0)")
   if config.model.family != "decoder":
