@@ -294,6 +294,20 @@ def test_mup_ablation_configs_take_the_tuned_multipliers():
   stage2 = plan.load_ablation(mup_base_tune.get_config("output=8,init=2.83,attn=2.83"))
   assert "model.mup_attn_mult=2.83" in stage2.overrides and set(dict(stage2.grid)) == {"embed_lr", "vector_lr", "lr"}
   for bad, message in (("outputs=8", "'outputs=8': expected NAME=VALUE"), ("output=x", "'x' is not a number"),
-                       ("init=0", "expected a positive multiplier")):
+                       ("init=0", "expected a positive number"), ("sp_lr=0.001", "need lr=R")):
     with pytest.raises(ValueError, match=message):
       mup_transfer.get_config(bad)
+  # The widest width's selection (seed 0) and the comparison on fresh seeds: µP at the base's rate R (with the
+  # multipliers), SP at its own rates without them.
+  sweep = plan.load_ablation(mup_transfer.get_config("output=8,lr=0.01,sweep=1"))
+  final = plan.load_ablation(mup_transfer.get_config("output=8,lr=0.01,sp_lr=0.0005"))
+  for ablation, expected in ((sweep, {"sp": {2.0 ** k for k in range(-13, -9)}, "mup": {0.005, 0.01, 0.02}}),
+                             (final, {"sp": {0.0005}, "mup": {0.01}})):
+    rates = {"sp": set(), "mup": set()}
+    for name, overrides in plan.variants(ablation):
+      arm = "mup" if "model.parametrization=mup" in overrides else "sp"
+      assert ("model.mup_output_mult=8.0" in overrides) == (arm == "mup"), name
+      rates[arm].update(float(o.split("=")[1]) for o in overrides if o.startswith("train.learning_rate="))
+    assert rates == expected
+  assert tuple(sweep.seeds) == (0,) and tuple(final.seeds) == (1, 2, 3) and final.baseline == "sp_512"
+  assert [name for name, _ in plan.variants(final)] == ["sp_512", "mup_64", "mup_128", "mup_256", "mup_512"]
