@@ -204,6 +204,10 @@ def variants(ablation) -> list[tuple[str, tuple]]:
   names = [name for name, _ in found]
   if len(set(names)) != len(names):
     raise ConfigError(f"config.variants / config.grid: duplicate variant names {names}")
+  for name in names:  # a variant's name names its run directory and log file
+    if "/" in name or name.startswith("."):
+      raise ConfigError(f"config.variants / config.grid: variant name {name!r} cannot name a run directory (a '/' "
+                        f"or a leading '.'); expected a name without them")
   return found
 
 

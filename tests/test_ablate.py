@@ -75,6 +75,7 @@ def test_tuple_values_are_written_as_python_literals():
     ({"sweep": ("lr", "width")}, r"config.sweep: expected two grid axes \(\), got \('lr', 'width'\)"),
     ({"entrypoint": "train"}, "config.entrypoint: expected pretrain or finetune"),
     ({"variants": {}}, "the ablation has no variants"),
+    ({"variants": {"lr=R/2": ("train.learning_rate=0.1",)}}, "variant name 'lr=R/2' cannot name a run directory"),
     ({"metrics": ("loss@128",)}, "needs 128 in config.eval_lengths"),
     ({"metrics": ("best:eval/loss",)}, "expected one of final, min, max, mean, median"),
     ({"baseline": "b"}, "config.baseline: 'b' is not a variant"),

@@ -52,7 +52,7 @@ def get_config(argument: str = ""):
     rate = rates["lr"]
     c.variants = tuple((f"sp,lr=2^{k}", _sp(WIDTHS[-1], 2.0 ** k)) for k in range(-13, -9)) + tuple(
         (f"mup,lr={name}", _mup(tuned, WIDTHS[-1], rate * factor)) for name, factor in
-        (("R/2", 0.5), ("R", 1.0), ("2R", 2.0)))
+        (("R*0.5", 0.5), ("R", 1.0), ("R*2", 2.0)))
     c.seeds = (0,)
   elif "sp_lr" in rates:
     c.variants = ((f"sp_{WIDTHS[-1]}", _sp(WIDTHS[-1], rates["sp_lr"])),) + tuple(
