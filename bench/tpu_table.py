@@ -16,6 +16,8 @@ import time
 
 GPT2_XL = ["--config.model.num_layers=48", "--config.model.d_model=1600", "--config.model.num_heads=25"]
 LONG = ["--config.train.seq_len=4096", "--config.model.max_len=4096"]
+MOE_SMALL = ["--config.model.mlp=moe", "--config.model.num_experts=8", "--config.model.experts_per_token=2",
+             "--config.train.batch_size=32"]  # 8 experts of 3072 a layer: 521M parameters, 181M active
 # (name, config, topology, overrides): the knobs that made a row fit are its overrides.
 ROWS = [
     ("gpt2-124M shipped, v5e-8", "gpt2_small", "v5e:2x4", ["--config.mesh.fsdp=8"]),
@@ -43,6 +45,12 @@ ROWS = [
         *GPT2_XL, "--config.mesh.fsdp=8", "--config.train.batch_size=16", "--config.model.remat=True"]),
     ("gpt2-1.5B, v5p-64", "gpt2_small", "v5p:4x4x4", [*GPT2_XL, "--config.mesh.fsdp=64",
                                                       "--config.train.batch_size=512"]),
+    # mixtures of experts (issue 27): tokens to their experts by all-to-all (capacity) or kernels to the tokens
+    ("gpt2-124M 8 experts top-2, capacity 1.25, v5e-8", "gpt2_small", "v5e:2x4", [
+        *MOE_SMALL, "--config.model.moe_capacity_factor=1.25", "--config.mesh.expert=8"]),
+    ("gpt2-124M 8 experts top-2, dropless, v5e-8", "gpt2_small", "v5e:2x4", [*MOE_SMALL, "--config.mesh.fsdp=8"]),
+    ("mixtral-8x7B shape, capacity 1.25, v5p-128", "mixtral_8x7b", "v5p:4x4x8", []),
+    ("mixtral-8x7B shape, capacity 1.25, remat, v5p-128", "mixtral_8x7b", "v5p:4x4x8", ["--config.model.remat=True"]),
     # per-chip memory against fsdp (the rest of the 8 chips data-parallel)
     *((f"gpt2-1.5B remat fsdp={n}, v5e-8", "gpt2_small", "v5e:2x4", [
         *GPT2_XL, f"--config.mesh.fsdp={n}", "--config.train.batch_size=16", "--config.model.remat=True"])

@@ -219,36 +219,52 @@ class Moe(nn.Module):
     return jnp.take(y_NxQxD.reshape(n * q, -1), jnp.minimum(row_P, n * q - 1), axis=0)
 
   def capacity(self, x_BxLxD, experts_BxLxX, gates_BxLxX, w):
-    """Each row's pairs in C slots an expert ([B, E, C, D]), one einsum per kernel; (y_BxLxD, dropped pairs)."""
+    """Each row's pairs in C slots an expert ([B, E, C, D]), one einsum per kernel; (y_BxLxD, dropped pairs).
+    The slots are filled and read back where the rows are (model/sharding.by_rows: each device its own rows); in
+    between, the buffer's E axis moves onto the mesh's expert axis and back (two all-to-alls a direction)."""
     cfg = self.cfg
     batch, length, x = experts_BxLxX.shape
     e = cfg.num_experts
     c = min(length, math.ceil(cfg.moe_capacity_factor * length * x / e))
-    pairs_BxP = jnp.swapaxes(experts_BxLxX, 1, 2).reshape(batch, -1)  # choice-major: first choices keep their slots
-    order_BxP, sorted_BxP, starts_BxE, sizes_BxE = jax.vmap(lambda p: sort_pairs(p, e))(pairs_BxP)
-    slot_ExC = jnp.arange(c)[None]
-    filled_BxExC = slot_ExC[None] < sizes_BxE[..., None]
-    source_BxExC = jnp.where(filled_BxExC, starts_BxE[..., None] + slot_ExC[None], 0)
-    token_BxExC = jnp.take_along_axis(order_BxP, source_BxExC.reshape(batch, -1), axis=1).reshape(batch, e, c) % length
-    x_BxExCxD = jnp.take_along_axis(x_BxLxD, token_BxExC.reshape(batch, -1, 1), axis=1).reshape(batch, e, c, -1)
-    x_BxExCxD = jnp.where(filled_BxExC[..., None], x_BxExCxD, 0)
-    # Tokens go to their experts' devices here and come back below (all-to-all over the mesh's expert axis).
+
+    def slots(experts_BxLxX):
+      """(order_BxP, each sorted pair's slot e * C + rank or -1 if dropped, its row's starts_BxE, sizes_BxE)."""
+      # Choice-major: a row's first choices take their slots before its second choices.
+      pairs_BxP = jnp.swapaxes(experts_BxLxX, 1, 2).reshape(experts_BxLxX.shape[0], -1)
+      order_BxP, sorted_BxP, starts_BxE, sizes_BxE = jax.vmap(lambda p: sort_pairs(p, e))(pairs_BxP)
+      expert_BxP = jnp.minimum(sorted_BxP, e - 1)
+      rank_BxP = jnp.arange(pairs_BxP.shape[1])[None] - jnp.take_along_axis(starts_BxE, expert_BxP, axis=1)
+      slot_BxP = jnp.where((sorted_BxP < e) & (rank_BxP < c), expert_BxP * c + rank_BxP, -1)
+      return order_BxP, slot_BxP, starts_BxE, sizes_BxE
+
+    def dispatch(x_BxLxD, experts_BxLxX):
+      """A device's rows into their slots: (x_BxExCxD, dropped pairs a row)."""
+      rows = x_BxLxD.shape[0]
+      order_BxP, _, starts_BxE, sizes_BxE = slots(experts_BxLxX)
+      filled_BxExC = jnp.arange(c)[None, None] < sizes_BxE[..., None]
+      source_BxExC = jnp.where(filled_BxExC, starts_BxE[..., None] + jnp.arange(c)[None, None], 0)
+      token_BxEC = jnp.take_along_axis(order_BxP, source_BxExC.reshape(rows, -1), axis=1) % length
+      x_BxExCxD = jnp.take_along_axis(x_BxLxD, token_BxEC[..., None], axis=1).reshape(rows, e, c, -1)
+      dropped_B = jnp.sum(jnp.maximum(sizes_BxE - c, 0), axis=1).astype(jnp.float32)
+      return jnp.where(filled_BxExC[..., None], x_BxExCxD, 0), dropped_B
+
+    def combine(y_BxExCxD, experts_BxLxX, gates_BxLxX):
+      """A device's rows back from their slots, gated and summed over the choices: y_BxLxD."""
+      rows = y_BxExCxD.shape[0]
+      order_BxP, slot_BxP, _, _ = slots(experts_BxLxX)
+      y_sorted_BxPxD = jnp.take_along_axis(y_BxExCxD.reshape(rows, e * c, -1), jnp.maximum(slot_BxP, 0)[..., None],
+                                           axis=1)
+      y_sorted_BxPxD = jnp.where((slot_BxP >= 0)[..., None], y_sorted_BxPxD, 0)
+      y_BxPxD = jnp.take_along_axis(y_sorted_BxPxD, jnp.argsort(order_BxP, axis=1)[..., None], axis=1)
+      y_BxXxLxD = y_BxPxD.reshape(rows, x, length, -1).astype(jnp.float32)
+      return jnp.einsum("bxld,blx->bld", y_BxXxLxD, gates_BxLxX).astype(cfg.compute_dtype)
+
+    x_BxExCxD, dropped_B = by_rows(dispatch, (x_BxLxD, experts_BxLxX), ())
     buffer_axes = ("batch_no_expert", "expert", None, "activation_embed")
-    x_BxExCxD = constrain(x_BxExCxD, buffer_axes)
+    x_BxExCxD = constrain(x_BxExCxD, buffer_axes)  # rows' slots -> their experts' devices
     y_BxExCxD = self.expert_mlp(x_BxExCxD, w, lambda rows, kernel: constrain(
         einsum("beci,eio->beco", rows, kernel), ("batch_no_expert", "expert", None, None)),
         lambda b_ExW: b_ExW[None, :, None])
-    y_BxExCxD = constrain(y_BxExCxD, buffer_axes)
-    # Each pair's slot: its rank among its expert's pairs of the row; kept when below C.
-    expert_BxP = jnp.minimum(sorted_BxP, e - 1)
-    rank_BxP = jnp.arange(pairs_BxP.shape[1])[None] - jnp.take_along_axis(starts_BxE, expert_BxP, axis=1)
-    kept_BxP = (sorted_BxP < e) & (rank_BxP < c)
-    flat_BxP = jnp.where(kept_BxP, expert_BxP * c + rank_BxP, 0)
-    y_sorted_BxPxD = jnp.take_along_axis(y_BxExCxD.reshape(batch, e * c, -1), flat_BxP[..., None], axis=1)
-    y_sorted_BxPxD = jnp.where(kept_BxP[..., None], y_sorted_BxPxD, 0)
-    inverse_BxP = jnp.argsort(order_BxP, axis=1)
-    y_BxPxD = jnp.take_along_axis(y_sorted_BxPxD, inverse_BxP[..., None], axis=1)
-    y_BxXxLxD = y_BxPxD.reshape(batch, x, length, -1).astype(jnp.float32)
-    y_BxLxD = jnp.einsum("bxld,blx->bld", y_BxXxLxD, gates_BxLxX).astype(cfg.compute_dtype)
-    dropped = jnp.sum(jnp.maximum(sizes_BxE - c, 0)).astype(jnp.float32)
-    return constrain(y_BxLxD, ("batch", "length", "activation_embed")), dropped
+    y_BxExCxD = constrain(constrain(y_BxExCxD, buffer_axes), ("batch", None, None, "activation_embed"))  # and back
+    y_BxLxD = by_rows(combine, (y_BxExCxD, experts_BxLxX, gates_BxLxX), ())
+    return constrain(y_BxLxD, ("batch", "length", "activation_embed")), jnp.sum(dropped_B)

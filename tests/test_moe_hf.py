@@ -19,6 +19,7 @@ from model.config import ModelConfig  # noqa: E402
 from model.families import build_model, init_params  # noqa: E402
 from model.hf import common as hf_common  # noqa: E402
 from model.hf import llama, mixtral  # noqa: E402
+from test_hf import _padded_batch  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -34,16 +35,6 @@ def _mixtral(vocab_size=97, experts=4, top=2):
     for p in model.parameters():
       p.add_(0.1 * torch.randn_like(p))
   return model.eval()
-
-
-def _padded_batch(vocab_size):
-  """Three left-padded rows (lengths 12, 8, 3): tokens, attention mask (= segment ids), positions."""
-  tokens = np.random.default_rng(1).integers(1, vocab_size, (3, 12))
-  mask, positions = np.zeros((3, 12), np.int64), np.zeros((3, 12), np.int64)
-  for row, length in enumerate((12, 8, 3)):
-    mask[row, 12 - length:] = 1
-    positions[row, 12 - length:] = np.arange(length)
-  return tokens, mask, positions
 
 
 def _max_diff(cfg, params, hf_model):

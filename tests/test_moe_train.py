@@ -24,6 +24,7 @@ from model.moe import Moe
 from test_moe import inputs, layer_params, moe_cfg, perturbed
 from test_train import tiny_config
 from train import estimate as estimate_lib
+from train.compile import collectives
 from train import loop, moe, runs
 from train import mesh as mesh_lib
 from train.pretrain import train_and_evaluate
@@ -193,8 +194,9 @@ def test_expert_parallel_meshes_give_one_devices_losses(shape, changes):
   for layer in one_stats:
     np.testing.assert_array_equal(stats[layer]["load"], one_stats[layer]["load"])
   assert shardings["layer_0"]["mlp"]["wi_up"].spec[0] == "expert"
-  if changes:
-    assert "all-to-all" in hlo
+  if changes:  # each of 2 layers: its [B, E, C, D] buffer there and back, forward and backward, and nothing else
+    rows, capacity = 8 // 8, math.ceil(2.0 * 16 * 2 / 8)  # a device's rows; slots an expert
+    assert collectives(hlo)["all-to-all"] == {"count": 8, "bytes": 8 * rows * 8 * capacity * 32 * 4}
 
 
 def test_the_estimator_counts_total_and_active_parameters(tmp_path):

@@ -72,28 +72,31 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
                       f"v6e:8x8; {str(e).splitlines()[0][:120]})") from e
 
 
-def _array_bytes(shape: str) -> int:
-  """Bytes of the largest array in an HLO shape string such as "(bf16[8,768]{1,0}, bf16[64,768]{1,0})"."""
+def _array_bytes(shape: str, total: bool = False) -> int:
+  """Bytes of the largest array in an HLO shape string such as "(bf16[8,768]{1,0}, bf16[64,768]{1,0})" (`total`:
+  of all of them)."""
   sizes = [0]
   for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
     count = 1
     for dim in filter(None, dims.split(",")):
       count *= int(dim)
     sizes.append(count * _DTYPE_BYTES.get(dtype, 4))
-  return max(sizes)
+  return sum(sizes) if total else max(sizes)
 
 
 def collectives(hlo_text: str) -> dict:
   """{op: {"count", "bytes"}} of the collectives in a compiled HLO module (the async -start halves counted, the
-  -done halves not; bytes = the largest array each one produces). A while loop's body counts once, so the
-  caller multiplies a scanned stack's share by its trip count where it needs totals."""
+  -done halves not; bytes = the largest array each one produces, or all the arrays of an all-to-all in its tuple
+  form, one a peer). A while loop's body counts once, so the caller multiplies a scanned stack's share by its trip
+  count where it needs totals."""
   found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
   pattern = re.compile(r"=\s*(\S.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
   for line in hlo_text.splitlines():
     match = pattern.search(line)
     if match:
-      found[match.group(2)]["count"] += 1
-      found[match.group(2)]["bytes"] += _array_bytes(match.group(1))
+      op, tuple_all_to_all = match.group(2), match.group(2) == "all-to-all" and not match.group(3)
+      found[op]["count"] += 1
+      found[op]["bytes"] += _array_bytes(match.group(1), total=tuple_all_to_all)
   return found
 
 
