@@ -29,15 +29,25 @@ def label(spec: str) -> str:
   return f"{spec} ({unit})" if unit else spec
 
 
+def seed_band(curves) -> tuple:
+  """(x_T, mean_T, std_T) over seeds' curves of (x, value): at every x any seed logged within the range all seeds
+  cover, each curve interpolated linearly there (seeds share their steps and FLOPs, not their seconds)."""
+  curves = [sorted(curve) for curve in curves if curve]
+  if not curves:
+    return np.array([]), np.array([]), np.array([])
+  low, high = max(curve[0][0] for curve in curves), min(curve[-1][0] for curve in curves)
+  x_T = np.array(sorted({x for curve in curves for x, _ in curve if low <= x <= high}))
+  values_SxT = np.array([np.interp(x_T, [x for x, _ in curve], [v for _, v in curve]) for curve in curves])
+  return x_T, values_SxT.mean(0), values_SxT.std(0)
+
+
 def plot(workdir: str, ablation, summary: dict, table: dict, curves: dict, baselines: set) -> None:
   """Writes curves.png, bars.png and one lengths_<key>.png per key@L metric; `baselines` are drawn apart."""
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for variant, by_seed in curves.items():
-    steps = sorted(set.intersection(*[{s for s, _ in curve} for curve in by_seed.values()]))
-    if not steps:
+    steps, mean_T, std_T = seed_band(by_seed.values())
+    if not len(steps):
       continue
-    values_SxT = np.array([[dict(curve)[s] for s in steps] for curve in by_seed.values()])
-    mean_T, std_T = values_SxT.mean(0), values_SxT.std(0)
     baseline = variant in baselines
     ax.plot(steps, mean_T, label=f"{variant} (baseline)" if baseline else variant, color="black" if baseline else None,
             linewidth=2.2 if baseline else 1.4)

@@ -272,3 +272,14 @@ def test_sweep_lines_of_a_tied_axis_read_back_from_json():
   assert found["width=64"] == {"Falsex0.0": [(0.001, 3.0), (0.01, 2.0)], "Truex0.0": [(0.001, 2.5), (0.01, 2.6)]}
   text = ablate.sweep.table(config, summary, "eval/loss", lower_is_better=True)
   assert "| width=64 | Truex0.0 | 0.001 | 2.5000 | 2.6000 | +0.1000 |" in text  # the first line's best lr costs it 0.1
+
+
+def test_the_curves_band_interpolates_seeds_logged_at_different_seconds():
+  import ablate.figures
+  # Seeds share their steps: the band is at those steps, the plain mean and population std.
+  x_T, mean_T, std_T = ablate.figures.seed_band([[(10, 1.0), (20, 3.0)], [(10, 3.0), (20, 5.0)]])
+  assert x_T.tolist() == [10, 20] and mean_T.tolist() == [2.0, 4.0] and std_T.tolist() == [1.0, 1.0]
+  # Seconds differ between seeds: every logged x within the range both cover, each curve interpolated there.
+  x_T, mean_T, _ = ablate.figures.seed_band([[(0.0, 1.0), (10.0, 3.0)], [(1.0, 2.0), (5.0, 3.0), (12.0, 4.0)]])
+  assert x_T.tolist() == [1.0, 5.0, 10.0]
+  assert mean_T.tolist() == pytest.approx([(1.2 + 2.0) / 2, (2.0 + 3.0) / 2, (3.0 + (3.0 + 5 / 7)) / 2])
