@@ -18,7 +18,8 @@ Stages, in order; each is skipped when its output exists, so the same command re
   bon     best-of-N from the SFT policy on the same held-out prompts (N = 1, 2, 4, ...), one draw per seed; its KL is
           log N - (N - 1) / N (Stiennon et al. 2020; an upper bound, Beirami et al. 2024)
   report  OUT/frontier.png (mean reward against KL: every run at every evaluation, and best-of-N) and OUT/report.md
-          (each method's final reward, KL and reward accuracy: mean and 95% t interval over seeds, ablate.stats)
+          (each method's final reward, KL, reward minus best-of-N's at that KL, and reward accuracy: mean and 95% t
+          interval over seeds, ablate.stats)
 """
 
 import argparse
@@ -180,6 +181,7 @@ def _interval(values) -> str:
 def stage_report(out: str) -> None:
   points = collections.defaultdict(lambda: collections.defaultdict(list))  # variant -> step -> [(kl, reward)]
   final = collections.defaultdict(lambda: collections.defaultdict(list))  # variant -> metric -> values over seeds
+  seeds = collections.defaultdict(list)  # variant -> the seed of each final value
   for name in sorted(os.listdir(f"{out}/ablation/runs")):
     variant = re.sub(r"_seed\d+$", "", name)
     records = [r for r in _metrics(f"{out}/ablation/runs/{name}") if "eval/kl" in r]
@@ -191,11 +193,23 @@ def stage_report(out: str) -> None:
         held_out = json.load(f)
       for key in ("reward", "kl", "reward_accuracy"):
         final[variant][key].append(held_out.get(key))
+      seeds[variant].append(re.search(r"(\d+)$", name).group(1))
   with open(f"{out}/bon.json") as f:
     bon = json.load(f)
   sizes = sorted({int(n) for by_seed in bon.values() for n in by_seed})
   bon_kl = [np.log(n) - (n - 1) / n for n in sizes]
   bon_reward = [[bon[s][str(n)] for s in bon] for n in sizes]
+
+  def gap_to_bon(variant):
+    """Per seed: the run's reward minus best-of-N's (same seed, or their mean) at the run's KL, interpolated
+    linearly in KL; past the largest N its reward, so that the gap's magnitude there is a lower bound."""
+    gaps = []
+    for seed, reward, kl in zip(seeds[variant], final[variant]["reward"], final[variant]["kl"]):
+      if reward is None or kl is None:
+        continue
+      curve = [bon[seed][str(n)] for n in sizes] if seed in bon else [np.mean(r) for r in bon_reward]
+      gaps.append(reward - float(np.interp(kl, bon_kl, curve)))
+    return gaps
 
   figure, axes = plt.subplots(figsize=(7, 5))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -222,12 +236,16 @@ def stage_report(out: str) -> None:
            f"{pairs['val']['prompts']} prompts; the SFT policy's mean reward {pairs['val']['mean_sft_reward']:.3f} "
            "on the held-out prompts.", "",
            "Final checkpoint on the held-out prompts: mean and 95% t interval over seeds.", "",
-           "| method | reward | KL (nats) | reward accuracy (held-out pairs) |", "|---|---|---|---|"]
+           "Reward minus best-of-N's at the same KL: per seed, best-of-N's curve interpolated linearly in KL "
+           f"(past KL {bon_kl[-1]:.2f}, best-of-{sizes[-1]}'s reward: marked >=, the gap's size a lower bound).", "",
+           "| method | reward | KL (nats) | reward - best-of-N at its KL | reward accuracy (held-out pairs) |",
+           "|---|---|---|---|---|"]
   for variant, values in sorted(final.items()):
+    beyond = ">= " if any(kl is not None and kl > bon_kl[-1] for kl in values["kl"]) else ""
     lines.append(f"| {variant} | {_interval(values['reward'])} | {_interval(values['kl'])} | "
-                 f"{_interval(values['reward_accuracy'])} |")
+                 f"{beyond}{_interval(gap_to_bon(variant))} | {_interval(values['reward_accuracy'])} |")
   for n, kl, rewards in zip(sizes, bon_kl, bon_reward):
-    lines.append(f"| best-of-{n} (SFT) | {_interval(rewards)} | {kl:.3f} (analytic) | — |")
+    lines.append(f"| best-of-{n} (SFT) | {_interval(rewards)} | {kl:.3f} (analytic) | 0 | — |")
   lines += ["", "![frontier](frontier.png)", ""]
   with open(f"{out}/report.md", "w") as f:
     f.write("\n".join(lines))
