@@ -201,14 +201,13 @@ def stage_report(out: str) -> None:
   bon_reward = [[bon[s][str(n)] for s in bon] for n in sizes]
 
   def gap_to_bon(variant):
-    """Per seed: the run's reward minus best-of-N's (same seed, or their mean) at the run's KL, interpolated
-    linearly in KL; past the largest N its reward, so that the gap's magnitude there is a lower bound."""
+    """Per seed: the run's reward minus best-of-N's (same seed: stage bon draws the runs' seeds) at the run's KL,
+    interpolated linearly in KL; past the largest N its reward, so that the gap's magnitude there is a lower bound."""
     gaps = []
     for seed, reward, kl in zip(seeds[variant], final[variant]["reward"], final[variant]["kl"]):
       if reward is None or kl is None:
         continue
-      curve = [bon[seed][str(n)] for n in sizes] if seed in bon else [np.mean(r) for r in bon_reward]
-      gaps.append(reward - float(np.interp(kl, bon_kl, curve)))
+      gaps.append(reward - float(np.interp(kl, bon_kl, [bon[seed][str(n)] for n in sizes])))
     return gaps
 
   figure, axes = plt.subplots(figsize=(7, 5))
